@@ -1,0 +1,68 @@
+"""Small tensor utilities shared by the scripts."""
+
+import re
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+class SeedGenerators:
+    """One torch.Generator per seed, stacked along the batch: row i of every draw depends only on seeds[i].
+
+    This makes generated images independent of the batch size and of the number of ranks (each seed's stream is the
+    same whichever batch it lands in). Draws happen on `device` so CPU and GPU runs each stay reproducible.
+    """
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def __len__(self):
+        return len(self.generators)
+
+    def randn(self, shape, dtype=torch.float32):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype if x.dtype.is_floating_point else torch.float32).to(x.device)
+
+    def rand(self, shape, dtype=torch.float32):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randint(self, low, high, shape):
+        return torch.stack([torch.randint(low, high, shape[1:], generator=g, device=self.device)
+                            for g in self.generators])
+
+
+def parse_seeds(s: str) -> list[int]:
+    """'0-63' -> [0..63]; '1,5,9-11' -> [1, 5, 9, 10, 11]."""
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
+    return out
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] -> uint8 (N, H, W, C), rounded and clipped."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image(arr: np.ndarray, path: str):
+    """uint8 (H, W, 1|3) -> PNG."""
+    PIL.Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows*H, cols*W, C) tile, row-major, blank cells black."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid

@@ -1,0 +1,220 @@
+"""Train a diffusion model: EDM's options and run directories, as `python train.py ...` or under torchrun.
+
+    python train.py --outdir runs --data datasets/phantoms-64.zip --arch ddpmpp --cbase 32 --cres 1,2,2 \
+        --batch 32 --duration 0.05
+    torchrun --standalone --nproc_per_node=8 train.py --outdir runs --data ... --batch 512 --batch-gpu 64
+
+Re-running the same command continues the newest unfinished run with the same options from its last training state
+(so a killed job resumes by running it again); `--resume RUN_DIR|STATE` continues a given run, refusing when options
+that change the result differ from the ones it was started with.
+"""
+
+import json
+import os
+import re
+
+import click
+import torch
+
+import dnnlib
+from dnnlib import EasyDict, UserError
+from torch_utils import checkpoint
+from torch_utils import distributed as dist
+
+# Options that may change between the start of a run and its continuation without changing what is computed
+# (or that only extend it).
+RESUME_MAY_DIFFER = {
+    "total_kimg", "kimg_per_tick", "snapshot_ticks", "state_dump_ticks", "workers", "batch_gpu", "desc", "world_size",
+}
+
+
+def parse_int_list(s):
+    """'1,2,2' -> [1, 2, 2]; '4-6' -> [4, 5, 6]."""
+    if isinstance(s, list):
+        return s
+    out = []
+    for part in str(s).split(","):
+        m = re.fullmatch(r"(\d+)-(\d+)", part.strip())
+        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
+    return out
+
+
+def build_options(opts: EasyDict, world_size: int) -> EasyDict:
+    """Click options -> the options dict of the run (what training_options.json records). Validates everything."""
+    from training.networks import network_kwargs_for
+
+    c = EasyDict()
+    c.dataset_kwargs = dict(class_name="training.dataset.ImageFolderDataset", path=opts.data, use_labels=opts.cond,
+                            xflip=opts.xflip, max_size=opts.max_size)
+    try:
+        dataset = dnnlib.construct_class_by_name(**c.dataset_kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"--data {opts.data} could not be loaded as a dataset: {e}") from e
+    if opts.cond and dataset.label_dim == 0:
+        raise UserError(f"--cond was given but --data {opts.data} has no labels.")
+    shape = dataset.describe()["image_shape"]
+    extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn) if opts.attn else
+             ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None}
+    c.network = network_kwargs_for(
+        arch=opts.arch, precond=opts.precond, cbase=opts.cbase, cres=parse_int_list(opts.cres) if opts.cres else None,
+        dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0], out_channels=shape[0],
+        label_dim=dataset.label_dim, **{k: v for k, v in extra.items() if v is not None})
+    c.loss_kwargs = dict(class_name={"edm": "training.loss.EDMLoss", "vp": "training.loss.VPLoss",
+                                     "ve": "training.loss.VELoss"}[opts.precond])
+    c.optimizer_kwargs = dict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+
+    c.total_kimg = opts.duration * 1000
+    c.batch_size = opts.batch
+    c.batch_gpu = opts.batch_gpu or opts.batch // world_size
+    if opts.batch % (c.batch_gpu * world_size) != 0:
+        raise UserError(f"--batch {opts.batch} is not divisible by ranks x --batch-gpu = {world_size} x {c.batch_gpu}.")
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
+    c.lr_rampup_kimg = opts.lr_rampup * 1000
+    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.seed, c.precision, c.channels_last = opts.seed, opts.precision, opts.channels_last
+    c.workers = opts.workers
+    c.transfer = opts.transfer
+    c.world_size = world_size
+    if opts.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 needs a CUDA device; use bf16 on CPU.")
+    c.desc = describe(opts, dataset, world_size)
+    return c
+
+
+def describe(opts, dataset, world_size) -> str:
+    name = os.path.splitext(os.path.basename(os.path.normpath(opts.data)))[0]
+    desc = (f"{name}-{'cond' if opts.cond else 'uncond'}-{opts.arch}-{opts.precond}-gpus{world_size}-"
+            f"batch{opts.batch}-{opts.precision}")
+    return desc + (f"-{opts.desc}" if opts.desc else "")
+
+
+def differing_options(a: dict, b: dict) -> list[str]:
+    keys = (set(a) | set(b)) - RESUME_MAY_DIFFER
+    return sorted(k for k in keys if json.loads(json.dumps(a.get(k))) != json.loads(json.dumps(b.get(k))))
+
+
+def find_run_to_continue(outdir: str, c: EasyDict) -> tuple[str | None, str | None]:
+    """The newest run in outdir started with the same options and not yet finished -> (run_dir, state file)."""
+    if not os.path.isdir(outdir):
+        return None, None
+    for name in sorted(os.listdir(outdir), reverse=True):
+        run_dir = os.path.join(outdir, name)
+        opts_file = os.path.join(run_dir, "training_options.json")
+        if not (re.fullmatch(r"\d{5}-.*", name) and os.path.isfile(opts_file)):
+            continue
+        with open(opts_file) as f:
+            if differing_options(json.load(f), c):
+                continue
+        state = checkpoint.latest_file(run_dir, "training-state")
+        if state is None:
+            return run_dir, None
+        progress = checkpoint.load_training_state(state)["progress"]
+        if progress["cur_nimg"] < c.total_kimg * 1000:
+            return run_dir, state
+    return None, None
+
+
+def resolve_resume(resume: str, c: EasyDict) -> tuple[str, str]:
+    """--resume RUN_DIR|STATE_FILE -> (run_dir, state file), refusing runs started with other options."""
+    run_dir = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+    state = checkpoint.latest_file(run_dir, "training-state") if os.path.isdir(resume) else resume
+    if state is None:
+        raise UserError(f"--resume {resume}: the run directory holds no training-state-*.pt file.")
+    checkpoint.load_training_state(state)  # refuses files that are not ours
+    opts_file = os.path.join(run_dir, "training_options.json")
+    if not os.path.isfile(opts_file):
+        raise UserError(f"--resume {resume}: {opts_file} is missing, so the run's options cannot be checked.")
+    with open(opts_file) as f:
+        old = json.load(f)
+    diff = differing_options(old, c)
+    if diff:
+        details = ", ".join(f"{k} ({old.get(k)!r} -> {c.get(k)!r})" for k in diff)
+        raise UserError(f"--resume {resume}: the run was started with other options: {details}.")
+    return run_dir, state
+
+
+def new_run_dir(outdir: str, desc: str) -> str:
+    ids = [int(m.group(1)) for n in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+           if (m := re.fullmatch(r"(\d{5})-.*", n))]
+    return os.path.join(outdir, f"{max(ids, default=-1) + 1:05d}-{desc}")
+
+
+@click.command()
+@click.option("--outdir", required=True, help="Where to make run directories", metavar="DIR")
+@click.option("--data", required=True, help="Dataset: zip or folder", metavar="ZIP|DIR")
+@click.option("--cond", is_flag=True, help="Class-conditional (labels from dataset.json)")
+@click.option("--arch", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
+@click.option("--precond", type=click.Choice(["edm", "vp", "ve"]), default="edm", show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
+              help="Training duration in Mimg")
+@click.option("--batch", type=click.IntRange(min=1), default=512, show_default=True, help="Global batch size")
+@click.option("--batch-gpu", type=click.IntRange(min=1), default=None, help="Per-rank batch (gradient accumulation)")
+@click.option("--cbase", type=click.IntRange(min=1), default=None, help="Channel multiplier base [arch default]")
+@click.option("--cres", type=str, default=None, help="Channel multipliers per resolution, e.g. 1,2,2")
+@click.option("--blocks", type=click.IntRange(min=1), default=None, help="Residual blocks per resolution")
+@click.option("--attn", type=str, default=None, help="Attention resolutions, e.g. 16 or '' for none")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option("--lr-rampup", type=click.FloatRange(min=0), default=10, show_default=True, help="Mimg")
+@click.option("--ema", type=click.FloatRange(min=0), default=0.5, show_default=True, help="EMA half-life, Mimg")
+@click.option("--ema-rampup", type=click.FloatRange(min=0), default=0.05, show_default=True, help="0 disables")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option("--label-dropout", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="Drop class labels with this probability (classifier-free guidance)")
+@click.option("--xflip", is_flag=True, help="Dataset x-flips (doubles the data)")
+@click.option("--max-size", type=click.IntRange(min=1), default=None, help="Use at most this many examples")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data-loader processes")
+@click.option("--desc", type=str, default=None, help="String appended to the run directory name")
+@click.option("--tick", type=click.FloatRange(min=0, min_open=True), default=50, show_default=True,
+              help="kimg between status lines")
+@click.option("--snap", type=click.IntRange(min=1), default=50, show_default=True, help="Ticks between snapshots")
+@click.option("--dump", type=click.IntRange(min=1), default=500, show_default=True, help="Ticks between states")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--transfer", type=str, default=None, help="Initialise the network from this snapshot")
+@click.option("--resume", type=str, default=None, help="Continue this run directory or training-state file")
+@click.option("-n", "--dry-run", is_flag=True, help="Print the options and exit")
+def main(**kwargs):
+    opts = EasyDict(kwargs)
+    device = dist.init(opts.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    c = build_options(opts, world)
+
+    # Pick the run directory: explicit resume, automatic continuation, or a new run.
+    if opts.resume:
+        run_dir, state = resolve_resume(opts.resume, c)
+    else:
+        run_dir, state = find_run_to_continue(opts.outdir, c)
+        run_dir = run_dir or new_run_dir(opts.outdir, c.desc)
+    run_dir, state = dist.broadcast_object((run_dir, state))
+
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0(f"Run directory: {run_dir}" + (f" (continuing from {os.path.basename(state)})" if state else ""))
+    if opts.dry_run:
+        dist.print0("Dry run; exiting.")
+        return
+
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "training_options.json"), "w") as f:
+            json.dump(c, f, indent=2)
+    dist.barrier()
+    log_path = os.path.join(run_dir, "log.txt")
+
+    def log(msg: str):
+        print(msg, flush=True)
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
+
+    from training.training_loop import training_loop
+
+    training_loop(c, run_dir, device, log=log, resume_state=state)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    dnnlib.run_cli(main)

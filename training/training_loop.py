@@ -1,0 +1,271 @@
+"""The training loop: EDM's semantics (kimg bookkeeping, global batch with per-rank accumulation, lr ramp-up, EMA
+half-life, NaN-safe gradients, tick / snapshot / state dump), with exact resume.
+
+Exact resume rests on two choices:
+- The data order is a pure function of (seed, global stream position): epoch e visits the examples in the order of a
+  permutation seeded by (seed, e), and optimizer step k consumes stream positions [k B, (k+1) B). A resumed run starts
+  reading at position cur_nimg: no replay, no loader state to save.
+- Every other random draw comes from per-rank RNGs (the loss's torch.Generator and the global RNG used by dropout)
+  whose states are saved for every rank in the training state.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+from dnnlib import EasyDict, construct_class_by_name
+from torch_utils import checkpoint
+from torch_utils import distributed as dist
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Indices of this rank's examples, forever, starting at global stream position `start_pos`.
+
+    Global position s maps to example perm_{s // N}[s % N]. Within one optimizer step (B = batch_gpu * world * rounds
+    positions), accumulation round a of rank r takes positions a*batch_gpu*world + r*batch_gpu + [0, batch_gpu).
+    """
+
+    def __init__(self, num_examples, rank, world_size, batch_gpu, rounds, seed, start_pos=0, shuffle=True):
+        self.n, self.rank, self.world, self.batch_gpu, self.rounds = num_examples, rank, world_size, batch_gpu, rounds
+        self.seed, self.start_pos, self.shuffle = seed, start_pos, shuffle
+        self.batch_size = batch_gpu * world_size * rounds
+        if start_pos % self.batch_size:
+            raise ValueError(f"start position {start_pos} is not a multiple of the batch size {self.batch_size}")
+        self._epoch, self._perm = None, None
+
+    def _example(self, pos):
+        epoch = pos // self.n
+        if epoch != self._epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(self.n, generator=g).numpy()
+            else:
+                self._perm = np.arange(self.n)
+            self._epoch = epoch
+        return int(self._perm[pos % self.n])
+
+    def __iter__(self):
+        step_pos = self.start_pos
+        while True:
+            for a in range(self.rounds):
+                base = step_pos + (a * self.world + self.rank) * self.batch_gpu
+                for j in range(self.batch_gpu):
+                    yield self._example(base + j)
+            step_pos += self.batch_size
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _rng_state(loss_gen: torch.Generator) -> dict:
+    state = {"loss": loss_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, loss_gen: torch.Generator):
+    loss_gen.set_state(state["loss"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_reduce_grads(params: list, scale: float):
+    """Sum gradients over ranks in one flat all-reduce, scale them, and replace NaN/Inf by finite values."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce_(flat)
+    flat.mul_(scale)
+    torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
+def parameter_hash(net: torch.nn.Module) -> str:
+    """SHA-256 of all parameter bytes: ranks of one run must agree on it exactly."""
+    h = hashlib.sha256()
+    for p in net.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def snapshot_config(c: EasyDict, dataset) -> dict:
+    """What a snapshot must carry so generate.py / reconstruct.py need no flags about the model or the data."""
+    return {
+        "network": c.network,
+        "dataset": dataset.describe(),
+        "loss": c.loss_kwargs,
+        "measurement": c.get("measurement"),
+        "training": {k: c[k] for k in ("batch_size", "total_kimg", "seed", "precision") if k in c},
+    }
+
+
+def training_loop(
+    c: EasyDict,  # the options dict written to training_options.json (see train.py)
+    run_dir: str,
+    device: torch.device,
+    log=print,  # rank-0 logger (prints and appends to log.txt)
+    resume_state: str | None = None,  # training-state file to continue from
+):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start_time = time.time()
+
+    # Data.
+    dataset = construct_class_by_name(**c.dataset_kwargs)
+    rounds = c.batch_size // (c.batch_gpu * world)
+    assert c.batch_size == c.batch_gpu * world * rounds
+
+    # Network, EMA, loss, optimizer. Initial weights come from the run's seed and rank 0's copy is broadcast, so
+    # every rank starts from the same parameters whatever its RNG history.
+    torch.manual_seed(c.seed)
+    net = checkpoint.build_network(c.network).to(device)
+    for t in [*net.parameters(), *net.buffers()]:
+        dist.broadcast_(t.data)
+    if c.get("transfer"):
+        src, _ = checkpoint.load_snapshot(c.transfer)
+        net.load_state_dict(src.state_dict())
+    net.train().requires_grad_(True)
+    memory_format = torch.channels_last if c.get("channels_last") else torch.contiguous_format
+    net.to(memory_format=memory_format)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = construct_class_by_name(**c.loss_kwargs)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = construct_class_by_name(params=params, **c.optimizer_kwargs)
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=(c.precision == "fp16"))
+    loss_gen = torch.Generator(device).manual_seed(c.seed * world + rank)
+    torch.manual_seed(c.seed * world + rank)  # dropout draws from the global RNG; its state is saved per rank
+
+    if rank == 0:
+        num_params = sum(p.numel() for p in net.parameters())
+        log(f"Network: {c.network['class_name']}, {num_params / 1e6:.2f} M parameters; dataset: "
+            f"{len(dataset)} examples of shape {dataset.describe().get('image_shape')}; device {device}, "
+            f"{world} rank(s), {rounds} accumulation round(s) of {c.batch_gpu}, precision {c.precision}")
+
+    cur_nimg, cur_tick = 0, 0
+    if resume_state is not None:
+        state = checkpoint.load_training_state(resume_state)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        cur_nimg, cur_tick = state["progress"]["cur_nimg"], state["progress"]["cur_tick"]
+        if len(state["rng"]) == world:
+            _set_rng_state(state["rng"][rank], loss_gen)
+        elif rank == 0:
+            log(f"Warning: the state was saved with {len(state['rng'])} rank(s), now {world}; noise draws are "
+                "reseeded (the data order and everything else continue exactly).")
+        if rank == 0:
+            log(f"Resuming from {resume_state} at {cur_nimg / 1000:.3f} kimg (tick {cur_tick}).")
+        del state
+
+    sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=cur_nimg)
+    # The loader gets its own generator: iter(DataLoader) otherwise draws a base seed from the global RNG, which
+    # would shift the dropout stream of a resumed run by one draw.
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=c.batch_gpu, num_workers=c.workers,
+        pin_memory=(device.type == "cuda"), prefetch_factor=(4 if c.workers > 0 else None),
+        persistent_workers=c.workers > 0, generator=torch.Generator().manual_seed(c.seed))
+    data_iter = iter(loader)
+
+    total_nimg = int(round(c.total_kimg * 1000))
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    tick_loss = torch.zeros(2, dtype=torch.float64)  # (sum of per-example losses, count) on this rank
+    config = snapshot_config(c, dataset)
+    stats_path = os.path.join(run_dir, "stats.jsonl")
+    done = cur_nimg >= total_nimg
+
+    while not done:
+        # One optimizer step over the global batch.
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(rounds):
+            batch = _to_device(next(data_iter), device)
+            if "image" in batch:
+                batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = loss_fn(net=net, batch=batch, generator=loss_gen)
+            tick_loss += torch.tensor([loss.detach().double().sum().item(), loss.shape[0]], dtype=torch.float64)
+            scaler.scale(loss.sum() / c.batch_size).backward()
+        scaler.unscale_(optimizer)
+        _all_reduce_grads(params, scale=1.0)
+        lr = c.optimizer_kwargs["lr"] * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+
+        # EMA with a half-life in images (ramped up early on, as in EDM).
+        ema_halflife_nimg = c.ema_halflife_kimg * 1000
+        if c.ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * c.ema_rampup_ratio)
+        ema_beta = 0.5 ** (c.batch_size / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b_net)
+
+        cur_nimg += c.batch_size
+        done = cur_nimg >= total_nimg
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + c.kimg_per_tick * 1000:
+            continue
+
+        # Tick: status line, stats, snapshot, training state.
+        dist.all_reduce_(tick_loss)
+        tick_end_time = time.time()
+        tick_nimg = cur_nimg - tick_start_nimg
+        stats = {
+            "kimg": cur_nimg / 1000, "tick": cur_tick, "loss": (tick_loss[0] / tick_loss[1].clamp(min=1)).item(),
+            "sec_per_tick": tick_end_time - tick_start_time,
+            "sec_per_kimg": (tick_end_time - tick_start_time) / max(tick_nimg / 1000, 1e-8),
+            "images_per_sec": tick_nimg / max(tick_end_time - tick_start_time, 1e-8), "lr": lr,
+            "ema_halflife_kimg": ema_halflife_nimg / 1000, "total_sec": tick_end_time - start_time,
+            "cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        }
+        tick_loss.zero_()
+        if rank == 0:
+            log(f"tick {cur_tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} "
+                f"time {stats['total_sec']:<8.1f} sec/tick {stats['sec_per_tick']:<7.1f} "
+                f"img/s {stats['images_per_sec']:<7.1f} lr {lr:.2e} cpumem {stats['cpu_mem_gb']:.2f} "
+                f"gpumem {stats['gpu_mem_gb']:.2f}")
+            with open(stats_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+
+        kimg_tag = f"{cur_nimg // 1000:06d}"
+        write_snapshot = c.snapshot_ticks is not None and (done or cur_tick % c.snapshot_ticks == 0)
+        write_state = c.state_dump_ticks is not None and (done or cur_tick % c.state_dump_ticks == 0)
+        cur_tick += 1
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        if write_snapshot and rank == 0:
+            checkpoint.save_snapshot(os.path.join(run_dir, f"network-snapshot-{kimg_tag}.pt"), config, ema)
+        if write_state:
+            hashes = dist.all_gather_object(parameter_hash(net))
+            if len(set(hashes)) != 1:
+                raise RuntimeError(f"Ranks hold different parameters at {cur_nimg / 1000:.3f} kimg: {hashes}")
+            if rank == 0 and world > 1:
+                log(f"All {world} ranks hold identical parameters (sha256 {hashes[0][:16]}).")
+            rng_states = dist.all_gather_object(_rng_state(loss_gen))
+            if rank == 0:
+                checkpoint.save_training_state(
+                    os.path.join(run_dir, f"training-state-{kimg_tag}.pt"), config,
+                    {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(),
+                     "progress": {"cur_nimg": cur_nimg, "cur_tick": cur_tick, "total_kimg": c.total_kimg},
+                     "rng": rng_states})
+        dist.barrier()
+
+    if rank == 0:
+        log(f"Done: {cur_nimg / 1000:.3f} kimg in {time.time() - start_time:.1f} s.")
+    return net, ema
