@@ -1,0 +1,304 @@
+"""Mask laws (MSM.md section 5): random binary masks P on measurement entries, drawn with an explicit
+`torch.Generator`, plus the coverage-aware draw used at sampling time.
+
+Shapes: `shape` is the spatial size (H, W) of the measurement. Image laws ('box', 'pixel', 'full') return float
+masks (n, 1, H, W), shared by the channels; line laws ('lines-random', 'lines-equispaced') return (n, 1, 1, W),
+shared by coils and rows (phase-encode columns of a centred k-space, zero frequency at column W // 2).
+
+Every law draws a mask in the same way: it splits the entries into units (box cells, pixels, columns, or groups of
+equispaced columns), decides how many units to keep, and keeps the units of highest priority. The priority is a
+uniform random number, so a plain draw keeps a uniformly random set of units; the coverage-aware draw adds to it the
+fraction of each unit not yet covered, so it keeps uncovered units first and still follows the law's structure and
+density (`coverage_aware_masks`).
+
+Configs are JSON-able dicts ({'kind': 'box', 'p': 0.4}, {'kind': 'lines-random', 'R': 4, 'acs': 20}); snapshots record
+them and `mask_law_from_config` rebuilds the law.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from dnnlib import UserError
+
+# Random tie-breaking weight: small enough that coverage always dominates, large enough to stay above float rounding.
+_TIE_BREAK = 1e-3
+
+
+def _select_top(priority: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Bool (n, U): for each row, the `count[row]` units of highest priority."""
+    order = torch.argsort(priority, dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(priority.shape[1], device=priority.device).expand_as(order))
+    return rank < count[:, None]
+
+
+def example_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, index): the `fixed` protocol's per-example mask seed, identical
+    across epochs, batch compositions and ranks. SeedSequence mixes the pair so nearby seeds give unrelated streams."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+class MaskLaw:
+    """Base class. Subclasses set `kind` and implement `mask_shape(n, shape)`, `expected_mask(shape)` (E[P] per
+    entry, float64 of the mask shape with n = 1: MSM's weights W = 1 / E[P] need it), `to_config()` and
+    `_draw(n, shape, generator, uncovered)` (uncovered: float mask-shaped, 1 where not yet covered)."""
+
+    kind = ""
+
+    def sample(self, n: int, shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+        """n independent masks from the law, float32 {0, 1} on the generator's device."""
+        device = generator.device if generator is not None else None
+        return self._draw(n, shape, generator, torch.zeros(self.mask_shape(n, shape), device=device))
+
+    def sample_for_examples(self, indices, shape: tuple[int, int], seed: int) -> torch.Tensor:
+        """One mask per example index for the `fixed` protocol (CPU): mask i depends only on (seed, indices[i])."""
+        indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        return torch.cat([self.sample(1, shape, example_generator(seed, i)) for i in indices])
+
+    def observed_fraction(self, shape: tuple[int, int]) -> float:
+        """Expected fraction of observed entries, analytic."""
+        return float(self.expected_mask(shape).mean())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_config()})"
+
+
+class FullMask(MaskLaw):
+    """Everything observed (P = I): oracle training, or a sanity check of the MSM sampler."""
+
+    kind = "full"
+
+    def mask_shape(self, n, shape):
+        return (n, 1, *shape)
+
+    def expected_mask(self, shape):
+        return torch.ones(self.mask_shape(1, shape), dtype=torch.float64)
+
+    def to_config(self):
+        return {"kind": self.kind}
+
+    def _draw(self, n, shape, generator, uncovered):
+        return torch.ones_like(uncovered)
+
+
+def _check_drop_probability(name: str, p: float):
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise UserError(f"Mask law '{name}': p must be a number in [0, 1), got {p!r}.")
+
+
+class BoxMaskLaw(MaskLaw):
+    """Reference `random_box`: a 4x4 grid of cells, int(16 p) of them dropped (p = 0.4 drops 6, so 62.5% is observed),
+    the whole mask rolled circularly by a random shift in 0..H/4-1 rows and 0..W/4-1 columns (a shift by a whole cell
+    gives the same law, so this is the full range). When H or W is not divisible by 4, cell i spans rows
+    [ceil(i H / 4), ceil((i+1) H / 4)), so cells differ by at most one row/column; every pixel still lies in exactly
+    one cell, so each pixel is observed with probability exactly 1 - int(16 p) / 16."""
+
+    kind = "box"
+    grid = 4
+
+    def __init__(self, p: float):
+        _check_drop_probability(self.kind, p)
+        self.p = float(p)
+        self.num_dropped = int(self.grid**2 * self.p)
+
+    def mask_shape(self, n, shape):
+        return (n, 1, *shape)
+
+    def expected_mask(self, shape):
+        return torch.full(self.mask_shape(1, shape), 1 - self.num_dropped / self.grid**2, dtype=torch.float64)
+
+    def to_config(self):
+        return {"kind": self.kind, "p": self.p}
+
+    def _draw(self, n, shape, generator, uncovered):
+        height, width = shape
+        if height < self.grid or width < self.grid:
+            raise UserError(f"Mask law 'box' needs images of at least {self.grid}x{self.grid}, got {height}x{width}.")
+        device = uncovered.device
+        shift_rows = torch.randint(0, height // self.grid, (n, 1), generator=generator, device=device)
+        shift_cols = torch.randint(0, width // self.grid, (n, 1), generator=generator, device=device)
+        priority = torch.rand(n, self.grid**2, generator=generator, device=device) * _TIE_BREAK
+        # Cell of every pixel after the roll: rolling by s puts the pixel at h where pixel h - s was.
+        rows = (torch.arange(height, device=device) - shift_rows) % height  # (n, H)
+        cols = (torch.arange(width, device=device) - shift_cols) % width  # (n, W)
+        cell = ((rows * self.grid) // height)[:, :, None] * self.grid + ((cols * self.grid) // width)[:, None, :]
+        cell = cell.reshape(n, -1)
+        uncovered_count = torch.zeros(n, self.grid**2, device=device).scatter_add_(1, cell, uncovered.reshape(n, -1))
+        cell_size = torch.bincount(cell[0], minlength=self.grid**2)  # a roll permutes pixels, not cell sizes
+        priority = priority + uncovered_count / cell_size
+        count = torch.full((n,), self.grid**2 - self.num_dropped, device=device)
+        keep = _select_top(priority, count)
+        return keep.gather(1, cell).reshape(n, 1, height, width).to(torch.float32)
+
+
+class PixelMaskLaw(MaskLaw):
+    """Ambient-style dust: each entry dropped independently with probability p, shared across channels. Drawn as a
+    Binomial(H W, 1 - p) count of entries kept, chosen uniformly (the same law as independent coin flips), so the
+    coverage-aware draw can keep the count and choose uncovered entries first."""
+
+    kind = "pixel"
+
+    def __init__(self, p: float):
+        _check_drop_probability(self.kind, p)
+        self.p = float(p)
+
+    def mask_shape(self, n, shape):
+        return (n, 1, *shape)
+
+    def expected_mask(self, shape):
+        return torch.full(self.mask_shape(1, shape), 1 - self.p, dtype=torch.float64)
+
+    def to_config(self):
+        return {"kind": self.kind, "p": self.p}
+
+    def _draw(self, n, shape, generator, uncovered):
+        device = uncovered.device
+        flat_uncovered = uncovered.reshape(n, -1)
+        count = (torch.rand(flat_uncovered.shape, generator=generator, device=device) >= self.p).sum(dim=1)
+        priority = torch.rand(flat_uncovered.shape, generator=generator, device=device) * _TIE_BREAK + flat_uncovered
+        return _select_top(priority, count).reshape(uncovered.shape).to(torch.float32)
+
+
+def _acs_columns(width: int, acs: int, device=None) -> torch.Tensor:
+    """Bool (W,): the `acs` centre columns [W//2 - acs//2, W//2 - acs//2 + acs), around the zero frequency of
+    the centred FFT (column W // 2, for odd W too)."""
+    start = width // 2 - acs // 2
+    columns = torch.arange(width, device=device)
+    return (columns >= start) & (columns < start + acs)
+
+
+class _LineMaskLaw(MaskLaw):
+    """Cartesian phase-encode lines with `acs` always-kept centre columns at nominal acceleration R."""
+
+    def __init__(self, R: float, acs: int):
+        if not (isinstance(R, (int, float)) and R >= 1):
+            raise UserError(f"Mask law '{self.kind}': the acceleration R must be a number >= 1, got {R!r}.")
+        if int(acs) != acs or acs < 0:
+            raise UserError(f"Mask law '{self.kind}': acs must be a non-negative integer, got {acs!r}.")
+        self.R, self.acs = R, int(acs)
+
+    def _check_width(self, width: int):
+        if self.acs > width:
+            raise UserError(f"Mask law '{self.kind}': acs = {self.acs} centre lines exceed the {width} columns.")
+
+    def mask_shape(self, n, shape):
+        return (n, 1, 1, shape[-1])
+
+    def to_config(self):
+        return {"kind": self.kind, "R": self.R, "acs": self.acs}
+
+    def effective_acceleration(self, width: int) -> float:
+        """W / expected number of kept columns: the acceleration the masks really have."""
+        return 1 / self.observed_fraction((1, width))
+
+
+class RandomLineMaskLaw(_LineMaskLaw):
+    """`acs` centre columns plus max(round(W / R) - acs, 0) further columns drawn uniformly without replacement, so
+    every mask has exactly max(round(W / R), acs) lines and the effective acceleration is W / that (close to R,
+    unlike the reference's 1/R extra lines on top of the ACS)."""
+
+    kind = "lines-random"
+
+    def num_lines(self, width: int) -> int:
+        self._check_width(width)
+        return max(math.floor(width / self.R + 0.5), self.acs)
+
+    def expected_mask(self, shape):
+        width = shape[-1]
+        acs = _acs_columns(width, self.acs)
+        extra = (self.num_lines(width) - self.acs) / max(width - self.acs, 1)
+        expected = torch.full((width,), extra, dtype=torch.float64)
+        expected[acs] = 1.0
+        return expected.reshape(1, 1, 1, width)
+
+    def _draw(self, n, shape, generator, uncovered):
+        width, device = shape[-1], uncovered.device
+        count = torch.full((n,), self.num_lines(width), device=device)
+        priority = torch.rand(n, width, generator=generator, device=device) * _TIE_BREAK + uncovered.reshape(n, width)
+        priority = priority + 2 * _acs_columns(width, self.acs, device)  # ACS first, always
+        return _select_top(priority, count).reshape(n, 1, 1, width).to(torch.float32)
+
+
+class EquispacedLineMaskLaw(_LineMaskLaw):
+    """Every R-th column from a random offset o in 0..R-1 (columns w with w % R == o), plus the `acs` centre
+    columns. R must be an integer no larger than W."""
+
+    kind = "lines-equispaced"
+
+    def __init__(self, R: float, acs: int):
+        super().__init__(R, acs)
+        if int(self.R) != self.R:
+            raise UserError(f"Mask law '{self.kind}': R must be an integer, got {R!r}.")
+        self.R = int(self.R)
+
+    def _groups(self, width: int, device=None) -> torch.Tensor:
+        """Bool (R, W): the columns kept with each offset, ACS included."""
+        self._check_width(width)
+        if self.R > width:
+            raise UserError(f"Mask law '{self.kind}': R = {self.R} exceeds the {width} columns.")
+        columns = torch.arange(width, device=device)
+        offsets = torch.arange(self.R, device=device)
+        return (columns[None, :] % self.R == offsets[:, None]) | _acs_columns(width, self.acs, device)
+
+    def expected_mask(self, shape):
+        return self._groups(shape[-1]).to(torch.float64).mean(dim=0).reshape(1, 1, 1, -1)
+
+    def _draw(self, n, shape, generator, uncovered):
+        width, device = shape[-1], uncovered.device
+        groups = self._groups(width, device).to(torch.float32)  # (R, W)
+        uncovered_fraction = uncovered.reshape(n, width) @ groups.T / groups.sum(dim=1)  # (n, R)
+        priority = torch.rand(n, self.R, generator=generator, device=device) * _TIE_BREAK + uncovered_fraction
+        offset = priority.argmax(dim=1)
+        return groups[offset].reshape(n, 1, 1, width)
+
+
+_LAWS = {law.kind: law for law in (FullMask, BoxMaskLaw, PixelMaskLaw, RandomLineMaskLaw, EquispacedLineMaskLaw)}
+MASK_KINDS = tuple(_LAWS)
+
+
+def mask_law_from_config(config: dict) -> MaskLaw:
+    """Inverse of `MaskLaw.to_config`; raises UserError naming the bad kind or parameter."""
+    if not isinstance(config, dict) or config.get("kind") not in _LAWS:
+        kind = config.get("kind") if isinstance(config, dict) else config
+        raise UserError(f"Unknown mask law {kind!r}; expected one of {', '.join(MASK_KINDS)}.")
+    params = {key: value for key, value in config.items() if key != "kind"}
+    try:
+        return _LAWS[config["kind"]](**params)
+    except TypeError as e:
+        raise UserError(f"Mask law config {config} has wrong parameters ({e}).") from e
+
+
+# ----------------------------------------------------------------------------
+# Coverage-aware draws for sampling (MSM.md section 5).
+
+
+def empty_coverage(law: MaskLaw, n: int, shape: tuple[int, int], device=None) -> torch.Tensor:
+    """A fresh coverage record: bool, the law's mask shape, nothing covered."""
+    return torch.zeros(law.mask_shape(n, shape), dtype=torch.bool, device=device)
+
+
+def coverage_aware_masks(
+    law: MaskLaw, k: int, shape: tuple[int, int], covered: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k successive masks per batch element, each preferring entries not yet covered.
+
+    covered: bool record of the law's mask shape (n, 1, H, W) or (n, 1, 1, W), held by the caller across calls
+    (start with `empty_coverage`). Each mask has the law's structure and size (the same cells, pixel count, lines,
+    ACS and roll law as a plain draw) but keeps the units with the most uncovered entries first, ties broken at
+    random. After each mask the record is updated, and an element whose record becomes complete starts again from
+    an empty record. Returns (masks (k, n, ...) float32, updated record); the input record is not modified.
+    """
+    if covered.dtype != torch.bool or tuple(covered.shape[1:]) != law.mask_shape(1, shape)[1:]:
+        raise UserError(f"coverage_aware_masks: the record must be bool of shape {law.mask_shape('n', shape)}, "
+                        f"got {covered.dtype} {tuple(covered.shape)}.")
+    masks = []
+    for _ in range(k):
+        mask = law._draw(covered.shape[0], shape, generator, (~covered).to(torch.float32))
+        covered = covered | mask.bool()
+        complete = covered.flatten(1).all(dim=1).reshape(-1, *([1] * (covered.ndim - 1)))
+        covered = covered & ~complete
+        masks.append(mask)
+    return torch.stack(masks), covered
