@@ -1,0 +1,170 @@
+"""Metrics. For now: the Frechet distance of FID and the feature statistics it is computed from.
+
+FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to detector features of two image sets:
+mean and covariance accumulated in float64 (sum, sum of outer products, count), summed across ranks, with the
+unbiased (n - 1) covariance, as EDM does. Reference statistics are stored as .npz files (`mu`, `sigma` and metadata)
+and read with `allow_pickle=False`.
+"""
+
+import math
+import os
+
+import numpy as np
+import scipy.linalg
+import torch
+import tqdm
+
+from dnnlib import UserError
+from torch_utils import distributed
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) for means (D,) and covariances (D, D), in float64.
+
+    tr((S1 S2)^(1/2)) is computed as the sum of singular values of S1^(1/2) S2^(1/2) (S1 S2 is similar to
+    S1^(1/2) S2 S1^(1/2), whose eigenvalues are those singular values squared), with the PSD square roots taken by
+    symmetric eigendecomposition. Unlike `scipy.linalg.sqrtm(S1 @ S2)` (EDM's choice) this stays real, is symmetric in
+    its arguments, and is accurate when the covariances are singular (fewer samples than feature dimensions): singular
+    values near zero carry rounding error of order eps, where square roots of eigenvalues would carry sqrt(eps).
+    bench/bench_fid.py compares the speed of both.
+    """
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != (dim,) or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+        raise ValueError(
+            f"expected means (D,) and covariances (D, D) of one D, got {mu1.shape}, {sigma1.shape}, {mu2.shape}, "
+            f"{sigma2.shape}"
+        )
+    product = _psd_sqrt(sigma1) @ _psd_sqrt(sigma2)
+    trace_sqrt_product = scipy.linalg.svdvals(product).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance; eigenvalues below zero (rounding) count as zero."""
+    eigval, eigvec = scipy.linalg.eigh(sigma)
+    return (eigvec * np.sqrt(np.clip(eigval, 0, None))) @ eigvec.T
+
+
+class FeatureStats:
+    """Running float64 sum, sum of outer products and count of feature vectors (D,), on `device`.
+
+    Each rank accumulates its own share, then `all_reduce_()` sums them (one collective call, the same on every rank);
+    afterwards `mean()` and `cov()` describe the union.
+    """
+
+    def __init__(self, dim: int, device="cpu"):
+        self.dim = dim
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)  # float64 counts exactly up to 2^53
+
+    def update(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+        """Add features (N, D); rows where the boolean `mask` (N,) is False are padding and ignored."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"expected features (N, {self.dim}), got {tuple(features.shape)}")
+        x = features.to(torch.float64)
+        if mask is not None:
+            x = x[mask.to(x.device)]
+        self.sum += x.sum(dim=0)
+        self.outer += x.T @ x
+        self.count += x.shape[0]
+
+    def all_reduce_(self) -> "FeatureStats":
+        """Sum over ranks, in place (a no-op in one process)."""
+        packed = torch.cat([self.count, self.sum, self.outer.flatten()])
+        distributed.all_reduce_(packed)
+        self.count, self.sum = packed[:1], packed[1 : 1 + self.dim]
+        self.outer = packed[1 + self.dim :].view(self.dim, self.dim)
+        return self
+
+    @property
+    def num(self) -> int:
+        return int(self.count.item())
+
+    def mean(self) -> np.ndarray:
+        """(D,) float64."""
+        return (self.sum / self.count).cpu().numpy()
+
+    def cov(self) -> np.ndarray:
+        """(D, D) float64, unbiased (divides by n - 1)."""
+        n = self.num
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {n}")
+        mu = self.sum / n
+        return ((self.outer - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()
+
+
+def images_to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Dataset images float (N, C, H, W) in [-1, 1], C in {1, 3} -> uint8 (N, 3, H, W); grayscale is replicated."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def dataset_feature_stats(
+    dataset, detector, feature_dim: int, batch_size: int = 64, device="cpu", num_workers: int = 2,
+    progress: bool = True,
+) -> FeatureStats:
+    """Feature statistics of every item of `dataset` (items {'image': (C, H, W) in [-1, 1], ...}), summed over ranks.
+
+    Items are split across ranks with `distributed.shard`. Every rank runs the same number of batches of
+    `batch_size` (the ranks' shares differ by at most one item; shorter shares are padded with item 0 and the padding
+    is masked out), so ranks stay in step and each issues exactly one collective call, at the end.
+    """
+    world_size = distributed.get_world_size()
+    mine = distributed.shard(list(range(len(dataset))))
+    num_batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
+    padded = mine + [-1] * (num_batches * batch_size - len(mine))
+    batches = [padded[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[max(i, 0) for i in batch] for batch in batches], num_workers=num_workers
+    )
+    stats = FeatureStats(feature_dim, device=device)
+    show = progress and distributed.get_rank() == 0
+    with torch.inference_mode():
+        for batch, items in tqdm.tqdm(zip(batches, loader), total=num_batches, unit="batch", disable=not show):
+            features = detector(images_to_uint8_rgb(items["image"]).to(device))
+            stats.update(features, mask=torch.tensor(batch) >= 0)
+    return stats.all_reduce_()
+
+
+def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num: int, detector_sha256: str):
+    """Write FID reference statistics atomically: .npz with `mu` (D,), `sigma` (D, D), `num`, `detector_sha256`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, num=np.int64(num), detector_sha256=np.str_(detector_sha256))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_reference_stats(path: str) -> dict:
+    """Read an .npz of reference statistics -> {'mu', 'sigma', 'num' or None, 'detector_sha256' or None}.
+
+    EDM's published reference files hold only `mu` and `sigma`; they are accepted, with the metadata left None.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            contents = {key: data[key] for key in data.files}
+    except Exception as e:  # numpy raises several types for missing, truncated or foreign files
+        raise UserError(f"Reference statistics {path} cannot be read as an .npz file ({e}).") from e
+    if "mu" not in contents or "sigma" not in contents:
+        raise UserError(f"Reference statistics {path} hold no 'mu' and 'sigma' arrays (found {sorted(contents)}).")
+    mu, sigma = contents["mu"].astype(np.float64), contents["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise UserError(
+            f"Reference statistics {path} have mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)."
+        )
+    return {
+        "mu": mu,
+        "sigma": sigma,
+        "num": int(contents["num"]) if "num" in contents else None,
+        "detector_sha256": str(contents["detector_sha256"]) if "detector_sha256" in contents else None,
+    }
