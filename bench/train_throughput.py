@@ -8,10 +8,14 @@ and without channels_last, and sampling images/s (EDM Heun, 18 steps = 35 networ
 one run are the figures to quote; absolute numbers on a shared CPU are noisy.
 """
 
+import os
+import sys
 import time
 
 import click
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators

@@ -31,9 +31,11 @@ class StreamSampler(torch.utils.data.Sampler):
     positions), accumulation round a of rank r takes positions a*batch_gpu*world + r*batch_gpu + [0, batch_gpu).
     """
 
-    def __init__(self, num_examples, rank, world_size, batch_gpu, rounds, seed, start_pos=0, shuffle=True):
+    def __init__(self, num_examples, rank, world_size, batch_gpu, rounds, seed, start_pos=0, shuffle=True,
+                 with_position=False):
         self.n, self.rank, self.world, self.batch_gpu, self.rounds = num_examples, rank, world_size, batch_gpu, rounds
         self.seed, self.start_pos, self.shuffle = seed, start_pos, shuffle
+        self.with_position = with_position  # yield (index, global position): the 'resample' protocol keys on it
         self.batch_size = batch_gpu * world_size * rounds
         if start_pos % self.batch_size:
             raise ValueError(f"start position {start_pos} is not a multiple of the batch size {self.batch_size}")
@@ -56,7 +58,8 @@ class StreamSampler(torch.utils.data.Sampler):
             for a in range(self.rounds):
                 base = step_pos + (a * self.world + self.rank) * self.batch_gpu
                 for j in range(self.batch_gpu):
-                    yield self._example(base + j)
+                    pos = base + j
+                    yield (self._example(pos), pos) if self.with_position else self._example(pos)
             step_pos += self.batch_size
 
 
@@ -170,7 +173,8 @@ def training_loop(
             log(f"Resuming from {resume_state} at {cur_nimg / 1000:.3f} kimg (tick {cur_tick}).")
         del state
 
-    sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=cur_nimg)
+    sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=cur_nimg,
+                            with_position=getattr(dataset, "uses_stream_position", False))
     # The loader gets its own generator: iter(DataLoader) otherwise draws a base seed from the global RNG, which
     # would shift the dropout stream of a resumed run by one draw.
     loader = torch.utils.data.DataLoader(

@@ -1,0 +1,163 @@
+"""The measurement process of a run, and the partial denoiser: the one place where data, operator, mask and noise
+meet (MSM.md sections 1-3; ARCHITECTURE.md "Measurement = operator + mask + noise").
+
+- `MeasurementConfig`: what the training data are: the full operator family T ('identity' for images, 'mri' for
+  multi-coil k-space with per-slice coil maps), the mask law, the noise std eta (`sigma_y`), the protocol and its seed.
+  JSON-able; train.py records it in training_options.json and in every snapshot, so generate.py and reconstruct.py
+  know T and the mask law without flags.
+- `MeasuredDataset`: wraps a clean (or stored-undersampled) dataset and hands out ONLY measurements
+  {'y', 'mask', 'maps' (MRI), 'label', 'index'}. The clean image is dropped inside `__getitem__`, i.e. inside the data
+  worker, so nothing downstream (loss, training loop) can read it.
+- `partial_denoise`: s_hat = P T D(T^H s; sigma), the network's partial measurement denoiser, shared by the MSM loss
+  and every MSM sampler.
+
+Protocols (ARCHITECTURE.md "Data"):
+- 'fixed' (default): example i is measured once, with mask and noise drawn from a generator seeded by (seed, i):
+  identical across epochs, batch compositions and ranks. The realistic "no clean data" setting.
+- 'resample': a fresh mask and noise at every draw, seeded by (seed, global stream position), so a resumed run draws
+  exactly what an uninterrupted one would. An ablation (as the reference code trains): over many epochs it reveals
+  every entry.
+- 'stored': the dataset holds acquired undersampled data with its own masks (real data); no simulation at all.
+"""
+
+import torch
+
+from dnnlib import UserError
+from training.masks import MaskLaw, example_generator, mask_law_from_config
+from training.operators import Identity, MultiCoilMRI, measurement_randn
+
+PROTOCOLS = ("fixed", "resample", "stored")
+OPERATORS = ("identity", "mri")
+_RESAMPLE_SALT = 0x5EED  # keeps the resample streams apart from the fixed protocol's per-example streams
+
+
+class MeasurementConfig:
+    """operator in OPERATORS, mask a mask-law config dict, sigma_y >= 0, protocol in PROTOCOLS, seed an int."""
+
+    def __init__(self, operator: str, mask: dict, sigma_y: float = 0.0, protocol: str = "fixed", seed: int = 0):
+        if operator not in OPERATORS:
+            raise UserError(f"Measurement operator must be one of {', '.join(OPERATORS)}, got {operator!r}.")
+        if protocol not in PROTOCOLS:
+            raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
+        if not sigma_y >= 0:
+            raise UserError(f"--sigma-y must be >= 0, got {sigma_y}.")
+        self.law: MaskLaw = mask_law_from_config(mask)
+        is_line_law = self.law.kind.startswith("lines")
+        if operator == "identity" and is_line_law:
+            raise UserError(f"Mask law {self.law.kind!r} samples k-space lines and needs an MRI dataset; this dataset "
+                            "holds images (use --mask box or pixel).")
+        if operator == "mri" and self.law.kind in ("box", "pixel"):
+            raise UserError(f"Mask law {self.law.kind!r} is for images; an MRI dataset needs lines-random or "
+                            "lines-equispaced.")
+        self.operator, self.sigma_y, self.protocol, self.seed = operator, float(sigma_y), protocol, int(seed)
+
+    def to_config(self) -> dict:
+        return {"operator": self.operator, "mask": self.law.to_config(), "sigma_y": self.sigma_y,
+                "protocol": self.protocol, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MeasurementConfig":
+        return cls(**config)
+
+    def full_operator(self, maps: torch.Tensor | None = None):
+        """T for a batch: Identity for images, MultiCoilMRI(maps) for MRI (maps complex (N or 1, C, H, W))."""
+        if self.operator == "identity":
+            return Identity()
+        if maps is None:
+            raise ValueError("the MRI operator needs the batch's coil maps")
+        return MultiCoilMRI(maps)
+
+
+def measurement_config_for(dataset, mask: dict, sigma_y: float, protocol: str, seed: int) -> MeasurementConfig:
+    """Check the measurement options against a dataset and build the config (train.py's entry point)."""
+    desc = dataset.describe()
+    operator = "mri" if desc["kind"] == "mri" else "identity"
+    stored = desc["kind"] == "mri" and not desc.get("fully_sampled", True)
+    if stored and protocol != "stored":
+        protocol = "stored"  # undersampled data carry their own masks: nothing to simulate
+    if protocol == "stored" and not stored:
+        raise UserError(f"--protocol stored needs a dataset of stored undersampled measurements; {desc['path']} holds "
+                        "fully sampled data (use fixed or resample).")
+    if stored:
+        mask = desc.get("mask_law", mask)  # real data: the law its masks were drawn from, as the converter recorded
+    return MeasurementConfig(operator, mask, sigma_y=sigma_y, protocol=protocol, seed=seed)
+
+
+class MeasuredDataset(torch.utils.data.Dataset):
+    """Measurements of a base dataset (module docstring). Keys are example indices, or (index, stream position)
+    pairs from the training loop's StreamSampler (needed by the 'resample' protocol; see `uses_stream_position`).
+
+    Items: {'y': measurement (C, H, W) real for images / complex k-space for MRI, zero where unobserved,
+            'mask': float {0,1} broadcastable to y, 'maps': coil maps (MRI only), 'label', 'index'}.
+    x-flip (images only) mirrors the measurement and its mask together, after measuring, so a flipped copy reveals
+    nothing the original measurement did not.
+    """
+
+    uses_stream_position = True
+
+    def __init__(self, base: torch.utils.data.Dataset, config: MeasurementConfig, xflip: bool = False):
+        self.base, self.config = base, config
+        desc = base.describe()
+        if xflip and config.operator == "mri":
+            raise UserError("--xflip is not supported for MRI data (a flip is not a plain k-space flip).")
+        if config.protocol == "stored" and "mri" != desc["kind"]:
+            raise UserError("The stored protocol needs an MRI dataset of undersampled records.")
+        self.xflip = xflip
+        self.shape = tuple(desc["shape"] if desc["kind"] == "mri" else desc["image_shape"][1:])
+
+    def __len__(self) -> int:
+        return len(self.base) * (2 if self.xflip else 1)
+
+    def _generator(self, raw_index: int, position: int | None) -> torch.Generator:
+        if self.config.protocol == "resample":
+            if position is None:
+                raise ValueError("the resample protocol needs the stream position (use StreamSampler)")
+            return example_generator(self.config.seed ^ _RESAMPLE_SALT, position)
+        return example_generator(self.config.seed, raw_index)
+
+    def __getitem__(self, key) -> dict:
+        idx, position = key if isinstance(key, tuple) else (key, None)
+        flip = idx >= len(self.base)
+        record = self.base[idx - len(self.base) if flip else idx]
+        item = {"label": record["label"], "index": record["index"]}
+        if self.config.operator == "mri":
+            item["maps"] = record["maps"]
+        if self.config.protocol == "stored":
+            y, mask = record["kspace"], record["mask"]
+        else:
+            # Simulate the acquisition from the clean record: z = T x (images: z = x; MRI: the full k-space).
+            z = record["kspace"] if self.config.operator == "mri" else record["image"]
+            g = self._generator(record["index"], position)
+            mask = self.config.law.sample(1, self.shape, g)[0]
+            noise = measurement_randn(z, g) * self.config.sigma_y if self.config.sigma_y > 0 else 0
+            y = (z + noise) * mask
+        if flip:
+            y, mask = y.flip(-1), mask.flip(-1)
+        item["y"], item["mask"] = y, mask
+        return item
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "measurement": self.config.to_config()}
+
+
+def network_input(u: torch.Tensor, mask: torch.Tensor | None, in_channels: int) -> torch.Tensor:
+    """The network's input image: u, plus the mask as an extra channel when the network was built with one more
+    input channel than output channels (Ambient-style; MSM's default has none). Image-space masks only."""
+    extra = in_channels - u.shape[1]
+    if extra == 0:
+        return u
+    if mask is None or mask.shape[-2:] != u.shape[-2:]:
+        raise ValueError("this network takes a mask channel, which needs an image-space mask")
+    return torch.cat([u, mask.expand(u.shape[0], extra, *u.shape[-2:]).to(u.dtype)], dim=1)
+
+
+def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, class_labels=None):
+    """s_hat = P T D(T^H s; sigma) and the network's image estimate D: (s_hat, x0_hat).
+
+    `s` is a noisy partial measurement (zero off the mask), `mask` P broadcastable to it, `sigma` a float or a
+    per-example tensor (N,) / (N,1,1,1). Works for any operator with A / AH (Identity, MultiCoilMRI).
+    """
+    u = operator.AH(s)
+    x0_hat = net(network_input(u.to(torch.float32), mask, net.in_channels), sigma, class_labels)
+    s_hat = operator.A(x0_hat.to(u.dtype)) * mask
+    return s_hat, x0_hat
