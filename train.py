@@ -2,6 +2,8 @@
 
     python train.py --outdir runs --data datasets/phantoms-64.zip --arch ddpmpp --cbase 32 --cres 1,2,2 \
         --batch 32 --duration 0.05
+    python train.py --outdir runs --data datasets/phantoms-64.zip --loss msm --mask box --p 0.4 ...
+    python train.py --outdir runs --data datasets/mri-8coil --loss msm --accel 4 --sigma-y 0.01 ...
     torchrun --standalone --nproc_per_node=8 train.py --outdir runs --data ... --batch 512 --batch-gpu 64
 
 Re-running the same command continues the newest unfinished run with the same options from its last training state
@@ -39,30 +41,104 @@ def parse_int_list(s):
     return out
 
 
+# Options of the measurement process (--loss msm / ambient); None / False means "not given".
+MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "sigma_y", "protocol", "mask_seed", "sigma_dist", "sure_tau",
+                       "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel")
+LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs"),
+                  "lines-equispaced": ("accel", "acs"), "full": ()}
+
+
+def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
+    """--mask/--p/--accel/--acs -> a mask-law config. Defaults: box p = 0.4 for images, lines-random R = 4 for MRI,
+    acs = min(20, width // 8) centre lines (20 at 256, fewer for small test data)."""
+    law = opts.mask or ("lines-random" if kind == "mri" else "box")
+    stray = [f"--{n}" for n in ("p", "accel", "acs") if opts[n] is not None and n not in LAW_PARAMETERS[law]]
+    if stray:
+        raise UserError(f"{', '.join(stray)} do not apply to --mask {law}.")
+    if law in ("box", "pixel"):
+        return {"kind": law, "p": 0.4 if opts.p is None else opts.p}
+    if law == "full":
+        return {"kind": law}
+    return {"kind": law, "R": 4.0 if opts.accel is None else opts.accel,
+            "acs": min(20, width // 8) if opts.acs is None else opts.acs}
+
+
 def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     """Click options -> the options dict of the run (what training_options.json records). Validates everything."""
+    from training.measurements import measurement_config_for
     from training.networks import network_kwargs_for
 
     c = EasyDict()
-    c.dataset_kwargs = dict(class_name="training.dataset.ImageFolderDataset", path=opts.data, use_labels=opts.cond,
-                            xflip=opts.xflip, max_size=opts.max_size)
+    base_kwargs = dict(class_name="training.dataset.open_dataset", path=opts.data, use_labels=opts.cond,
+                       xflip=opts.xflip, max_size=opts.max_size)
     try:
-        dataset = dnnlib.construct_class_by_name(**c.dataset_kwargs)
+        dataset = dnnlib.construct_class_by_name(**base_kwargs)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"--data {opts.data} could not be loaded as a dataset: {e}") from e
-    if opts.cond and dataset.label_dim == 0:
+    desc = dataset.describe()
+    label_dim = desc.get("label_dim", 0)
+    if opts.cond and label_dim == 0:
         raise UserError(f"--cond was given but --data {opts.data} has no labels.")
-    shape = dataset.describe()["image_shape"]
+    if desc["kind"] == "mri":
+        if desc["shape"][0] != desc["shape"][1]:
+            raise UserError(f"--data {opts.data} holds {desc['shape'][0]}x{desc['shape'][1]} slices; the networks "
+                            "need square images.")
+        shape = [2, *desc["shape"]]  # the complex coil-combined image as (re, im) channels
+    else:
+        shape = desc["image_shape"]
+
+    c.measurement, extra_in_channels, precond = None, 0, opts.precond
+    if opts.loss == "edm":
+        given = [f"--{name.replace('_', '-')}" for name in MEASUREMENT_OPTIONS if opts[name] not in (None, False)]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --loss msm or ambient, not to --loss edm.")
+        if desc["kind"] == "mri" and not desc["fully_sampled"]:
+            raise UserError(f"--loss edm needs fully sampled data, but --data {opts.data} holds undersampled "
+                            "measurements (use --loss msm or ambient).")
+        c.dataset_kwargs = base_kwargs
+        c.loss_kwargs = dict(class_name={"edm": "training.loss.EDMLoss", "vp": "training.loss.VPLoss",
+                                         "ve": "training.loss.VELoss"}[opts.precond])
+    else:
+        measurement = measurement_config_for(dataset, mask_config(opts, desc["kind"], shape[-1]),
+                                             sigma_y=0.0 if opts.sigma_y is None else opts.sigma_y,
+                                             protocol=opts.protocol or "fixed", seed=opts.mask_seed or 0)
+        measurement.law.sample(1, tuple(shape[1:]), torch.Generator())  # rejects a law that does not fit the data
+        c.measurement = measurement.to_config()
+        c.dataset_kwargs = {**base_kwargs, "measurement": c.measurement}
+        sigma_dist = opts.sigma_dist or "lognormal"
+        if opts.precond == "vp" and sigma_dist == "vp200":
+            precond = "vp-discrete"  # the reference's network: integer timesteps of the 1000-step schedule
+        common = dict(measurement=c.measurement, sigma_dist=sigma_dist,
+                      weighting="edm" if opts.precond == "edm" else "inverse-variance")
+        mask_channel = opts.mask_channel or opts.loss == "ambient"
+        if opts.loss == "ambient" and opts.mask_channel:
+            raise UserError("--mask-channel is an msm option; --loss ambient always gives image networks the mask.")
+        if mask_channel and desc["kind"] == "mri" and opts.loss == "msm":
+            raise UserError("--mask-channel needs an image-space mask; MRI line masks cannot be an input channel.")
+        extra_in_channels = 1 if mask_channel and desc["kind"] != "mri" else 0
+        if opts.loss == "msm":
+            if opts.ambient_delta is not None:
+                raise UserError("--ambient-delta only applies to --loss ambient.")
+            c.loss_kwargs = dict(class_name="training.loss.MSMLoss", **common,
+                                 sure_tau=0.005 if opts.sure_tau is None else opts.sure_tau,
+                                 sure_weight=0.05 if opts.sure_weight is None else opts.sure_weight,
+                                 pseudo_clean_grad=opts.pseudo_clean_grad)
+        else:
+            if opts.sure_tau is not None or opts.sure_weight is not None or opts.pseudo_clean_grad:
+                raise UserError("--sure-tau, --sure-weight and --pseudo-clean-grad only apply to --loss msm.")
+            c.loss_kwargs = dict(class_name="training.loss.AmbientLoss", **common,
+                                 delta=0.1 if opts.ambient_delta is None else opts.ambient_delta)
+        dnnlib.construct_class_by_name(**c.loss_kwargs)  # validates eta, tau, weights, delta
+        dataset = dnnlib.construct_class_by_name(**c.dataset_kwargs)
+
     extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn) if opts.attn else
              ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None}
     c.network = network_kwargs_for(
-        arch=opts.arch, precond=opts.precond, cbase=opts.cbase, cres=parse_int_list(opts.cres) if opts.cres else None,
-        dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0], out_channels=shape[0],
-        label_dim=dataset.label_dim, **{k: v for k, v in extra.items() if v is not None})
-    c.loss_kwargs = dict(class_name={"edm": "training.loss.EDMLoss", "vp": "training.loss.VPLoss",
-                                     "ve": "training.loss.VELoss"}[opts.precond])
+        arch=opts.arch, precond=precond, cbase=opts.cbase, cres=parse_int_list(opts.cres) if opts.cres else None,
+        dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0] + extra_in_channels,
+        out_channels=shape[0], label_dim=label_dim, **{k: v for k, v in extra.items() if v is not None})
     c.optimizer_kwargs = dict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
     c.total_kimg = opts.duration * 1000
@@ -88,6 +164,8 @@ def describe(opts, dataset, world_size) -> str:
     name = os.path.splitext(os.path.basename(os.path.normpath(opts.data)))[0]
     desc = (f"{name}-{'cond' if opts.cond else 'uncond'}-{opts.arch}-{opts.precond}-gpus{world_size}-"
             f"batch{opts.batch}-{opts.precision}")
+    if opts.loss != "edm":
+        desc += f"-{opts.loss}"
     return desc + (f"-{opts.desc}" if opts.desc else "")
 
 
@@ -165,6 +243,26 @@ def new_run_dir(outdir: str, desc: str) -> str:
               help="Drop class labels with this probability (classifier-free guidance)")
 @click.option("--xflip", is_flag=True, help="Dataset x-flips (doubles the data)")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help="Use at most this many examples")
+@click.option("--loss", type=click.Choice(["edm", "msm", "ambient"]), default="edm", show_default=True,
+              help="edm: clean data; msm / ambient: learn from the partial measurements only")
+@click.option("--mask", type=click.Choice(["box", "pixel", "lines-random", "lines-equispaced", "full"]), default=None,
+              help="Mask law of the measurements  [default: box for images, lines-random for MRI]")
+@click.option("--p", type=float, default=None, help="Drop probability of the box / pixel law  [default: 0.4]")
+@click.option("--accel", type=float, default=None, help="Acceleration R of the line laws  [default: 4]")
+@click.option("--acs", type=int, default=None, help="Always-kept centre lines  [default: min(20, width / 8)]")
+@click.option("--sigma-y", type=float, default=None, help="Measurement noise std eta  [default: 0]")
+@click.option("--protocol", type=click.Choice(["fixed", "resample"]), default=None,
+              help="fixed: each example measured once; resample: a fresh mask per draw  [default: fixed; stored "
+                   "undersampled MRI uses its own masks]")
+@click.option("--mask-seed", type=int, default=None, help="Seed of the simulated measurements  [default: 0]")
+@click.option("--sigma-dist", type=click.Choice(["lognormal", "vp200"]), default=None,
+              help="Training noise levels: EDM's log-normal, or the reference's 200-level VP grid (with --precond vp "
+                   "the network then takes its integer timesteps)  [default: lognormal]")
+@click.option("--sure-tau", type=float, default=None, help="SURE finite-difference step (eta > 0)  [default: 0.005]")
+@click.option("--sure-weight", type=float, default=None, help="Weight of the SURE term (eta > 0)  [default: 0.05]")
+@click.option("--pseudo-clean-grad", is_flag=True, help="Let gradients flow through the pseudo-clean target (eta > 0)")
+@click.option("--ambient-delta", type=float, default=None, help="Ambient's extra drop probability  [default: 0.1]")
+@click.option("--mask-channel", is_flag=True, help="MSM on images: give the network the mask as an input channel")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)

@@ -179,3 +179,38 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             "image_shape": self.image_shape,
             "label_dim": self.label_dim,
         }
+
+
+def is_mri_dataset(path: str) -> bool:
+    """True when `path` is a directory whose dataset.json declares an MRI record index (training/mri.py)."""
+    meta_path = os.path.join(path, "dataset.json")
+    if not os.path.isfile(meta_path):
+        return False
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") == "mri"
+
+
+def open_dataset(path: str, use_labels: bool = False, xflip: bool = False, max_size: int | None = None,
+                 measurement: dict | None = None) -> torch.utils.data.Dataset:
+    """The training dataset at `path`, by what it holds: an MRI record directory -> MRIDataset, anything else ->
+    ImageFolderDataset. With `measurement` (a MeasurementConfig.to_config() dict) it is wrapped in MeasuredDataset,
+    which hands out measurements only and applies the x-flip itself (after measuring); train.py records these
+    arguments in `dataset_kwargs` and the training loop calls this function with them."""
+    from training.measurements import MeasuredDataset, MeasurementConfig
+    from training.mri import MRIDataset
+
+    if is_mri_dataset(path):
+        if use_labels:
+            raise UserError(f"--cond was given but the MRI dataset {path} has no labels.")
+        if xflip:
+            raise UserError("--xflip is not supported for MRI data (a flip is not a plain k-space flip).")
+        base = MRIDataset(path, max_size=max_size)
+    else:
+        base = ImageFolderDataset(path, use_labels=use_labels, xflip=xflip and measurement is None, max_size=max_size)
+    if measurement is None:
+        return base
+    return MeasuredDataset(base, MeasurementConfig.from_config(measurement), xflip=xflip)

@@ -3,7 +3,8 @@ Diffusion-Based Generative Models", EDM).
 
 - `SongUNet`: the DDPM++ / NCSN++ UNets of Song et al. 2021 ("Score-Based Generative Modeling through SDEs").
 - `DhariwalUNet`: the ADM UNet of Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs on Image Synthesis").
-- `EDMPrecond`, `VPPrecond`, `VEPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), EDM Table 1.
+- `EDMPrecond`, `VPPrecond`, `VEPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), EDM Table 1;
+  `DiscreteVPPrecond`: VP on the discrete DDPM schedule with integer timesteps (the MSM reference's network).
 - `ARCH_PRESETS` and `network_kwargs_for`: the `--arch` / `--precond` choices of train.py.
 
 Conventions: images are float (N, C, H, W); a noise level sigma is given per example; class labels are one-hot float
@@ -639,6 +640,49 @@ class VPPrecond(_Precond):
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
 
+def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """abar_t = prod_{i<=t} (1 - beta_i), t = 0..num_steps-1, for DDPM's linear betas (float64, (num_steps,))."""
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class DiscreteVPPrecond(_Precond):
+    """VP preconditioning on a discrete DDPM schedule, as the MSM reference (guided-diffusion) trains its network:
+    c_skip = 1, c_out = -s, c_in = 1 / sqrt(s^2 + 1), and c_noise = the timestep index t whose noise level is s,
+    sigma_t = sqrt(1 / abar_t - 1) for the linear betas (`linear_beta_alphas_cumprod`). The network F is then
+    exactly the reference's epsilon predictor eps(x_t, t) with x_t = sqrt(abar_t) (x + s n) = c_in (x + s n).
+
+    Between integer steps, t is interpolated linearly in ln(1 + s^2) = -ln abar (monotone in t), so any sigma in
+    [sigma_0, sigma_{N-1}] is accepted (e.g. by EDM's sampler); a grid sigma given in float32 is snapped to its exact
+    integer index (float32 rounding moves it by < 1e-4 of a step), so training on the respaced grid
+    (training/loss.py `vp_grid_sigmas`) feeds the network the reference's timestep integers.
+    """
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
+                 num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 model_type: str = "SongUNet", **model_kwargs):
+        alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
+        sigmas = (1 / alphas_cumprod - 1).sqrt()
+        super().__init__(img_resolution, in_channels, out_channels, label_dim, float(sigmas[0]), float(sigmas[-1]),
+                         model_type, model_kwargs)
+        self.num_steps, self.beta_start, self.beta_end = int(num_steps), float(beta_start), float(beta_end)
+        self.register_buffer("neg_log_alphas_cumprod", -alphas_cumprod.log(), persistent=False)
+
+    def timestep(self, sigma):
+        """sigma (any shape) -> the continuous timestep index t in [0, num_steps - 1], float32."""
+        table = self.neg_log_alphas_cumprod
+        level = torch.log1p(torch.as_tensor(sigma, device=table.device).to(torch.float64) ** 2)
+        upper = torch.searchsorted(table, level.contiguous()).clamp(1, len(table) - 1)
+        lower_value, upper_value = table[upper - 1], table[upper]
+        t = (upper - 1) + (level - lower_value) / (upper_value - lower_value)
+        t = t.clamp(0, len(table) - 1)
+        t = torch.where((t - t.round()).abs() < 1e-3, t.round(), t)
+        return t.to(torch.float32)
+
+    def coefficients(self, sigma):
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), self.timestep(sigma)
+
+
 class VEPrecond(_Precond):
     """Variance-exploding preconditioning (Song et al.'s VE SDE in EDM form): c_skip = 1, c_out = s, c_in = 1,
     c_noise = ln(s / 2)."""
@@ -665,7 +709,7 @@ ARCH_PRESETS = {
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
 
-PRECOND_CLASSES = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond}
+PRECOND_CLASSES = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "vp-discrete": DiscreteVPPrecond}
 
 
 def _constructor_arguments(cls) -> set:
@@ -677,7 +721,7 @@ def network_kwargs_for(arch: str, precond: str, cbase: int | None = None, cres: 
                        dropout: float | None = None, **extra) -> dict:
     """The network config train.py stores: dict(class_name='training.networks.<Precond>', kwargs={...}).
 
-    arch in ARCH_PRESETS, precond in {'edm', 'vp', 've'}; cbase / cres / dropout override model_channels /
+    arch in ARCH_PRESETS, precond in PRECOND_CLASSES; cbase / cres / dropout override model_channels /
     channel_mult / dropout when given (dropout=None keeps the architecture's default, 0.10); `extra` adds or
     overrides any other argument of the preconditioner or the UNet (img_resolution, in_channels, out_channels,
     label_dim, num_blocks, sigma_data, ...). The kwargs are plain JSON values, so
