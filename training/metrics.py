@@ -1,4 +1,5 @@
-"""Metrics. For now: the Frechet distance of FID and the feature statistics it is computed from.
+"""Metrics: the Frechet distance of FID with the feature statistics it is computed from, and the reconstruction
+metrics PSNR / SSIM / NMSE (conventions in the section that defines them, and in metrics.csv of reconstruct.py).
 
 FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to detector features of two image sets:
 mean and covariance accumulated in float64 (sum, sum of outer products, count), summed across ranks, with the
@@ -168,3 +169,79 @@ def load_reference_stats(path: str) -> dict:
         "num": int(contents["num"]) if "num" in contents else None,
         "detector_sha256": str(contents["detector_sha256"]) if "detector_sha256" in contents else None,
     }
+
+
+# ----------------------------------------------------------------------------
+# Reconstruction quality: PSNR, SSIM, NMSE (fastMRI definitions, batched torch, float64).
+#
+# Conventions (the same ones reconstruct.py writes into metrics.csv):
+# - Inputs are real images (N, C, H, W) or (N, H, W): MRI magnitude images |x|, or natural images mapped from
+#   [-1, 1] to [0, 1]. The caller chooses the data range: fastMRI uses the maximum of the reference image
+#   (`reference_max`), natural images use 1.
+# - PSNR = 10 log10(data_range^2 / MSE), MSE over all entries of one image (skimage.metrics.peak_signal_noise_ratio).
+# - SSIM (Wang et al. 2004) as skimage.metrics.structural_similarity with its defaults, which fastMRI uses:
+#   7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariances (normalised by 48 / 49), the mean of the SSIM map
+#   over the pixels whose window lies inside the image (skimage crops 3 pixels from every border); channels are
+#   averaged (skimage's channel_axis).
+# - NMSE = ||reference - estimate||^2 / ||reference||^2 per image (fastMRI).
+
+
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    images = torch.as_tensor(images)
+    if images.is_complex():
+        raise ValueError("metrics take real images; pass magnitudes for complex data")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
+    return images.to(torch.float64)
+
+
+def _data_range(data_range, n: int, device) -> torch.Tensor:
+    """A float or per-image (N,) data range -> float64 (N,)."""
+    return torch.as_tensor(data_range, dtype=torch.float64, device=device).reshape(-1).expand(n)
+
+
+def reference_max(reference: torch.Tensor) -> torch.Tensor:
+    """fastMRI's data range: the maximum of each reference image -> float64 (N,)."""
+    return _as_batch(reference).flatten(1).amax(dim=1)
+
+
+def psnr(reference: torch.Tensor, estimate: torch.Tensor, data_range) -> torch.Tensor:
+    """PSNR in dB per image -> float64 (N,); inf where the images are equal."""
+    reference, estimate = _as_batch(reference), _as_batch(estimate)
+    mse = (reference - estimate).square().flatten(1).mean(dim=1)
+    return 10 * torch.log10(_data_range(data_range, len(reference), reference.device) ** 2 / mse)
+
+
+def nmse(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """||reference - estimate||^2 / ||reference||^2 per image -> float64 (N,)."""
+    reference, estimate = _as_batch(reference), _as_batch(estimate)
+    return (reference - estimate).square().flatten(1).sum(dim=1) / reference.square().flatten(1).sum(dim=1)
+
+
+SSIM_WINDOW = 7
+
+
+def ssim(reference: torch.Tensor, estimate: torch.Tensor, data_range) -> torch.Tensor:
+    """SSIM per image (module conventions above) -> float64 (N,). Images must be at least 7x7.
+
+    Local means and second moments are 7x7 box averages over the windows that lie inside the image ('valid'
+    pooling), which is exactly the part of skimage's reflect-padded SSIM map that skimage averages.
+    """
+    reference, estimate = _as_batch(reference), _as_batch(estimate)
+    if min(reference.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(reference.shape)}")
+    data_range = _data_range(data_range, len(reference), reference.device).reshape(-1, 1, 1, 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def local_mean(a):
+        return torch.nn.functional.avg_pool2d(a, SSIM_WINDOW, stride=1)
+
+    mu_x, mu_y = local_mean(reference), local_mean(estimate)
+    sample_cov = SSIM_WINDOW**2 / (SSIM_WINDOW**2 - 1)
+    var_x = sample_cov * (local_mean(reference * reference) - mu_x * mu_x)
+    var_y = sample_cov * (local_mean(estimate * estimate) - mu_y * mu_y)
+    cov_xy = sample_cov * (local_mean(reference * estimate) - mu_x * mu_y)
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(dim=1)
