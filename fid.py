@@ -29,12 +29,11 @@ SHA-256) so a number can be traced to exactly what produced it.
 import datetime
 import json
 import os
-import sys
 import time
 
 import click
 
-from dnnlib import UserError
+from dnnlib import UserError, run_cli
 from dnnlib.util import is_url, open_url
 from torch_utils import distributed
 from training.dataset import ImageFolderDataset
@@ -222,17 +221,9 @@ def calc(images, ref_path, num, seed, out, detector, detector_sha256, batch, wor
 
 def main():
     try:
-        cli(standalone_mode=False)
-    except UserError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        run_cli(cli)
     finally:
-        distributed.destroy()
+        distributed.destroy()  # also after an error, so no rank of a sharded run is left waiting
 
 
 if __name__ == "__main__":
