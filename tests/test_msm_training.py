@@ -216,7 +216,9 @@ def test_msm_training_loss_falls(tmp_path, phantoms, mri8, kind):
     if kind == "phantoms":
         train(tmp_path, phantoms, 4096, [*extra, "--loss", "msm", "--mask", "box", "--p", "0.4"], tick_images=256)
     else:
-        train(tmp_path, mri8, 2048, [*extra, "--loss", "msm", "--accel", "4"], tick_images=128)
+        # MRI needs longer: at small sigma the coil-inconsistent part of the zero-filled input (about 11% of s at
+        # R = 4) is an irreducible, 1/sigma^2-weighted term of the loss, so the per-tick means are noisy early on.
+        train(tmp_path, mri8, 8192, [*extra, "--loss", "msm", "--accel", "4"], tick_images=512)
     options, stats, config = run_record(tmp_path)
     first, last = loss_falls(stats)
     assert last < 0.7 * first

@@ -85,7 +85,7 @@ def test_sigkill_then_same_command_continues(tmp_path, data):
 
 
 def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, data):
-    proc = train(tmp_path / "dist", data, 64, torchrun=2)
+    proc = train(tmp_path / "dist", data, 64, ["--channels-last"], torchrun=2)
     assert "All 2 ranks hold identical parameters" in proc.stdout
     state, _ = final_state(tmp_path / "dist")
     assert len(state["rng"]) == 2 and state["progress"]["cur_nimg"] == 64

@@ -98,7 +98,7 @@ def parameter_hash(net: torch.nn.Module) -> str:
     """SHA-256 of all parameter bytes: ranks of one run must agree on it exactly."""
     h = hashlib.sha256()
     for p in net.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().numpy().tobytes())  # C-order bytes whatever the memory format
     return h.hexdigest()
 
 
@@ -150,9 +150,9 @@ def training_loop(
     torch.manual_seed(c.seed * world + rank)  # dropout draws from the global RNG; its state is saved per rank
 
     if rank == 0:
-        num_params = sum(p.numel() for p in net.parameters())
+        num_params, desc = sum(p.numel() for p in net.parameters()), dataset.describe()
         log(f"Network: {c.network['class_name']}, {num_params / 1e6:.2f} M parameters; dataset: "
-            f"{len(dataset)} examples of shape {dataset.describe().get('image_shape')}; device {device}, "
+            f"{len(dataset)} examples of shape {desc.get('image_shape') or desc.get('shape')}; device {device}, "
             f"{world} rank(s), {rounds} accumulation round(s) of {c.batch_gpu}, precision {c.precision}")
 
     cur_nimg, cur_tick = 0, 0
