@@ -24,7 +24,7 @@ from training.dataset import IMAGE_EXTENSIONS, _FileSource, _load_image
 from training.phantoms import random_ellipse_phantoms
 
 
-class ZipDatasetWriter:
+class ZipDatasetWriter(dnnlib.util.AtomicWriter):
     """Writes an EDM-layout zip atomically: `{i // 1000:05d}/img{i:08d}.png` files plus `dataset.json`."""
 
     def __init__(self, dest: str):
@@ -60,13 +60,6 @@ class ZipDatasetWriter:
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def center_crop_resize(arr: np.ndarray, resolution: int | None) -> np.ndarray:

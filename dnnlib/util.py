@@ -1,5 +1,6 @@
 """EasyDict, construction of objects by name, and the error type for bad user input."""
 
+import abc
 import importlib
 import os
 import shutil
@@ -25,6 +26,23 @@ class EasyDict(dict):
 
 class UserError(Exception):
     """Bad input from the user: the scripts print the message (one sentence) and exit non-zero, without traceback."""
+
+
+class AtomicWriter(abc.ABC):
+    """Base of the writers that build an output under a temporary name and rename it on success: used as a context
+    manager, an exception inside the `with` block calls `abort()`, so rejected input leaves nothing behind."""
+
+    @abc.abstractmethod
+    def abort(self):
+        """Remove the temporary output."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
 
 
 def get_obj_by_name(name: str):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dnnlib import UserError
+from dnnlib.util import AtomicWriter
 from training.masks import MaskLaw
 from training.operators import MultiCoilMRI, channels_to_complex, fft2c, ifft2c
 
@@ -106,7 +107,7 @@ def center_crop_kspace(kspace: np.ndarray, resolution: int) -> np.ndarray:
 # Writing records.
 
 
-class MRIDatasetWriter:
+class MRIDatasetWriter(AtomicWriter):
     """Writes a record directory atomically: everything goes to `<dest>.tmp-<pid>/`, renamed on `finish`, deleted
     on error (use as a context manager)."""
 
@@ -150,13 +151,6 @@ class MRIDatasetWriter:
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def _undersample(kspace: np.ndarray, mask_law: MaskLaw | None, mask_seed: int, index: int):

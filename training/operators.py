@@ -99,28 +99,27 @@ def _checkerboard_sign(height: int, width: int) -> int:
     return -1 if (height // 2 + width // 2) % 2 else 1
 
 
-def fft2c(x: torch.Tensor, use_checkerboard: bool | None = None) -> torch.Tensor:
-    """Centred orthonormal 2-D FFT over the last two axes: fftshift(fft2(ifftshift(x)), norm='ortho').
-    k-space index (H//2, W//2) is the zero frequency, for odd sizes too. `use_checkerboard` (default: whenever it is
-    exact) replaces both shifts by (-1)^(h+w) modulations, which avoids two full memory copies (roll)."""
+def _centred(transform, x: torch.Tensor, use_checkerboard: bool | None) -> torch.Tensor:
+    """fftshift(transform(ifftshift(x))) over the last two axes, or its shift-free equivalent for even sizes."""
     height, width = x.shape[-2:]
     if use_checkerboard is None:
         use_checkerboard = checkerboard_applies(height, width)
     if use_checkerboard:
         chk = _checkerboard(height, width, x.device, x.real.dtype)
-        return torch.fft.fft2(x * chk, norm="ortho") * (chk * _checkerboard_sign(height, width))
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        return transform(x * chk, norm="ortho") * (chk * _checkerboard_sign(height, width))
+    return torch.fft.fftshift(transform(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
+def fft2c(x: torch.Tensor, use_checkerboard: bool | None = None) -> torch.Tensor:
+    """Centred orthonormal 2-D FFT over the last two axes: fftshift(fft2(ifftshift(x)), norm='ortho').
+    k-space index (H//2, W//2) is the zero frequency, for odd sizes too. `use_checkerboard` (default: whenever it is
+    exact) replaces both shifts by (-1)^(h+w) modulations, which avoids two full memory copies (roll)."""
+    return _centred(torch.fft.fft2, x, use_checkerboard)
 
 
 def ifft2c(y: torch.Tensor, use_checkerboard: bool | None = None) -> torch.Tensor:
     """Inverse of `fft2c` (and its adjoint, since it is unitary): fftshift(ifft2(ifftshift(y)), norm='ortho')."""
-    height, width = y.shape[-2:]
-    if use_checkerboard is None:
-        use_checkerboard = checkerboard_applies(height, width)
-    if use_checkerboard:
-        chk = _checkerboard(height, width, y.device, y.real.dtype)
-        return torch.fft.ifft2(y * chk, norm="ortho") * (chk * _checkerboard_sign(height, width))
-    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(y, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    return _centred(torch.fft.ifft2, y, use_checkerboard)
 
 
 # ----------------------------------------------------------------------------
