@@ -11,7 +11,7 @@ import torch
 
 from dnnlib import UserError
 from training.measurements import MeasurementConfig, partial_denoise
-from training.networks import linear_beta_alphas_cumprod
+from training.networks import vp_grid_sigmas
 from training.operators import measurement_randn
 
 
@@ -89,25 +89,6 @@ class VELoss(EDMLoss):
 
 SIGMA_DISTRIBUTIONS = ("lognormal", "vp200")
 WEIGHTINGS = ("edm", "inverse-variance")
-
-
-def respaced_timesteps(num_steps: int = 1000, num_levels: int = 200) -> torch.Tensor:
-    """The timesteps guided-diffusion keeps when it respaces a num_steps schedule to num_levels evenly strided
-    levels (its `space_timesteps` with one section): round(i (num_steps - 1) / (num_levels - 1)), i = 0..num_levels-1,
-    so the first and the last step are kept. Python's round; no value falls on a .5 tie for 1000 -> 200."""
-    if not 2 <= num_levels <= num_steps:
-        raise ValueError(f"cannot respace {num_steps} steps to {num_levels} levels")
-    stride = (num_steps - 1) / (num_levels - 1)
-    return torch.tensor([round(i * stride) for i in range(num_levels)], dtype=torch.int64)
-
-
-def vp_grid_sigmas(num_levels: int = 200, num_steps: int = 1000, beta_start: float = 1e-4,
-                   beta_end: float = 0.02) -> torch.Tensor:
-    """The MSM reference's noise levels: sigma_k = sqrt(1 / abar_{t_k} - 1) at the respaced timesteps t_k of the
-    linear-beta schedule (float64, increasing; 0.0100 to 157.4 for the defaults). Respacing keeps abar at the kept
-    steps, so these are the levels the reference trains and samples on."""
-    alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
-    return (1 / alphas_cumprod[respaced_timesteps(num_steps, num_levels)] - 1).sqrt()
 
 
 def _sum_squares(r: torch.Tensor) -> torch.Tensor:

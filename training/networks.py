@@ -646,6 +646,25 @@ def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, 
     return torch.cumprod(1 - betas, dim=0)
 
 
+def respaced_timesteps(num_steps: int = 1000, num_levels: int = 200) -> torch.Tensor:
+    """The timesteps guided-diffusion keeps when it respaces a num_steps schedule to num_levels evenly strided
+    levels (its `space_timesteps` with one section): round(i (num_steps - 1) / (num_levels - 1)), i = 0..num_levels-1,
+    so the first and the last step are kept. Python's round; no value falls on a .5 tie for 1000 -> 200."""
+    if not 2 <= num_levels <= num_steps:
+        raise ValueError(f"cannot respace {num_steps} steps to {num_levels} levels")
+    stride = (num_steps - 1) / (num_levels - 1)
+    return torch.tensor([round(i * stride) for i in range(num_levels)], dtype=torch.int64)
+
+
+def vp_grid_sigmas(num_levels: int = 200, num_steps: int = 1000, beta_start: float = 1e-4,
+                   beta_end: float = 0.02) -> torch.Tensor:
+    """The MSM reference's noise levels: sigma_k = sqrt(1 / abar_{t_k} - 1) at the respaced timesteps t_k of the
+    linear-beta schedule (float64, increasing; 0.0100 to 157.4 for the defaults). Respacing keeps abar at the kept
+    steps, so these are the levels the reference trains and samples on."""
+    alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
+    return (1 / alphas_cumprod[respaced_timesteps(num_steps, num_levels)] - 1).sqrt()
+
+
 class DiscreteVPPrecond(_Precond):
     """VP preconditioning on a discrete DDPM schedule, as the MSM reference (guided-diffusion) trains its network:
     c_skip = 1, c_out = -s, c_in = 1 / sqrt(s^2 + 1), and c_noise = the timestep index t whose noise level is s,
@@ -655,7 +674,7 @@ class DiscreteVPPrecond(_Precond):
     Between integer steps, t is interpolated linearly in ln(1 + s^2) = -ln abar (monotone in t), so any sigma in
     [sigma_0, sigma_{N-1}] is accepted (e.g. by EDM's sampler); a grid sigma given in float32 is snapped to its exact
     integer index (float32 rounding moves it by < 1e-4 of a step), so training on the respaced grid
-    (training/loss.py `vp_grid_sigmas`) feeds the network the reference's timestep integers.
+    (`vp_grid_sigmas`) feeds the network the reference's timestep integers.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,

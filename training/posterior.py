@@ -31,7 +31,7 @@ import torch
 from dnnlib import UserError
 from training.measurements import network_input
 from training.operators import channels_to_complex, complex_to_channels
-from training.samplers import _check_outer, _check_sigmas, _outer_step, msm_sampler, vp200_sigmas
+from training.samplers import check_outer, check_sigmas, msm_sampler, outer_step, vp200_sigmas
 
 
 def check_dc_step(dc_step: float):
@@ -130,16 +130,16 @@ def dps_sampler(denoiser, latents: torch.Tensor, generator, operator, y_obs: tor
 
     denoiser D(x, sigma) on images (N, C, H, W) float64, differentiable (`image_denoiser`, or a closed-form one);
     latents standard normal like the images; generator a SeedGenerators; operator A and mask M with
-    y_obs = M (A x + noise). At every level sigma_k: x0 = D(x; sigma_k), the outer update (samplers._outer_step,
+    y_obs = M (A x + noise). At every level sigma_k: x0 = D(x; sigma_k), the outer update (samplers.outer_step,
     'ddim' with eta = 1 is DDPM's ancestral step) moves x to sigma_{k+1}, then
         x <- x - step_size * grad_x ||y_obs - M A x0(x)||     (per example; step_size is DPS's zeta).
     After the last level the returned image is x0 - step_size * grad (DPS's final update with sigma_{k+1} = 0).
     Needs autograd: do not call it under torch.no_grad.
     """
-    _check_outer(outer, eta)
+    check_outer(outer, eta)
     if not step_size > 0:
         raise UserError(f"--dps-step must be > 0, got {step_size}.")
-    sigmas = _check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
+    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
     x = latents.to(torch.float64) * sigmas[0].item()
     for k in range(len(sigmas)):
         s0 = sigmas[k].item()
@@ -153,7 +153,7 @@ def dps_sampler(denoiser, latents: torch.Tensor, generator, operator, y_obs: tor
         x0 = x0.detach()
         if k + 1 < len(sigmas):
             noise = generator.randn_like(x)
-            x = _outer_step(x, x0, s0, sigmas[k + 1].item(), noise, outer, eta) - step_size * grad
+            x = outer_step(x, x0, s0, sigmas[k + 1].item(), noise, outer, eta) - step_size * grad
         else:
             x = x0 - step_size * grad
     return x

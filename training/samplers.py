@@ -14,6 +14,7 @@ import torch
 from dnnlib import UserError
 from training.masks import coverage_aware_masks, empty_coverage
 from training.measurements import partial_denoise
+from training.networks import vp_grid_sigmas
 from training.operators import measurement_randn
 
 
@@ -91,16 +92,13 @@ def vp200_sigmas(device="cpu") -> torch.Tensor:
     The reference trains and samples a VP diffusion with 1000 linearly spaced betas in [1e-4, 0.02], respaced to 200
     steps as guided-diffusion's `space_timesteps(1000, '200')` does: kept time steps t_i = round(i * 999 / 199),
     i = 0..199 (no rounding ties occur). Respacing keeps alpha_bar at the kept steps, so the VE-equivalent noise
-    level of step t is sigma = sqrt(1 / alpha_bar_t - 1). This is the single definition of the grid (training uses it
-    too).
+    level of step t is sigma = sqrt(1 / alpha_bar_t - 1). One definition: `networks.vp_grid_sigmas` (which
+    training draws from), here in decreasing order.
     """
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    alpha_bar = torch.cumprod(1 - betas, dim=0)
-    kept = torch.tensor([round(i * 999 / 199) for i in range(200)])
-    return torch.sqrt(1 / alpha_bar[kept] - 1).flip(0).to(device)
+    return vp_grid_sigmas().flip(0).to(device)
 
 
-def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     decreasing = bool((sigmas[1:] < sigmas[:-1]).all()) if sigmas.ndim == 1 else False
     if sigmas.ndim != 1 or len(sigmas) < 1 or not bool((sigmas > 0).all()) or not decreasing:
@@ -124,7 +122,7 @@ def seed_measurement_randn(generator, like: torch.Tensor) -> torch.Tensor:
 OUTER_UPDATES = ("ddim", "ddnm")
 
 
-def _outer_step(z, z_hat, s0: float, s1: float, noise, outer: str, eta: float):
+def outer_step(z, z_hat, s0: float, s1: float, noise, outer: str, eta: float):
     """Move the state z at level s0 to level s1 < s0, with z_hat the denoised estimate and `noise` standard normal.
 
     'ddim': the DDIM step with parameter eta (eta = 1 is DDPM's ancestral step) in sigma form:
@@ -139,7 +137,7 @@ def _outer_step(z, z_hat, s0: float, s1: float, noise, outer: str, eta: float):
     return z_hat + s1 * (eta * noise + math.sqrt(1 - eta**2) * eps_hat)
 
 
-def _check_outer(outer: str, eta: float):
+def check_outer(outer: str, eta: float):
     if outer not in OUTER_UPDATES:
         raise ValueError(f"outer must be one of {', '.join(OUTER_UPDATES)}, got {outer!r}")
     if not 0 <= eta <= 1:
@@ -161,14 +159,14 @@ def ancestral_sampler(denoiser, latents: torch.Tensor, generator, sigmas: torch.
     between levels the `outer` update ('ddim' with parameter eta, or 'ddnm') moves it down. Returns the last
     denoised estimate, D(z; sigmas[-1]).
     """
-    _check_outer(outer, eta)
-    sigmas = _check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
+    check_outer(outer, eta)
+    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
     z = latents.to(_state_dtype(latents)) * sigmas[0].item()
     for k in range(len(sigmas)):
         s0 = sigmas[k].item()
         z_hat = denoiser(z, s0)
         if k + 1 < len(sigmas):
-            z = _outer_step(z, z_hat, s0, sigmas[k + 1].item(), seed_measurement_randn(generator, z), outer, eta)
+            z = outer_step(z, z_hat, s0, sigmas[k + 1].item(), seed_measurement_randn(generator, z), outer, eta)
     return z_hat
 
 
@@ -285,7 +283,7 @@ def msm_sampler(
     At every level sigma_k, K = num_subsets coverage-aware masks P_i give partial estimates s_i, which are
     aggregated with 1/count weights (`aggregate_partial_estimates`); an entry no mask covered keeps the previous
     level's estimate (at the first level, where there is none, 0: the prior mean of zero-mean data). The outer update
-    ('ddim' with eta, 1 = ancestral; or 'ddnm', see `_outer_step`) then moves the state to sigma_{k+1}.
+    ('ddim' with eta, 1 = ancestral; or 'ddnm', see `outer_step`) then moves the state to sigma_{k+1}.
     variant 'batched' (default): the K estimates come from the start-of-step state, in one partial_denoiser call on a
         (K N, ...) batch.
     variant 'reference': as the reference code, one subset at a time, each estimate written back into the state on
@@ -303,8 +301,8 @@ def msm_sampler(
         raise UserError(f"The number of subsets K must be an integer >= 1, got {num_subsets!r}.")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    _check_outer(outer, eta)
-    sigmas = _check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
+    check_outer(outer, eta)
+    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
     z = latents.to(_state_dtype(latents)) * sigmas[0].item()
     draws = _SubsetDraws(mask_law, tuple(latents.shape[-2:]), generator, latents.device)
     z_hat = torch.zeros_like(z)
@@ -336,7 +334,7 @@ def msm_sampler(
         if return_trajectory:
             trajectory.append(z_hat)
         if s1 is not None:
-            z = _outer_step(z, z_hat, s0, s1, seed_measurement_randn(generator, z), outer, eta)
+            z = outer_step(z, z_hat, s0, s1, seed_measurement_randn(generator, z), outer, eta)
     return (z_hat, trajectory) if return_trajectory else z_hat
 
 
