@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
-from dnnlib import UserError
+from dnnlib import UserError, check_outdir
 from training.dataset import IMAGE_EXTENSIONS, _FileSource, _load_image
 from training.phantoms import random_ellipse_phantoms
 
@@ -32,6 +32,7 @@ class ZipDatasetWriter(dnnlib.util.AtomicWriter):
             raise UserError(f"--dest {dest} must end in .zip.")
         if os.path.exists(dest):
             raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
+        check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         self.dest = dest
         self.tmp = f"{dest}.tmp-{os.getpid()}"
@@ -145,12 +146,15 @@ def _mri_mask_options(command):
                            default="none", show_default=True,
                            help="Store undersampled k-space + mask (none = fully sampled)")(command)
     command = click.option("--accel", type=float, default=4.0, show_default=True, help="Acceleration R")(command)
-    command = click.option("--acs", type=int, default=20, show_default=True, help="Centre lines always kept")(command)
+    command = click.option("--acs", type=click.IntRange(min=1), default=None,
+                           help="Centre lines every mask keeps, read by the intensity normalisation and (fastmri) the "
+                           "ESPIRiT calibration, fully sampled or not  [default: min(20, W // 8)]")(command)
     command = click.option("--mask-seed", type=int, default=0, show_default=True, help="Per-slice mask seed")(command)
     return command
 
 
 def _mri_mask_law(mask_kind, accel, acs):
+    """The undersampling law (None = fully sampled) with the same ACS lines the normalisation reads."""
     from training.masks import mask_law_from_config
 
     return None if mask_kind == "none" else mask_law_from_config({"kind": mask_kind, "R": accel, "acs": acs})
@@ -160,7 +164,7 @@ def _mri_mask_law(mask_kind, accel, acs):
 @click.option("--source", required=True, help="fastMRI multi-coil .h5 file or folder of them")
 @click.option("--dest", required=True, help="Output directory (must not exist)")
 @click.option("--resolution", type=int, default=256, show_default=True, help="Image-space centre crop (square)")
-@click.option("--calib-width", type=int, default=24, show_default=True, help="ESPIRiT calibration region width")
+@click.option("--calib-width", type=int, default=None, help="ESPIRiT calibration region width  [default: --acs]")
 @click.option("--kernel-width", type=int, default=6, show_default=True, help="ESPIRiT kernel width")
 @click.option("--skip-edge-slices", type=int, default=0, show_default=True, help="Skip N slices at each volume end")
 @click.option("--max-slices", type=click.IntRange(min=1), default=None, help="Stop after this many slices")
@@ -170,10 +174,12 @@ def fastmri(source, dest, resolution, calib_width, kernel_width, skip_edge_slice
     """fastMRI multi-coil HDF5 -> MRI records (ESPIRiT maps, image-space crop, per-slice normalisation)."""
     import tqdm
 
+    from training.masks import default_acs
     from training.mri import convert_fastmri
 
-    count = convert_fastmri(source, dest, resolution=resolution, calib_width=calib_width, kernel_width=kernel_width,
-                            skip_edge_slices=skip_edge_slices, max_slices=max_slices,
+    acs = default_acs(resolution) if acs is None else acs
+    count = convert_fastmri(source, dest, resolution=resolution, acs=acs, calib_width=calib_width,
+                            kernel_width=kernel_width, skip_edge_slices=skip_edge_slices, max_slices=max_slices,
                             mask_law=_mri_mask_law(mask_kind, accel, acs), mask_seed=mask_seed, progress=tqdm.tqdm)
     click.echo(f"Wrote {count} slices at {resolution}x{resolution} to {dest}")
 
@@ -189,9 +195,12 @@ def simulate_mri_command(source, dest, coils, seed, max_images, mask_kind, accel
     """Images -> simulated multi-coil k-space (birdcage maps, smooth random phase), deterministic by --seed."""
     import tqdm
 
+    from training.dataset import ImageFolderDataset
+    from training.masks import default_acs
     from training.mri import simulate_mri
 
-    count = simulate_mri(source, dest, num_coils=coils, seed=seed, max_images=max_images,
+    acs = default_acs(ImageFolderDataset(source).image_shape[-1]) if acs is None else acs
+    count = simulate_mri(source, dest, num_coils=coils, seed=seed, max_images=max_images, acs=acs,
                          mask_law=_mri_mask_law(mask_kind, accel, acs), mask_seed=mask_seed, progress=tqdm.tqdm)
     click.echo(f"Wrote {count} simulated {coils}-coil slices to {dest}")
 

@@ -18,7 +18,8 @@ grid beside the folder, not in it. `calc` scores `--num` of them chosen by `--se
 `--num`) and refuses when there are fewer.
 
 The detector is the FID Inception-v3 (2048-d pool features of TensorFlow's 2015-12-05 graph), by default pytorch-fid's
-state dict port, downloaded once into `$MSM_CACHE_DIR` (default ~/.cache/msm) and verified by SHA-256. Without network:
+state dict port, downloaded once into `$MSM_CACHE_DIR` (default ~/.cache/msm) and verified by its full SHA-256
+(training.inception.FID_INCEPTION_SHA256; another detector needs `--detector-sha256`). Without network:
 download training.inception.FID_INCEPTION_URL elsewhere and pass `--detector PATH` or copy it into the cache directory.
 `--detector` also takes any TorchScript module mapping uint8 (N, 3, H, W) to features (N, D).
 
@@ -34,7 +35,7 @@ import time
 import click
 
 from dnnlib import UserError, run_cli
-from dnnlib.util import is_url, open_url
+from dnnlib.util import check_outdir, is_url, open_url
 from torch_utils import distributed
 from training.dataset import ImageFolderDataset
 from training.inception import FID_INCEPTION_URL, file_sha256, load_detector, probe_feature_dim
@@ -120,6 +121,7 @@ def ref(data, dest, detector, detector_sha256, batch, workers, device):
     """Compute FID reference statistics of a dataset (all of its images)."""
     if not dest.endswith(".npz"):
         raise UserError(f"--dest {dest} must end in .npz.")
+    check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
     start = time.time()
     device = distributed.init(device)
     dataset = ImageFolderDataset(data)
@@ -166,6 +168,7 @@ def calc(images, ref_path, num, seed, out, detector, detector_sha256, batch, wor
     if out is None:
         stem = images.rstrip("/\\")
         out = (stem[: -len(".zip")] if stem.endswith(".zip") else stem) + "-fid.json"
+    check_outdir(os.path.dirname(os.path.abspath(out)), "--out folder")
 
     # Everything that can be rejected is checked before the long feature computation.
     ref_is_stats = is_url(ref_path) or ref_path.endswith(".npz")

@@ -16,9 +16,9 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q -r requirements.txt
 
 if [ "${QUICK:-0}" = "1" ]; then
-    NUM=256; DURATION=0.001; TICK=0.25; STEPS=20; TEST=4
+    NUM=256; DURATION=0.001; TICK=0.25; STEPS=20; DPS_STEPS=50; TEST=4
 else
-    NUM=2000; DURATION=0.03; TICK=2; STEPS=200; TEST=8
+    NUM=2000; DURATION=0.03; TICK=2; STEPS=200; DPS_STEPS=1000; TEST=8
 fi
 mkdir -p "$OUT"
 
@@ -48,10 +48,17 @@ ORACLE=$(ls -d "$OUT"/runs/*-oracle | tail -n 1)
 $PY generate.py --network "$MSM" --outdir "$OUT/msm-samples" --seeds 0-35 --batch 36
 $PY generate.py --network "$ORACLE" --outdir "$OUT/oracle-samples" --seeds 0-35 --batch 36
 
-# 4. Reconstructions of held-out slices from R = 4 measurements (the same masks and noise in both runs):
-#    MSM posterior sampling with the MSM prior, plus zero-filled and CS baselines; then with the oracle prior.
-RECON="--data $OUT/mri-test --task mri --first 0 --num $TEST --accel 4 --steps $STEPS --mask-seed 1"
-$PY reconstruct.py --network "$MSM" --outdir "$OUT/recon-msm" $RECON --methods msm,zero-filled,cs
-$PY reconstruct.py --network "$ORACLE" --outdir "$OUT/recon-oracle" $RECON --methods msm
+# 4. Reconstructions of held-out slices from R = 4 measurements. The measurements (masks and noise) are made once
+#    and saved; every later run reuses the same set, so every row of the table sees identical data:
+#    MSM posterior sampling with the MSM prior, the classical baselines (zero-filled, converged TV and L1-wavelet CS),
+#    then MSM posterior sampling and DPS (Chung et al., its own 1000-level DDPM grid) with the oracle prior.
+rm -rf "$OUT/measurements-r4"
+$PY reconstruct.py --network "$MSM" --data "$OUT/mri-test" --task mri --first 0 --num $TEST --accel 4 --mask-seed 1 \
+    --save-measurements "$OUT/measurements-r4" --outdir "$OUT/recon-msm" --steps $STEPS \
+    --methods msm,zero-filled,cs-tv,cs-l1
+$PY reconstruct.py --network "$ORACLE" --measurements "$OUT/measurements-r4" --outdir "$OUT/recon-oracle" \
+    --steps $STEPS --dps-steps $DPS_STEPS --methods msm,dps
+$PY bench/recon_table.py "$OUT/recon-msm=MSM (R = 4 data only)" "$OUT/recon-oracle=oracle (clean images)" \
+    | tee "$OUT/results.md"
 echo "Done. Sample grids: $OUT/msm-samples-grid.png, $OUT/oracle-samples-grid.png;"
-echo "reconstructions: $OUT/recon-msm/panels, metrics: $OUT/recon-msm/summary.json, $OUT/recon-oracle/summary.json"
+echo "reconstructions: $OUT/recon-*/panels; the table above: $OUT/results.md"

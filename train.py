@@ -6,9 +6,10 @@
     python train.py --outdir runs --data datasets/mri-8coil --loss msm --accel 4 --sigma-y 0.01 ...
     torchrun --standalone --nproc_per_node=8 train.py --outdir runs --data ... --batch 512 --batch-gpu 64
 
-Re-running the same command continues the newest unfinished run with the same options from its last training state
-(so a killed job resumes by running it again); `--resume RUN_DIR|STATE` continues a given run, refusing when options
-that change the result differ from the ones it was started with.
+Re-running the same command continues the newest run with the same options from its last training state (so a
+killed job resumes by running it again); with another --duration it trains that run on to the new length, or, when it
+is already past it, ends it there. `--resume RUN_DIR|STATE` continues a given run, refusing when options that change
+the result differ from the ones it was started with.
 """
 
 import json
@@ -22,23 +23,13 @@ import dnnlib
 from dnnlib import EasyDict, UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from torch_utils.misc import parse_int_list
 
 # Options that may change between the start of a run and its continuation without changing what is computed
 # (or that only extend it).
 RESUME_MAY_DIFFER = {
     "total_kimg", "kimg_per_tick", "snapshot_ticks", "state_dump_ticks", "workers", "batch_gpu", "desc", "world_size",
 }
-
-
-def parse_int_list(s):
-    """'1,2,2' -> [1, 2, 2]; '4-6' -> [4, 5, 6]."""
-    if isinstance(s, list):
-        return s
-    out = []
-    for part in str(s).split(","):
-        m = re.fullmatch(r"(\d+)-(\d+)", part.strip())
-        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
-    return out
 
 
 # Options of the measurement process (--loss msm / ambient); None / False means "not given".
@@ -50,7 +41,7 @@ LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs
 
 def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
     """--mask/--p/--accel/--acs -> a mask-law config. Defaults: box p = 0.4 for images, lines-random R = 4 for MRI,
-    acs = min(20, width // 8) centre lines (20 at 256, fewer for small test data)."""
+    acs = training.masks.default_acs(width) = min(20, width // 8) centre lines, the default of every tool."""
     law = opts.mask or ("lines-random" if kind == "mri" else "box")
     stray = [f"--{n}" for n in ("p", "accel", "acs") if opts[n] is not None and n not in LAW_PARAMETERS[law]]
     if stray:
@@ -59,20 +50,23 @@ def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
         return {"kind": law, "p": 0.4 if opts.p is None else opts.p}
     if law == "full":
         return {"kind": law}
+    from training.masks import default_acs
+
     return {"kind": law, "R": 4.0 if opts.accel is None else opts.accel,
-            "acs": min(20, width // 8) if opts.acs is None else opts.acs}
+            "acs": default_acs(width) if opts.acs is None else opts.acs}
 
 
 def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     """Click options -> the options dict of the run (what training_options.json records). Validates everything."""
     from training.measurements import measurement_config_for
     from training.networks import network_kwargs_for
+    from training.training_loop import DATASETS, LOSSES, build
 
     c = EasyDict()
-    base_kwargs = dict(class_name="training.dataset.open_dataset", path=opts.data, use_labels=opts.cond,
-                       xflip=opts.xflip, max_size=opts.max_size)
+    base_kwargs = dict(class_name="training.dataset.open_dataset", path=opts.data,
+                       use_labels=opts.cond or opts.kind == "classifier", xflip=opts.xflip, max_size=opts.max_size)
     try:
-        dataset = dnnlib.construct_class_by_name(**base_kwargs)
+        dataset = build(base_kwargs, DATASETS)
     except UserError:
         raise
     except Exception as e:
@@ -89,8 +83,18 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     else:
         shape = desc["image_shape"]
 
+    if opts.balanced and (label_dim == 0 or not hasattr(dataset, "get_label")):
+        raise UserError(f"--balanced needs labelled images (--cond or --kind classifier), but --data {opts.data} "
+                        "gives none.")
+    if opts.val_data is not None and opts.kind != "classifier":
+        raise UserError("--val-data applies to --kind classifier only.")
+    if opts.balanced:  # recorded only when on, so runs started before the option existed still continue
+        c.balanced = True
+
     c.measurement, extra_in_channels, precond = None, 0, opts.precond
-    if opts.loss == "edm":
+    if opts.kind == "classifier":
+        classifier_options(opts, c, base_kwargs, desc, shape)
+    elif opts.loss == "edm":
         given = [f"--{name.replace('_', '-')}" for name in MEASUREMENT_OPTIONS if opts[name] not in (None, False)]
         if given:
             raise UserError(f"{', '.join(given)} only apply to --loss msm or ambient, not to --loss edm.")
@@ -130,15 +134,19 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
                 raise UserError("--sure-tau, --sure-weight and --pseudo-clean-grad only apply to --loss msm.")
             c.loss_kwargs = dict(class_name="training.loss.AmbientLoss", **common,
                                  delta=0.1 if opts.ambient_delta is None else opts.ambient_delta)
-        dnnlib.construct_class_by_name(**c.loss_kwargs)  # validates eta, tau, weights, delta
-        dataset = dnnlib.construct_class_by_name(**c.dataset_kwargs)
+        build(c.loss_kwargs, LOSSES)  # validates eta, tau, weights, delta
+        dataset = build(c.dataset_kwargs, DATASETS)
 
-    extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn) if opts.attn else
+    extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn, "--attn", 1) if opts.attn else
              ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None}
-    c.network = network_kwargs_for(
-        arch=opts.arch, precond=precond, cbase=opts.cbase, cres=parse_int_list(opts.cres) if opts.cres else None,
-        dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0] + extra_in_channels,
-        out_channels=shape[0], label_dim=label_dim, **{k: v for k, v in extra.items() if v is not None})
+    if opts.kind != "classifier":
+        c.network = network_kwargs_for(
+            arch=opts.arch, precond=precond, cbase=opts.cbase,
+            cres=parse_int_list(opts.cres, "--cres", 1) if opts.cres else None,
+            dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0] + extra_in_channels,
+            out_channels=shape[0], label_dim=label_dim, **{k: v for k, v in extra.items() if v is not None})
+    if opts.transfer:
+        checkpoint.check_transfer(opts.transfer, c.network)
     c.optimizer_kwargs = dict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
     c.total_kimg = opts.duration * 1000
@@ -160,13 +168,47 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     return c
 
 
+def classifier_options(opts: EasyDict, c: EasyDict, base_kwargs: dict, desc: dict, shape: list):
+    """--kind classifier: the noise-aware classifier (training/classifier.py) and its cross-entropy loss on the
+    labelled images, noised with EDM's training noise levels (or clean with --clean); --arch adm picks ADM blocks,
+    the others DDPM++ blocks; --cbase / --cres / --blocks / --attn / --dropout size it (defaults 64, 1,2,2, 2, none)."""
+    from training.classifier import classifier_kwargs
+    from training.training_loop import DATASETS, build
+
+    if desc["kind"] != "image":
+        raise UserError(f"--kind classifier needs a labelled image dataset, but --data {opts.data} holds MRI data.")
+    given = [f"--{name.replace('_', '-')}" for name in MEASUREMENT_OPTIONS if opts[name] not in (None, False)]
+    given += ["--loss"] if opts.loss != "edm" else []
+    given += ["--label-dropout"] if opts.label_dropout else []
+    if given:
+        raise UserError(f"{', '.join(given)} do not apply to --kind classifier.")
+    c.dataset_kwargs = base_kwargs
+    c.loss_kwargs = dict(class_name="training.loss.ClassifierLoss", clean=opts.clean)
+    c.network = classifier_kwargs(
+        shape[-1], shape[0], desc["label_dim"], cbase=opts.cbase or 64,
+        cres=parse_int_list(opts.cres, "--cres", 1) if opts.cres else (1, 2, 2), blocks=opts.blocks or 2,
+        attn=parse_int_list(opts.attn, "--attn", 1) if opts.attn else (), dropout=opts.dropout,
+        style="adm" if opts.arch == "adm" else "song")
+    if opts.val_data is not None:
+        c.val_dataset_kwargs = dict(class_name="training.dataset.open_dataset", path=opts.val_data, use_labels=True)
+        val = build(c.val_dataset_kwargs, DATASETS).describe()
+        if val.get("image_shape") != desc["image_shape"] or val.get("label_dim") != desc["label_dim"]:
+            raise UserError(f"--val-data {opts.val_data} holds images {val.get('image_shape')} with "
+                            f"{val.get('label_dim')} classes, but --data has {desc['image_shape']} with "
+                            f"{desc['label_dim']}.")
+
+
 def describe(opts, dataset, world_size) -> str:
+    """The run directory's name after its id: EDM's parts, the loss when not edm, then the words of --desc that the
+    name does not already hold (`--desc msm` on an MSM run adds nothing)."""
     name = os.path.splitext(os.path.basename(os.path.normpath(opts.data)))[0]
-    desc = (f"{name}-{'cond' if opts.cond else 'uncond'}-{opts.arch}-{opts.precond}-gpus{world_size}-"
-            f"batch{opts.batch}-{opts.precision}")
-    if opts.loss != "edm":
-        desc += f"-{opts.loss}"
-    return desc + (f"-{opts.desc}" if opts.desc else "")
+    parts = [name, "classifier" if opts.kind == "classifier" else "cond" if opts.cond else "uncond", opts.arch,
+             opts.precond, f"gpus{world_size}",
+             f"batch{opts.batch}", opts.precision] + ([opts.loss] if opts.loss != "edm" else [])
+    for word in (opts.desc or "").split("-"):
+        if word and word not in parts:
+            parts.append(word)
+    return "-".join(parts)
 
 
 def differing_options(a: dict, b: dict) -> list[str]:
@@ -175,7 +217,10 @@ def differing_options(a: dict, b: dict) -> list[str]:
 
 
 def find_run_to_continue(outdir: str, c: EasyDict) -> tuple[str | None, str | None]:
-    """The newest run in outdir started with the same options and not yet finished -> (run_dir, state file)."""
+    """The newest run in outdir started with the same options (any duration) -> (run_dir, its latest state file).
+
+    The loop then trains it on to the given duration, or, when its state is already at or past it (a shorter
+    --duration, or the same command again), says so and only writes the final snapshot if it is missing."""
     if not os.path.isdir(outdir):
         return None, None
     for name in sorted(os.listdir(outdir), reverse=True):
@@ -186,12 +231,7 @@ def find_run_to_continue(outdir: str, c: EasyDict) -> tuple[str | None, str | No
         with open(opts_file) as f:
             if differing_options(json.load(f), c):
                 continue
-        state = checkpoint.latest_file(run_dir, "training-state")
-        if state is None:
-            return run_dir, None
-        progress = checkpoint.load_training_state(state)["progress"]
-        if progress["cur_nimg"] < c.total_kimg * 1000:
-            return run_dir, state
+        return run_dir, checkpoint.latest_file(run_dir, "training-state")
     return None, None
 
 
@@ -223,7 +263,13 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.command()
 @click.option("--outdir", required=True, help="Where to make run directories", metavar="DIR")
 @click.option("--data", required=True, help="Dataset: zip or folder", metavar="ZIP|DIR")
+@click.option("--kind", type=click.Choice(["diffusion", "classifier"]), default="diffusion", show_default=True,
+              help="What to train: a diffusion model, or a noise-aware classifier of the labelled images (guidance)")
 @click.option("--cond", is_flag=True, help="Class-conditional (labels from dataset.json)")
+@click.option("--val-data", type=str, default=None, metavar="ZIP|DIR",
+              help="--kind classifier: labelled images whose accuracy is logged every tick")
+@click.option("--clean", is_flag=True, help="--kind classifier: train on clean images only (sigma = 0)")
+@click.option("--balanced", is_flag=True, help="Class-balanced sampling of the training examples")
 @click.option("--arch", type=click.Choice(["ddpmpp", "ncsnpp", "adm"]), default="ddpmpp", show_default=True)
 @click.option("--precond", type=click.Choice(["edm", "vp", "ve"]), default="edm", show_default=True)
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
@@ -249,7 +295,7 @@ def new_run_dir(outdir: str, desc: str) -> str:
               help="Mask law of the measurements  [default: box for images, lines-random for MRI]")
 @click.option("--p", type=float, default=None, help="Drop probability of the box / pixel law  [default: 0.4]")
 @click.option("--accel", type=float, default=None, help="Acceleration R of the line laws  [default: 4]")
-@click.option("--acs", type=int, default=None, help="Always-kept centre lines  [default: min(20, width / 8)]")
+@click.option("--acs", type=int, default=None, help="Always-kept centre lines  [default: min(20, W // 8)]")
 @click.option("--sigma-y", type=float, default=None, help="Measurement noise std eta  [default: 0]")
 @click.option("--protocol", type=click.Choice(["fixed", "resample"]), default=None,
               help="fixed: each example measured once; resample: a fresh mask per draw  [default: fixed; stored "
@@ -267,6 +313,9 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data-loader processes")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a rank waits for the others before the job fails, naming the missing ranks  "
+                   f"[default: {dist.DEFAULT_TIMEOUT_S['cpu']} on CPU, {dist.DEFAULT_TIMEOUT_S['cuda']} on GPU]")
 @click.option("--desc", type=str, default=None, help="String appended to the run directory name")
 @click.option("--tick", type=click.FloatRange(min=0, min_open=True), default=50, show_default=True,
               help="kimg between status lines")
@@ -278,7 +327,8 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("-n", "--dry-run", is_flag=True, help="Print the options and exit")
 def main(**kwargs):
     opts = EasyDict(kwargs)
-    device = dist.init(opts.device)
+    dnnlib.check_outdir(opts.outdir)
+    device = dist.init(opts.device, timeout_s=opts.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     c = build_options(opts, world)
 
@@ -300,7 +350,7 @@ def main(**kwargs):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "training_options.json"), "w") as f:
             json.dump(c, f, indent=2)
-    dist.barrier()
+    dist.barrier("the creation of the run directory")
     log_path = os.path.join(run_dir, "log.txt")
 
     def log(msg: str):
@@ -310,7 +360,12 @@ def main(**kwargs):
 
     from training.training_loop import training_loop
 
-    training_loop(c, run_dir, device, log=log, resume_state=state)
+    try:
+        training_loop(c, run_dir, device, log=log, resume_state=state)
+    except dist.RankTimeoutError as e:
+        if rank == 0:
+            log(f"Error: {e}")
+        raise
     dist.destroy()
 
 

@@ -1,5 +1,5 @@
 """Small generic helpers shared by the scripts (no deep-learning code lives here)."""
 
-from .util import EasyDict, UserError, construct_class_by_name, get_obj_by_name, run_cli
+from .util import ConfigError, EasyDict, Field, UserError, check_fields, check_outdir, run_cli
 
-__all__ = ["EasyDict", "UserError", "construct_class_by_name", "get_obj_by_name", "run_cli"]
+__all__ = ["ConfigError", "EasyDict", "Field", "UserError", "check_fields", "check_outdir", "run_cli"]

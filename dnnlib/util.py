@@ -1,8 +1,10 @@
-"""EasyDict, construction of objects by name, and the error type for bad user input."""
+"""EasyDict, the error type for bad user input, checks of stored configs and output folders, downloads."""
 
 import abc
-import importlib
+import dataclasses
+import math
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -45,17 +47,97 @@ class AtomicWriter(abc.ABC):
         return False
 
 
-def get_obj_by_name(name: str):
-    """'package.module.Name' -> the object. Only used for names this project writes into its own configs."""
-    module_name, _, obj_name = name.rpartition(".")
-    if not module_name:
-        raise ValueError(f"expected a dotted name 'module.Object', got {name!r}")
-    return getattr(importlib.import_module(module_name), obj_name)
+class ConfigError(UserError):
+    """A value of a stored config (snapshot, training state, dataset index) that is not allowed: `field` is its
+    dotted place in the config ('network.kwargs.model_channels'), `problem` says what was expected. Loaders catch it
+    and name the file in one sentence."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field} {problem}")
+        self.field, self.problem = field, problem
 
 
-def construct_class_by_name(*args, class_name: str, **kwargs):
-    """Instantiate the class called `class_name` with the remaining arguments."""
-    return get_obj_by_name(class_name)(*args, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One value a stored config may hold: its JSON kind and the values allowed. Stored configs are validated against
+    tables of Fields before anything is built from them, so a file can only choose among values this code expects.
+
+    kind: 'int', 'float' (finite; ints accepted), 'bool', 'str', 'ints' (list of ints), 'json' (any JSON value,
+    recorded for people and never interpreted by code). low / high bound numbers and list items (inclusive);
+    choices lists the allowed strings; max_items bounds lists; optional allows None; required refuses absence.
+    """
+
+    kind: str
+    low: float = -math.inf
+    high: float = math.inf
+    choices: tuple = ()
+    max_items: int = 16
+    optional: bool = False
+    required: bool = False
+
+    def _number_problem(self, value, integer: bool) -> str | None:
+        wanted = "an integer" if integer else "a finite number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return f"must be {wanted}"
+        if (isinstance(value, float) and not math.isfinite(value)) or not self.low <= value <= self.high:
+            return f"must be {wanted} in [{self.low:g}, {self.high:g}]"
+        return None
+
+    def problem(self, value) -> str | None:
+        """None when `value` is allowed, else what was expected (a sentence fragment)."""
+        if value is None:
+            return None if self.optional else "must not be null"
+        if self.kind in ("int", "float"):
+            return self._number_problem(value, self.kind == "int")
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "must be true or false"
+        if self.kind == "str":
+            if not isinstance(value, str):
+                return "must be a string"
+            if self.choices and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)}"
+            return None
+        if self.kind == "ints":
+            if (not isinstance(value, list) or len(value) > self.max_items
+                    or any(self._number_problem(v, True) for v in value)):
+                return f"must be a list of at most {self.max_items} integers in [{self.low:g}, {self.high:g}]"
+            return None
+        if self.kind == "json":
+            return None
+        raise ValueError(f"unknown Field kind {self.kind!r}")
+
+
+def check_fields(values, fields: dict, where: str) -> dict:
+    """Refuse (ConfigError) a config dict `values` at dotted place `where` unless it is a dict whose keys are all in
+    `fields` and whose values each pass their Field; returns `values`."""
+    if not isinstance(values, dict):
+        raise ConfigError(where, f"must be a JSON object, got {type(values).__name__}")
+    unknown = sorted(str(k) for k in values if k not in fields)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", f"is not a known field (expected some of {', '.join(fields)})")
+    for name, field in fields.items():
+        if name not in values:
+            if field.required:
+                raise ConfigError(f"{where}.{name}", "is missing")
+            continue
+        problem = field.problem(values[name])
+        if problem:
+            raise ConfigError(f"{where}.{name}", f"{problem}, got {values[name]!r:.60}")
+    return values
+
+
+def check_outdir(path: str, option: str = "--outdir"):
+    """Refuse an output folder that cannot be made or written, before anything is written: it must be a directory
+    or not exist yet, and its nearest existing ancestor must be a writable directory. Creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path} exists and is not a directory.")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"{option} {path} cannot be created: {ancestor} is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path} cannot be written: {ancestor} is not writable.")
 
 
 def default_cache_dir() -> str:
@@ -84,30 +166,51 @@ def open_url(url_or_path: str, cache_dir: str | None = None, timeout_s: float = 
     cached = os.path.join(directory, basename)
     if os.path.isfile(cached):
         return cached
-    os.makedirs(directory, exist_ok=True)
+    created = os.path.abspath(directory)  # the outermost folder this call creates, removed again on failure
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
     tmp = f"{cached}.tmp-{os.getpid()}"
     try:
-        with urllib.request.urlopen(url_or_path, timeout=timeout_s) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
+        with urllib.request.urlopen(url_or_path, timeout=timeout_s) as response:
+            os.makedirs(directory, exist_ok=True)  # only once the server answers: offline, nothing is touched
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
         os.replace(tmp, cached)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return cached
 
 
-def run_cli(command):
-    """Run a click command; bad input (UserError) prints one line on rank 0 and exits 1 without a traceback."""
+def user_message(error: UserError) -> str:
+    """The one sentence of a UserError. One raised in a data-loader worker reaches the main process re-raised with
+    the worker's whole traceback as its message; its last line holds the sentence."""
+    message = str(error)
+    if "Traceback (most recent call last)" in message:
+        last = message.rstrip().splitlines()[-1]
+        exception = re.fullmatch(r"[\w.]+: (.*)", last)  # 'dnnlib.util.UserError: <the sentence>'
+        message = exception.group(1) if exception else last
+    return message
+
+
+def run_cli(command, args: list | None = None):
+    """Run a click command on `args` (default: the command line); bad input (UserError) prints one line on rank 0
+    and exits 1 without a traceback."""
     import os
     import sys
 
     import click
 
     try:
-        command(standalone_mode=False)
+        command(args=args, standalone_mode=False)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {user_message(e)}", err=True)
         sys.exit(1)
     except click.ClickException as e:
         e.show()

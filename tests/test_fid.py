@@ -26,8 +26,10 @@ if str(REPO) not in sys.path:
 import fid  # noqa: E402
 from dnnlib import UserError  # noqa: E402
 from dnnlib.util import open_url  # noqa: E402
+from tests.helpers import HANG_GUARD_S  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.inception import (  # noqa: E402
+    FID_INCEPTION_SHA256,
     FID_INCEPTION_URL,
     InceptionV3FID,
     file_sha256,
@@ -168,7 +170,7 @@ def test_feature_stats_match_numpy_and_ignore_masked_rows():
 
 def test_dataset_feature_stats_equal_direct_features_with_padded_batches(workspace):
     dataset = ImageFolderDataset(str(workspace["gray"]))
-    net, _ = load_detector(str(workspace["detector"]))
+    net, _ = load_detector(str(workspace["detector"]), sha256=file_sha256(workspace["detector"]))
     stats = dataset_feature_stats(dataset, net, 16, batch_size=4, num_workers=0, progress=False)  # 11 = 4 + 4 + 3
     pixels = np.stack([np.asarray(PIL.Image.open(workspace["gray"] / f"{i:06d}.png")) for i in range(11)])
     with torch.inference_mode():
@@ -229,7 +231,7 @@ def test_inception_architecture_matches_published_layout():
 def test_inception_loads_state_dict_file_and_gives_pool_features(tmp_path):
     path = tmp_path / "inception-random.pth"
     torch.save(random_inception_state_dict(drop_step_counters=True), path)  # as files from old PyTorch versions
-    net, info = load_detector(str(path))
+    net, info = load_detector(str(path), sha256=file_sha256(path))
     assert info.detector_format == "state_dict" and info.detector_sha256 == file_sha256(path)
     assert isinstance(net, InceptionV3FID) and not net.training
     loaded = net.state_dict()
@@ -256,25 +258,24 @@ def test_inception_state_dict_of_wrong_layout_is_refused(tmp_path, corruption):
         state["fc.weight"] = torch.zeros(1000, 2048)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="not a state dict of the FID Inception-v3 layout"):
-        load_detector(str(tmp_path / "bad.pth"))
+        load_detector(str(tmp_path / "bad.pth"), sha256=file_sha256(tmp_path / "bad.pth"))
 
 
 def test_detector_hash_is_verified(workspace, tmp_path):
     detector = workspace["detector"]
     digest = file_sha256(detector)
     load_detector(str(detector), sha256=digest.upper())  # full hash, any case
-    with pytest.raises(UserError, match="expects 0{64}"):
+    with pytest.raises(UserError, match="--detector-sha256 expects 0{64}"):
         load_detector(str(detector), sha256="0" * 64)
     with pytest.raises(UserError, match="not a SHA-256"):
         load_detector(str(detector), sha256="abc")
-    # torch.hub naming: the hex suffix of the file name is the start of its SHA-256.
+    # Without --detector-sha256 only the standard file passes: an 8-digit hash prefix in the name (torch.hub's
+    # convention, which the file's own name may carry correctly) is not enough.
     named_right = tmp_path / f"tiny-{digest[:8]}.pt"
-    named_wrong = tmp_path / "tiny-6726825d.pt"
     named_right.write_bytes(detector.read_bytes())
-    named_wrong.write_bytes(detector.read_bytes())
-    assert load_detector(str(named_right))[1].detector_format == "torchscript"
-    with pytest.raises(UserError, match="its file name expects 6726825d"):
-        load_detector(str(named_wrong))
+    with pytest.raises(UserError, match=f"not the standard FID Inception file's {FID_INCEPTION_SHA256}"):
+        load_detector(str(named_right))
+    assert FID_INCEPTION_SHA256.startswith("6726825d") and len(FID_INCEPTION_SHA256) == 64
 
 
 class _SpatialDetector(nn.Module):
@@ -284,7 +285,7 @@ class _SpatialDetector(nn.Module):
 
 def test_detector_that_does_not_give_feature_vectors_is_refused(tmp_path):
     torch.jit.script(_SpatialDetector()).save(str(tmp_path / "spatial.pt"))
-    net, _ = load_detector(str(tmp_path / "spatial.pt"))
+    net, _ = load_detector(str(tmp_path / "spatial.pt"), sha256=file_sha256(tmp_path / "spatial.pt"))
     with pytest.raises(UserError, match=r"to \(1, 3, 8, 8\); expected features of shape \(1, D\)"):
         probe_feature_dim(net, 8)
 
@@ -301,7 +302,7 @@ def test_detector_file_with_pickled_code_is_refused_without_running_it(tmp_path)
     marker = tmp_path / "code-ran"
     torch.save({"fc.weight": _TouchOnUnpickle(str(marker))}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match="weights_only=True"):
-        load_detector(str(tmp_path / "evil.pth"))
+        load_detector(str(tmp_path / "evil.pth"), sha256=file_sha256(tmp_path / "evil.pth"))
     assert not marker.exists()
 
 
@@ -342,7 +343,7 @@ def test_open_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_ref_and_calc_end_to_end(workspace, capsys):
     root, detector = workspace["root"], workspace["detector"]
-    common = ["--detector", detector, "--batch", 4, "--workers", 0]
+    common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--batch", 4, "--workers", 0]
     assert run_fid(capsys, "ref", "--data", workspace["b"], "--dest", root / "b.npz", *common)[0] == 0
     assert run_fid(capsys, "ref", "--data", workspace["a"], "--dest", root / "a.npz", *common)[0] == 0
     ref_b, ref_a = load_reference_stats(str(root / "b.npz")), load_reference_stats(str(root / "a.npz"))
@@ -380,7 +381,9 @@ def test_ref_and_calc_end_to_end(workspace, capsys):
 
 
 def test_grayscale_images_are_replicated_to_three_channels(workspace, capsys):
-    root, common = workspace["root"], ["--detector", workspace["detector"], "--workers", 0]
+    detector = workspace["detector"]
+    root = workspace["root"]
+    common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--workers", 0]
     for name in ("gray", "gray_as_rgb"):
         assert run_fid(capsys, "ref", "--data", workspace[name], "--dest", root / f"{name}.npz", *common)[0] == 0
     gray, rgb = load_reference_stats(str(root / "gray.npz")), load_reference_stats(str(root / "gray_as_rgb.npz"))
@@ -406,7 +409,8 @@ def test_bad_input_gets_one_sentence_and_writes_nothing(workspace, capsys, tmp_p
     ]
     for args, message in cases:
         out_path = tmp_path / "record.json"
-        code, _, err = run_fid(capsys, "calc", *args, "--detector", detector, "--workers", 0, "--out", out_path)
+        code, _, err = run_fid(capsys, "calc", *args, "--detector", detector, "--detector-sha256",
+                               file_sha256(detector), "--workers", 0, "--out", out_path)
         assert code == 1, message
         assert err.startswith("Error: ") and message in err and err.count("\n") == 1, err
         assert not out_path.exists()
@@ -414,7 +418,7 @@ def test_bad_input_gets_one_sentence_and_writes_nothing(workspace, capsys, tmp_p
     assert code == 1 and "must end in .npz" in err and not (tmp_path / "stats.txt").exists()
 
 
-def torchrun(*args, timeout=120):
+def torchrun(*args, timeout=HANG_GUARD_S):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # `--` stops torchrun's own parser, which would otherwise take `--num` for an abbreviation of `--numa-binding`.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", "fid.py"]
@@ -424,7 +428,8 @@ def torchrun(*args, timeout=120):
 
 def test_two_rank_statistics_equal_single_process(workspace, capsys, tmp_path):
     # 13 images over 2 ranks with batch 4: shares of 7 and 6, two batches each, padding on both ranks.
-    common = ["--detector", workspace["detector"], "--batch", 4, "--workers", 0]
+    detector = workspace["detector"]
+    common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--batch", 4, "--workers", 0]
     assert run_fid(capsys, "ref", "--data", workspace["a"], "--dest", tmp_path / "one.npz", *common)[0] == 0
     result = torchrun("ref", "--data", workspace["a"], "--dest", tmp_path / "two.npz", *common)
     assert result.returncode == 0, result.stderr

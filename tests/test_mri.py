@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 
 import h5py
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from dataset_tool import ZipDatasetWriter, cli
 from dnnlib import UserError
-from training.masks import RandomLineMaskLaw
+from tests.helpers import REPO
+from training.masks import RandomLineMaskLaw, default_acs
 from training.mri import MRIDataset, MRIDatasetWriter, birdcage_maps, convert_fastmri, espirit_maps, simulate_mri
 from training.operators import MultiCoilMRI, channels_to_complex
 from training.phantoms import random_ellipse_phantoms
@@ -81,20 +83,30 @@ def test_espirit_recovers_true_maps_inside_the_object():
         espirit_maps(kspace, calib_width=8, kernel_width=6, thresh=0.02, crop=0.95)
 
 
+def _acs_only(kspace, acs):
+    """k-space (..., W) with every column outside the `acs` centre columns [W//2 - acs//2, ...) set to zero."""
+    out = np.zeros_like(kspace)
+    start = kspace.shape[-1] // 2 - acs // 2
+    out[..., start : start + acs] = kspace[..., start : start + acs]
+    return out
+
+
 def test_fastmri_converter_matches_numpy(tmp_path):
     raw = _write_fastmri_file(tmp_path / "file_brain_AXT2_000.h5")
-    res, calib, acs = 48, 16, 16
+    res, acs = 48, 16
     full, under = str(tmp_path / "full"), str(tmp_path / "under")
-    cli.main(["fastmri", "--source", str(tmp_path), "--dest", full, "--resolution", str(res), "--calib-width",
-              str(calib), "--kernel-width", "4", "--skip-edge-slices", "1"], standalone_mode=False)
+    cli.main(["fastmri", "--source", str(tmp_path), "--dest", full, "--resolution", str(res), "--acs", str(acs),
+              "--kernel-width", "4", "--skip-edge-slices", "1"], standalone_mode=False)
     law = RandomLineMaskLaw(3, acs)
-    convert_fastmri(str(tmp_path), under, resolution=res, calib_width=calib, kernel_width=4, skip_edge_slices=1,
-                    mask_law=law, mask_seed=5)
+    convert_fastmri(str(tmp_path), under, resolution=res, kernel_width=4, skip_edge_slices=1, mask_law=law,
+                    mask_seed=5)
 
     full_data, under_data = MRIDataset(full), MRIDataset(under)
     assert full_data.fully_sampled and not under_data.fully_sampled and len(full_data) == len(under_data) == 2
-    meta = json.load(open(os.path.join(full, "dataset.json")))
-    assert meta["maps"]["calib_width"] == calib and meta["maps"]["kernel_width"] == 4
+    meta, under_meta = (json.load(open(os.path.join(d, "dataset.json"))) for d in (full, under))
+    # One width for calibration and normalisation, by default the ACS width, on both storage paths.
+    assert meta["maps"]["calib_width"] == under_meta["maps"]["calib_width"] == acs and meta["maps"]["kernel_width"] == 4
+    assert meta["normalisation"] == under_meta["normalisation"] and meta["normalisation"]["acs"] == acs
     assert [entry["slice"] for entry in meta["slices"]] == [1, 2]
     for i, s in enumerate([1, 2]):
         # Direct numpy: coil images, image-space centre crop, back to k-space.
@@ -106,8 +118,9 @@ def test_fastmri_converter_matches_numpy(tmp_path):
         maps = item["maps"].numpy()
         assert np.abs(maps).max() > 0.5
         combined = (np.conj(maps) * _np_ifft2c(cropped)).sum(axis=0)
-        scale = 1 / np.percentile(np.abs(combined), 99)
+        scale = 1 / np.percentile(np.abs((np.conj(maps) * _np_ifft2c(_acs_only(cropped, acs))).sum(axis=0)), 99)
         assert meta["slices"][i]["scale"] == pytest.approx(scale, rel=1e-4)
+        assert under_meta["slices"][i]["scale"] == meta["slices"][i]["scale"]  # the same slice, the same scale
         np.testing.assert_allclose(item["kspace"].numpy(), cropped * scale, atol=1e-4 * np.abs(cropped * scale).max())
         image = item["image"][0].numpy() + 1j * item["image"][1].numpy()
         np.testing.assert_allclose(image, combined * scale, atol=1e-4)  # fully sampled reconstruction
@@ -117,12 +130,40 @@ def test_fastmri_converter_matches_numpy(tmp_path):
         np.testing.assert_array_equal(mask, law.sample_for_examples([i], (res, res), 5)[0].numpy())
         assert mask.shape == (1, 1, res) and mask[0, 0, res // 2 - acs // 2 : res // 2 + acs // 2].all()
         zero_filled = (np.conj(item["maps"].numpy()) * _np_ifft2c(cropped * mask)).sum(axis=0)
-        scale = 1 / np.percentile(np.abs(zero_filled), 99)
         np.testing.assert_allclose(item["kspace"].numpy(), cropped * mask * scale, atol=1e-4)
         ours = channels_to_complex(MultiCoilMRI(item["maps"][None]).AH(item["kspace"][None]))[0].numpy()
         np.testing.assert_allclose(ours, zero_filled * scale, atol=1e-4)  # zero-filled reconstruction
         # Maps come from the ACS region only, which undersampling leaves intact.
-        np.testing.assert_allclose(item["maps"].numpy(), maps, atol=1e-3)
+        np.testing.assert_array_equal(item["maps"].numpy(), maps)
+        np.testing.assert_array_equal(item["kspace"].numpy(), full_data[i]["kspace"].numpy() * mask)
+
+
+def test_readme_fastmri_example_runs_with_the_default_widths(tmp_path):
+    """README's fastMRI command, as written, fully sampled and with README's `--mask-kind lines-random --accel 4`,
+    on a file in the fastMRI layout at README's resolution: both run (the old defaults, --calib-width 24 > --acs
+    20, refused the second), calibrate ESPIRiT on the ACS lines the masks keep, and agree on every slice's scale."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    undersampling = "--mask-kind lines-random --accel 4"
+    assert f"`{undersampling}`" in readme
+    lines = readme.split("python dataset_tool.py fastmri ", 1)[1].split("\n```", 1)[0]
+    args = shlex.split(lines.replace("\\\n", " ").split("\n")[0])
+    resolution = int(args[args.index("--resolution") + 1])
+    skip = int(args[args.index("--skip-edge-slices") + 1])
+    source = tmp_path / "multicoil_train"
+    source.mkdir()
+    _write_fastmri_file(source / "file_brain_AXT2_000.h5", num_slices=2 * skip + 1, coils=4, height=2 * resolution,
+                        width=resolution)
+    dests = {}
+    for name, extra in (("full", []), ("under", undersampling.split())):
+        dests[name] = str(tmp_path / name)
+        command = list(args)
+        command[command.index("--source") + 1], command[command.index("--dest") + 1] = str(source), dests[name]
+        cli.main(["fastmri", *command, *extra], standalone_mode=False)
+    full, under = (json.load(open(os.path.join(dests[n], "dataset.json"))) for n in ("full", "under"))
+    acs = default_acs(resolution)
+    assert full["maps"]["calib_width"] == under["maps"]["calib_width"] == under["mask_law"]["acs"] == acs
+    assert full["normalisation"]["acs"] == acs and len(full["slices"]) == len(under["slices"]) == 1
+    assert full["slices"][0]["scale"] == under["slices"][0]["scale"]
 
 
 def test_fastmri_bad_input_is_rejected_and_nothing_is_written(tmp_path):
@@ -140,14 +181,17 @@ def test_fastmri_bad_input_is_rejected_and_nothing_is_written(tmp_path):
         (dict(source=str(no_kspace)), "no 'kspace'"),
         (dict(source=str(single)), "single-coil"),
         (dict(source=str(good), resolution=64), "smaller than --resolution"),
-        (dict(source=str(good), resolution=32, calib_width=24, mask_law=RandomLineMaskLaw(4, 8)), "ACS"),
-        (dict(source=str(good), resolution=32, calib_width=8, kernel_width=6), "all-zero"),  # fails mid-way
+        (dict(source=str(good), calib_width=24, mask_law=RandomLineMaskLaw(4, 8)), "--calib-width \\(24\\) <= --acs"),
+        (dict(source=str(good), calib_width=4, kernel_width=6), "--kernel-width \\(6\\) <= --calib-width"),
+        (dict(source=str(good), acs=12, mask_law=RandomLineMaskLaw(4, 8)), "keeps 8 centre lines, fewer than the 12"),
+        (dict(source=str(good), acs=40), "need 1 <= acs <= 32"),
+        (dict(source=str(good)), "all-zero"),  # fails mid-way
         (dict(source=str(good), resolution=32, skip_edge_slices=1), "no slices"),
         (dict(source=str(tmp_path / "missing.h5")), "does not exist"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
-            convert_fastmri(dest=dest, **{"resolution": 32, **kwargs})
+            convert_fastmri(dest=dest, **{"resolution": 32, "acs": 8, **kwargs})
         _no_leftovers(tmp_path, dest)
 
 
@@ -165,12 +209,56 @@ def test_simulate_mri_is_deterministic_and_consistent(tmp_path):
         assert not torch.equal(data_a[i]["kspace"], data_c[i]["kspace"])
         maps = data_a[i]["maps"].numpy()
         np.testing.assert_allclose((np.abs(maps) ** 2).sum(axis=0), 1, atol=1e-5)
-        # The coil-combined image has the source magnitude (8-bit PNG) times the slice's normalisation scale.
+        # The coil-combined image has the source magnitude (8-bit PNG) times the slice's normalisation scale, which
+        # brings the 99th percentile of the ACS image's magnitude (default ACS width 32 // 8 = 4) to 1.
         scale = data_a.meta["slices"][i]["scale"]
         magnitude = data_a[i]["image"].norm(dim=0).numpy() / scale
         np.testing.assert_allclose(magnitude, np.rint(phantoms[i] * 255) / 255, atol=1e-4)
-        assert np.percentile(data_a[i]["image"].norm(dim=0).numpy(), 99) == pytest.approx(1, rel=1e-4)
+        acs_image = (np.conj(maps) * _np_ifft2c(_acs_only(data_a[i]["kspace"].numpy(), 4))).sum(axis=0)
+        assert data_a.meta["normalisation"]["acs"] == 4
+        assert np.percentile(np.abs(acs_image), 99) == pytest.approx(1, rel=1e-4)
     assert data_a.describe()["kind"] == "mri" and json.dumps(data_a.describe())
+
+
+@pytest.mark.parametrize("mask_kind", ["lines-random", "lines-equispaced"])
+def test_same_slice_same_scale_fully_sampled_or_undersampled(tmp_path, mask_kind):
+    """The same slices stored fully sampled and undersampled (dataset_tool.py simulate-mri, default --acs) get
+    exactly the same scale, so the stored undersampled k-space is exactly the fully sampled one times its mask. The
+    old rule (99th percentile of the stored image: zero-filled when undersampled) gave scales about 1.4x apart."""
+    source = _phantom_zip(tmp_path / "phantoms.zip", 6, 32)
+    full, under = str(tmp_path / "full"), str(tmp_path / "under")
+    cli.main(["simulate-mri", "--source", source, "--dest", full, "--coils", "4"], standalone_mode=False)
+    cli.main(["simulate-mri", "--source", source, "--dest", under, "--coils", "4", "--mask-kind", mask_kind],
+             standalone_mode=False)
+    full_data, under_data = MRIDataset(full), MRIDataset(under)
+    assert full_data.meta["normalisation"] == under_data.meta["normalisation"]
+    assert full_data.meta["normalisation"]["acs"] == under_data.meta["mask_law"]["acs"] == default_acs(32)
+    for i in range(6):
+        assert under_data.meta["slices"][i]["scale"] == full_data.meta["slices"][i]["scale"]
+        mask = under_data[i]["mask"]
+        torch.testing.assert_close(under_data[i]["kspace"], full_data[i]["kspace"] * mask, rtol=0, atol=0)
+        assert 0 < mask.mean() < 0.5
+
+
+def test_scale_reads_only_the_acs_lines(tmp_path):
+    """Perturbing the k-space outside the ACS centre lines leaves the recorded scale unchanged; inside, it moves."""
+    rng = np.random.default_rng(0)
+    height, width, acs = 24, 32, 6
+    maps = birdcage_maps(4, height, width, rotation=0.3)
+    image = random_ellipse_phantoms(1, width, 1)[0][(width - height) // 2 : (width + height) // 2]
+    kspace = _np_fft2c(maps * image).astype(np.complex64)
+    noise = (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)).astype(np.complex64)
+    outside, inside = noise - _acs_only(noise, acs), _acs_only(noise, acs)
+    scales = []
+    for name, k in (("a", kspace), ("outside", kspace + 10 * outside), ("inside", kspace + 0.5 * inside)):
+        with MRIDatasetWriter(str(tmp_path / name), acs=acs) as writer:
+            writer.add(k, maps)
+            writer.finish({"fully_sampled": True, "maps": {"kind": "birdcage"}})
+        scales.append(MRIDataset(str(tmp_path / name)).meta["slices"][0]["scale"])
+    assert scales[1] == scales[0] and abs(scales[2] / scales[0] - 1) > 0.01
+    # Independent of the project's operators: 1 / (99th percentile of the numpy ACS image's magnitude).
+    reference = np.percentile(np.abs((np.conj(maps) * _np_ifft2c(_acs_only(kspace, acs))).sum(axis=0)), 99)
+    assert scales[0] == pytest.approx(1 / reference, rel=1e-5)
 
 
 def test_mri_dataset_collates_and_rejects_bad_records(tmp_path):
@@ -193,7 +281,7 @@ def test_mri_dataset_collates_and_rejects_bad_records(tmp_path):
         MRIDataset(str(tmp_path))  # no dataset.json
     writer_dest = str(tmp_path / "w")
     with pytest.raises(UserError, match="same shape"):
-        with MRIDatasetWriter(writer_dest) as writer:
+        with MRIDatasetWriter(writer_dest, acs=2) as writer:
             writer.add(np.zeros((3, 8, 8), np.complex64), np.zeros((2, 8, 8), np.complex64))
     _no_leftovers(tmp_path, writer_dest)
     with pytest.raises(UserError, match="exceed"):  # more ACS lines than columns, rejected before writing

@@ -396,23 +396,20 @@ class MeasurementOnlyBatch(dict):
 def test_training_batches_hold_no_clean_image_and_losses_read_none(kind, phantoms, mri_data):
     import train
 
-    opts = EasyDict(data=phantoms if kind == "image" else mri_data, cond=False, xflip=False, max_size=None,
-                    arch="ddpmpp", precond="edm", cbase=8, cres="1", blocks=1, attn="", dropout=0.0,
-                    label_dropout=0.0, lr=1e-3, duration=0.001, batch=4, batch_gpu=None, ema=0.0, ema_rampup=0.0,
-                    lr_rampup=0.0, tick=1, snap=1, dump=1, seed=0, precision="fp32", channels_last=False, workers=0,
-                    transfer=None, desc=None, loss="msm", mask=None, p=None, accel=None, acs=None, sigma_y=0.05,
-                    protocol=None, mask_seed=None, sigma_dist=None, sure_tau=None, sure_weight=None,
-                    pseudo_clean_grad=False, ambient_delta=None, mask_channel=False)
+    # Every option at its CLI default (so new options need no edit here), then the few this test sets.
+    opts = EasyDict({p.name: p.default for p in train.main.params})
+    opts.update(data=phantoms if kind == "image" else mri_data, cbase=8, cres="1", blocks=1, attn="", duration=0.001,
+                batch=4, ema=0.0, lr_rampup=0.0, tick=1, snap=1, dump=1, workers=0, loss="msm", sigma_y=0.05)
     c = train.build_options(opts, world_size=1)
-    from dnnlib import construct_class_by_name
+    from training.training_loop import DATASETS, LOSSES, build
 
-    dataset = construct_class_by_name(**c.dataset_kwargs)
+    dataset = build(c.dataset_kwargs, DATASETS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     batch = next(iter(loader))
     expected = {"y", "mask", "label", "index"} | ({"maps"} if kind == "mri" else set())
     assert set(batch) == expected
     net = ConvNet(*(1, 1) if kind == "image" else (2, 2), batch["y"].shape[-2:])
-    for loss_fn in (construct_class_by_name(**c.loss_kwargs),
+    for loss_fn in (build(c.loss_kwargs, LOSSES),
                     AmbientLoss(c.measurement | {"sigma_y": 0.0})):
         loss = evaluate(loss_fn, net, MeasurementOnlyBatch(batch))
         assert torch.isfinite(loss).all() and loss.shape == (4,)

@@ -13,6 +13,8 @@ score equals the data score. The full-denoiser tests (MSM sampler with the full 
 model runs, and DPS) use a general low-rank-plus-diagonal C.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -24,12 +26,15 @@ from training.operators import AvgPoolSR, BoxInpainting, MultiCoilMRI, PixelMask
 from training.posterior import (
     aggregate_data_consistency,
     cs_mri,
+    ddpm_sigmas,
+    dps_gradient,
     dps_sampler,
     msm_posterior_sampler,
     partial_data_consistency,
     respaced_sigmas,
     zero_filled,
 )
+from training.samplers import msm_sampler, sigmas_in_training_range, vp200_sigmas
 
 SIZE, SIGMA_Y = 8, 0.01
 
@@ -124,7 +129,7 @@ def test_msm_posterior_with_exact_column_experts_approaches_the_posterior_mean()
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=0.3)
 
 
-def test_full_law_msm_posterior_and_dps_approach_the_posterior_mean():
+def test_full_law_msm_posterior_approaches_the_posterior_mean():
     cov = random_covariance(SIZE * SIZE, rank=8, seed=1)
     y, mask, posterior_mean = gaussian_problem(cov, seed=0)
     full = gaussian_denoiser(cov, (1, SIZE, SIZE))
@@ -138,9 +143,143 @@ def test_full_law_msm_posterior_and_dps_approach_the_posterior_mean():
                                     sigmas=sigmas, outer="ddnm", eta=0.85)
     # Measured at n = 256: 0.11 against zero-filled 1.59 (Monte-Carlo floor at n = 128: 0.12).
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=0.2)
+
+
+def test_full_mask_law_evaluates_the_denoiser_once_per_level():
+    # An oracle model runs the MSM sampler with the full mask law, whose K masks are all P = I: K identical network
+    # evaluations per level before the fix, one now, with the same samples.
+    cov = random_covariance(SIZE * SIZE, rank=8, seed=1)
+    full = gaussian_denoiser(cov, (1, SIZE, SIZE))
+    rows = []
+
+    def counting(s, m, sigma):
+        rows.append(s.shape[0])
+        return m * full(s, sigma)
+
+    n, sigmas = 4, respaced_sigmas(10)
+    results = []
+    for num_subsets in (1, 3):
+        gen = SeedGenerators(range(n))
+        latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
+        results.append(msm_sampler(counting, latents, FullMask(), gen, num_subsets=num_subsets, sigmas=sigmas))
+    assert rows == [n] * (2 * len(sigmas))
+    assert torch.equal(results[0], results[1])
+
+
+def test_sampling_grids_start_inside_the_training_range():
+    lognormal = {"class_name": "training.loss.MSMLoss", "sigma_dist": "lognormal"}
+    sigmas, note = sigmas_in_training_range(vp200_sigmas(), lognormal)
+    assert 70 < sigmas[0] <= 80 and torch.equal(sigmas, vp200_sigmas()[vp200_sigmas() <= 80])
+    assert "log-normal" in note and "dropped" in note
+    narrow = {"class_name": "training.loss.EDMLoss", "P_mean": -3.0, "P_std": 0.5}  # 1 - 1e-6 quantile: 0.53
+    assert sigmas_in_training_range(ddpm_sigmas(), narrow)[0][0] <= math.exp(-3.0 + 4.753 * 0.5)
+    for grid_top in ({"class_name": "training.loss.MSMLoss", "sigma_dist": "vp200"}, None):
+        assert torch.equal(sigmas_in_training_range(vp200_sigmas(), grid_top)[0], vp200_sigmas())
+    ve = sigmas_in_training_range(vp200_sigmas(), {"class_name": "training.loss.VELoss"})[0]
+    assert ve[0] <= 100 < vp200_sigmas()[0]
+
+
+# ----------------------------------------------------------------------------
+# DPS.
+
+
+def linear_problem(operator_name: str):
+    """An exact linear denoiser W = C (C + s^2 I)^{-1} on (1 or 2, 8, 8) images, an operator with its dense matrix
+    (real adjoint: A^T r = AH(r) for the real inner product Re <., .>), a mask, a measurement and a state."""
+    g = torch.Generator().manual_seed(4)
+    channels = 2 if operator_name == "mri" else 1
+    shape = (channels, SIZE, SIZE)
+    cov = random_covariance(channels * SIZE * SIZE, rank=6, seed=2)
+    if operator_name == "mri":
+        maps = torch.complex(torch.randn(1, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+                             torch.randn(1, 3, SIZE, SIZE, generator=g, dtype=torch.float64))
+        operator, mask = MultiCoilMRI(maps), (torch.rand(1, 1, 1, SIZE, generator=g) < 0.5).to(torch.float64)
+    else:
+        mask = (torch.rand(1, 1, SIZE, SIZE, generator=g) < 0.5).to(torch.float64)
+        operator = PixelMask(mask)
+    x_true = torch.randn(2, *shape, generator=g, dtype=torch.float64) * 0.5
+    y = operator.A(x_true) * mask
+    state = torch.randn(2, *shape, generator=g, dtype=torch.float64) * 1.5
+    return gaussian_denoiser(cov, shape), cov, operator, mask, y, state
+
+
+@pytest.mark.parametrize("operator_name", ["pixel", "mri"])
+def test_dps_gradient_is_the_closed_form_for_a_linear_denoiser(operator_name):
+    # ||r|| with r = M (y - A W x): grad = -W^T A^T M r / ||r|| (unsquared), -2 W^T A^T M r (squared); W symmetric.
+    denoiser, cov, operator, mask, y, x = linear_problem(operator_name)
+    sigma = 0.7
+    W = cov @ torch.linalg.inv(cov + sigma**2 * torch.eye(len(cov), dtype=torch.float64))
+    residual = (y - operator.A(denoiser(x, sigma))) * mask
+    back = operator.AH(residual * mask).reshape(len(x), -1) @ W.T
+    norms = residual.flatten(1).abs().square().sum(dim=1).sqrt()
+    grad, x0_hat = dps_gradient(denoiser, x, sigma, operator, y, mask)
+    assert torch.allclose(x0_hat, denoiser(x, sigma), atol=1e-12)
+    assert (grad.reshape(len(x), -1) - (-back / norms[:, None])).abs().max() < 1e-6
+    squared, _ = dps_gradient(denoiser, x, sigma, operator, y, mask, squared=True)
+    assert (squared.reshape(len(x), -1) - (-2 * back)).abs().max() < 1e-6
+    assert back.abs().max() > 0.1  # the comparison is not between zeros
+
+
+def ddpm_dps_reference(denoiser, x_edm, abar, noise, operator, y, mask, zeta):
+    """DPS's Algorithm 1 with its code's unsquared norm, computed in DDPM's own coordinates on the levels abar
+    (decreasing noise, a final abar_prev = 1), with an epsilon predictor built from the EDM denoiser. Returns the
+    final image; noise[i] is the ancestral noise of step i. Written from the paper's equations, independently of
+    training/posterior.py."""
+    x = x_edm * abar[0].sqrt()  # x_T = sqrt(abar_T) (x0 + sigma n) = sqrt(abar_T) x_edm
+    for i in range(len(abar)):
+        a_t, a_prev = abar[i], abar[i + 1] if i + 1 < len(abar) else torch.tensor(1.0, dtype=torch.float64)
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+        x_t = x.detach().requires_grad_(True)
+        sigma = ((1 - a_t) / a_t).sqrt().item()
+        eps = (x_t - a_t.sqrt() * denoiser(x_t / a_t.sqrt(), sigma)) / (1 - a_t).sqrt()
+        x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        norm = ((y - operator.A(x0_hat)) * mask).flatten(1).norm(dim=1)
+        (grad,) = torch.autograd.grad(norm.sum(), x_t)
+        mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0_hat + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+        variance = beta * (1 - a_prev) / (1 - a_t)
+        x = (mean + variance.sqrt() * noise[i] if i + 1 < len(abar) else mean).detach() - zeta * grad
+    return x
+
+
+def test_dps_steps_equal_the_algorithm_in_ddpm_coordinates():
+    # Three levels around sigma 2 (where the old EDM-coordinate step was 1 + sigma^2 = 5 times too small), then the
+    # final step to sigma 0. The noise draws are the sampler's: latents, then one per level below the first.
+    denoiser, _, operator, mask, y, _ = linear_problem("pixel")
+    sigmas = ddpm_sigmas(200)
+    sigmas = sigmas[(sigmas > 1.5) & (sigmas < 2.6)][:3]
+    assert len(sigmas) == 3
+    gen = SeedGenerators([5, 6])
+    latents = gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64)
+    noise = [gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64) for _ in range(2)]
+    gen = SeedGenerators([5, 6])
+    got = dps_sampler(denoiser, gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64), gen, operator, y, mask,
+                      sigmas=sigmas, step_size=0.5)
+    abar = 1 / (1 + sigmas**2)
+    expected = ddpm_dps_reference(denoiser, latents * sigmas[0], abar, noise, operator, y, mask, zeta=0.5)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-10), (got - expected).abs().max()
+
+
+def test_dps_sigmas_are_ddpm_linear_beta_levels():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    assert np.allclose(ddpm_sigmas().numpy(), np.sqrt(1 / abar - 1)[::-1], rtol=1e-12)
+    assert np.allclose(ddpm_sigmas(200).numpy(), vp200_sigmas().numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("num_steps", "max_ratio"), [(1000, 0.2), (20, 0.4)])
+def test_dps_approaches_the_posterior_mean(num_steps, max_ratio):
+    # DPS is not an exact posterior sampler; its sample mean still lands near the closed form. Distance of the mean
+    # of 128 samples to the posterior mean over that of zero-filling (Monte-Carlo floor about 0.07):
+    #   1000 levels (DPS's grid): 0.148 (the old EDM-coordinate step: 0.161);
+    #   20 levels: 0.27 (the old step, too small by 1 + sigma^2, guided too little: 0.53).
+    cov = random_covariance(SIZE * SIZE, rank=8, seed=1)
+    y, mask, posterior_mean = gaussian_problem(cov, seed=0)
+    n = 128
     gen = SeedGenerators(range(n))
-    samples = dps_sampler(full, latents, gen, PixelMask(mask), ys, sigmas=sigmas, step_size=1.0)
-    assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=0.2)  # measured at n = 256: 0.11
+    latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
+    samples = dps_sampler(gaussian_denoiser(cov, (1, SIZE, SIZE)), latents, gen, PixelMask(mask),
+                          y.expand(n, -1, -1, -1), sigmas=ddpm_sigmas(num_steps), step_size=1.0)
+    assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
 
 
 # ----------------------------------------------------------------------------
@@ -177,3 +316,6 @@ def test_cs_recovers_a_sparse_image_and_sigpy_sense_is_our_operator():
     for regulariser in ("l1-wavelet", "tv"):
         estimate = cs_mri(kspace * mask, maps, mask, regulariser, lamda=1e-3, max_iter=200)
         assert (estimate - x[0]).norm() / x.norm() < 0.3 * zf_error
+        # Deterministic: no step size from a power iteration on an unseeded random start (sigpy's default).
+        assert torch.equal(cs_mri(kspace * mask, maps, mask, regulariser, lamda=1e-3, max_iter=20),
+                           cs_mri(kspace * mask, maps, mask, regulariser, lamda=1e-3, max_iter=20))

@@ -1,8 +1,11 @@
-"""End-to-end training through the CLI on a tiny network: exact resume, SIGKILL continuation, torchrun, bad input."""
+"""End-to-end training through the CLI on a tiny network: exact resume, SIGKILL continuation, shorter and longer
+durations, snapshot names, torchrun (DDP, fp16 overflow on one rank, a hung rank), bad input."""
 
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +14,9 @@ import time
 import pytest
 import torch
 
-from tests.helpers import REPO, make_phantoms, run_cli
+from tests.helpers import HANG_GUARD_S, REPO, make_phantoms, run_cli
 from torch_utils import checkpoint
+from training.training_loop import cpu_bf16_support
 
 # 16 steps of batch 8 = 128 images; a tick every 2 steps; a state at every tick.
 TINY = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,2", "--blocks", "1", "--attn", "", "--batch", "8",
@@ -33,6 +37,20 @@ def train(outdir, data, duration_images, extra=(), **kw):
 def final_state(outdir):
     (run_dir,) = glob.glob(os.path.join(str(outdir), "0*"))
     return checkpoint.load_training_state(checkpoint.latest_file(run_dir, "training-state")), run_dir
+
+
+def positions(run_dir, prefix):
+    """Training positions (images) of the checkpoint files, read from their names: 000001.pt = 1000, 000000.512.pt
+    = 512."""
+    out = []
+    for path in glob.glob(os.path.join(run_dir, f"{prefix}-*.pt")):
+        kimg, rest = re.fullmatch(rf"{prefix}-(\d{{6}})(?:\.(\d{{3}}))?\.pt", os.path.basename(path)).groups()
+        out.append(int(kimg) * 1000 + int(rest or 0))
+    return sorted(out)
+
+
+def read_stats(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
 
 
 def assert_same_state(a, b):
@@ -56,24 +74,31 @@ def test_resume_is_exact(tmp_path, data):
     split, run_dir = final_state(tmp_path / "split")
     assert_same_state(full, split)
     # Dropout is on (0.1), so equality also proves the global RNG state travelled with the checkpoint.
-    stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+    stats = read_stats(run_dir)
     assert stats[-1]["kimg"] == pytest.approx(0.128)
+    # Every snapshot tick (--snap 2, and the last) has its own file, although all lie below 1 kimg.
+    snapshot_ticks = [s for s in stats if s["tick"] % 2 == 0 or s is stats[-1]]
+    assert positions(run_dir, "network-snapshot") == [round(s["kimg"] * 1000) for s in snapshot_ticks]
+    assert len(snapshot_ticks) == 5
     snapshot = checkpoint.latest_file(run_dir, "network-snapshot")
+    assert snapshot.endswith("network-snapshot-000000.128.pt")
     net, config = checkpoint.load_snapshot(snapshot)
     assert config["dataset"]["image_shape"] == [1, 16, 16] and config["network"]["kwargs"]["img_resolution"] == 16
 
 
 def test_sigkill_then_same_command_continues(tmp_path, data):
-    n = 1024  # 128 steps: long enough to be killed in the middle
+    n = 1024  # 128 steps: the kill comes right after the first state is written, long before the end
     outdir = tmp_path / "killed"
     cmd = [sys.executable, "train.py", "--outdir", str(outdir), "--data", data, "--duration", str(n / 1e6), *TINY]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(glob.glob(str(outdir / "*" / "training-state-*.pt"))) < 2:
-        time.sleep(0.02)
-    state_files = glob.glob(str(outdir / "*" / "training-state-*.pt"))
+    # Wait for an event, not for a time: the first training state on disk (written atomically, so complete).
+    started = time.monotonic()
+    while proc.poll() is None and not glob.glob(str(outdir / "*" / "training-state-*.pt")):
+        assert time.monotonic() - started < HANG_GUARD_S, "no training state appeared (hang guard)"
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    state_files = glob.glob(str(outdir / "*" / "training-state-*.pt"))
     assert state_files, "no training state was written before the kill"
     killed_at = checkpoint.load_training_state(checkpoint.latest_file(os.path.dirname(state_files[0]),
                                                                        "training-state"))["progress"]["cur_nimg"]
@@ -84,11 +109,99 @@ def test_sigkill_then_same_command_continues(tmp_path, data):
     assert_same_state(final_state(tmp_path / "ref")[0], final_state(outdir)[0])
 
 
+def test_resume_drops_redone_stats_lines_and_stale_temp_files(tmp_path, data):
+    """A run killed after some ticks' stats lines but before their training state, and in the middle of a checkpoint
+    write: the resumed run leaves one stats line per tick and no temp file."""
+    train(tmp_path / "ref", data, 64)
+    _, ref_dir = final_state(tmp_path / "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "killed")
+    _, run_dir = final_state(tmp_path / "killed")
+    for nimg in (40, 56, 64):  # ticks at 8, 24, 40, 56, 64 images: the states and snapshots the kill prevented
+        for prefix in ("training-state", "network-snapshot"):
+            path = os.path.join(run_dir, checkpoint.progress_file_name(prefix, nimg))
+            if os.path.exists(path):
+                os.remove(path)
+    torn = os.path.join(run_dir, checkpoint.progress_file_name("training-state", 40) + ".tmp-4194304")
+    with open(torn, "wb") as f:
+        f.write(b"half a checkpoint")
+    with open(os.path.join(run_dir, "stats.jsonl"), "a") as f:
+        f.write('{"kimg": 0.07')  # a line torn by the kill
+    proc = train(tmp_path / "killed", data, 64)
+    assert "Resuming from" in proc.stdout and "at 0.024 kimg" in proc.stdout
+    assert not glob.glob(os.path.join(run_dir, "*.tmp-*"))
+    stats, ref_stats = read_stats(run_dir), read_stats(ref_dir)
+    assert [s["kimg"] for s in stats] == [s["kimg"] for s in ref_stats] == [0.008, 0.024, 0.04, 0.056, 0.064]
+    assert [s["loss"] for s in stats] == pytest.approx([s["loss"] for s in ref_stats], rel=1e-5)
+
+
+def test_shorter_duration_ends_the_run_instead_of_starting_another(tmp_path, data):
+    train(tmp_path, data, 64)
+    state, run_dir = final_state(tmp_path)
+    os.remove(checkpoint.latest_file(run_dir, "network-snapshot"))  # e.g. killed between its state and snapshot
+    proc = train(tmp_path, data, 48)
+    assert len(glob.glob(str(tmp_path / "0*"))) == 1, "a new run was started"
+    assert "The duration changed from 0.064 to 0.048 kimg" in proc.stdout
+    assert "already at 0.064 kimg, at or past --duration (0.048 kimg): nothing to train" in proc.stdout
+    assert positions(run_dir, "network-snapshot")[-1] == 64 and positions(run_dir, "training-state")[-1] == 64
+    assert_same_state(state, final_state(tmp_path)[0])
+    # The same command once more does nothing either; a longer one trains on in the same run.
+    train(tmp_path, data, 64)
+    proc = train(tmp_path, data, 80)
+    assert len(glob.glob(str(tmp_path / "0*"))) == 1 and "Resuming from" in proc.stdout
+    assert final_state(tmp_path)[0]["progress"]["cur_nimg"] == 80
+
+
+def test_snapshot_of_a_run_directory_is_the_one_furthest_into_training(tmp_path):
+    for name in ("000000.512", "000001", "000001.256", "000000.999"):
+        (tmp_path / f"network-snapshot-{name}.pt").write_bytes(b"")
+    (tmp_path / "network-snapshot-000002.pt.tmp-123").write_bytes(b"")
+    assert checkpoint.progress_file_name("network-snapshot", 1256) == "network-snapshot-000001.256.pt"
+    assert checkpoint.progress_file_name("network-snapshot", 2000) == "network-snapshot-000002.pt"
+    assert checkpoint.resolve_snapshot_path(str(tmp_path)) == str(tmp_path / "network-snapshot-000001.256.pt")
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
+                                           ("avx2 amx_bf16 amx_tile", True)])
+def test_bf16_support_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    found, description = cpu_bf16_support(str(cpuinfo))
+    assert found is native
+    assert ("without avx512_bf16 or amx_bf16" in description) is not native
+
+
 def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, data):
     proc = train(tmp_path / "dist", data, 64, ["--channels-last"], torchrun=2)
     assert "All 2 ranks hold identical parameters" in proc.stdout
     state, _ = final_state(tmp_path / "dist")
     assert len(state["rng"]) == 2 and state["progress"]["cur_nimg"] == 64
+
+
+def test_fp16_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path, data):
+    """Rank 1's third loss is inf (tests/training_worker.py): the GradScaler must see the reduced gradients, so both
+    ranks skip that step (the parameters stay as they were, and stay identical: the loop checks their hash at every
+    state) and take every other one."""
+    proc = run_cli(["-m", "tests.training_worker", "overflow", "--outdir", str(tmp_path), "--data", data,
+                    "--duration", str(48 / 1e6), *TINY, "--tick", "0.008"], torchrun=2)
+    hashes = re.findall(r"All 2 ranks hold identical parameters \(sha256 (\w+)\)", proc.stdout)
+    assert len(hashes) == 6 and hashes[1] == hashes[2] and len(set(hashes)) == 5  # step 3 skipped, others taken
+    state, _ = final_state(tmp_path)
+    assert state["scaler"]["scale"] == 2.0**15  # one overflow halved the initial 2^16
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {5}  # 6 steps, 1 skipped
+
+
+def test_hung_rank_is_named_within_the_timeout(tmp_path, data):
+    """Rank 1 sleeps in its third loss (tests/training_worker.py): rank 0 gives up after --dist-timeout seconds and
+    says which rank did not arrive, in the error and in log.txt."""
+    proc = run_cli(["-m", "tests.training_worker", "hang", "--outdir", str(tmp_path), "--data", data,
+                    "--duration", str(48 / 1e6), *TINY, "--tick", "0.008", "--dist-timeout", "10"], torchrun=2,
+                   check=False)
+    assert proc.returncode != 0
+    message = "Rank 0 waited 10 s (the --dist-timeout) at the gradient reduction of the step at 0.016 kimg: rank(s) " \
+              "1 did not arrive"
+    assert message in proc.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "0*"))
+    assert message in open(os.path.join(run_dir, "log.txt")).read()
 
 
 def test_bad_input_one_sentence_and_no_run_directory(tmp_path, data):

@@ -6,21 +6,37 @@ Everything here is a thin wrapper that also works when torch.distributed is not 
 
 import datetime
 import os
+import re
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
+from dnnlib import UserError
 
-def init(device: str = "auto") -> torch.device:
+# How long a rank waits for the others in a collective before the job fails (seconds). CPU runs get a short default:
+# a rank that hangs there should stop the job in minutes, not after torch's 30; GPU jobs keep the long one (NCCL's
+# watchdog reports the collective that timed out).
+DEFAULT_TIMEOUT_S = {"cpu": 300, "cuda": 1800}
+_timeout_s: float = DEFAULT_TIMEOUT_S["cpu"]
+
+
+class RankTimeoutError(RuntimeError):
+    """Some ranks did not reach a meeting point within the process-group timeout; the message names them."""
+
+
+def init(device: str = "auto", timeout_s: float | None = None) -> torch.device:
     """Initialise the process group if launched by torchrun and return this rank's device.
 
     `device` is 'auto' (CUDA when present, else CPU), 'cuda' or 'cpu'. Under torchrun, NCCL is used on CUDA and gloo
-    on CPU, with the rendezvous torchrun already set up (no fixed port here).
+    on CPU, with the rendezvous torchrun already set up (no fixed port here). `timeout_s` bounds every wait for other
+    ranks (default DEFAULT_TIMEOUT_S of the device type).
     """
+    global _timeout_s
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available.")
+        raise UserError("--device cuda was asked for, but no CUDA device is available (use --device cpu or auto).")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cuda":
@@ -33,7 +49,8 @@ def init(device: str = "auto") -> torch.device:
             torch.set_num_threads(1)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        _timeout_s = DEFAULT_TIMEOUT_S[dev.type] if timeout_s is None else timeout_s
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=_timeout_s))
     return dev
 
 
@@ -49,9 +66,44 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def barrier():
-    if is_initialized():
+def barrier(where: str = "a barrier"):
+    """Wait for every rank. Under gloo a rank that does not arrive within the timeout is named: rank 0 raises
+    RankTimeoutError('... rank(s) 1 did not arrive ...') instead of the job stalling with no word of who is missing.
+    (NCCL's watchdog reports its own timeouts.)"""
+    if not is_initialized():
+        return
+    if dist.get_backend() != "gloo":
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=_timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        who = f"rank(s) {missing.group(1)} did not arrive" if missing else f"the wait failed ({e})"
+        raise RankTimeoutError(f"Rank {get_rank()} waited {_timeout_s:g} s (the --dist-timeout) at {where}: {who}; "
+                               "a rank hung, crashed or is far slower than the others.") from e
+
+
+def data_parallel(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`net` wrapped in DistributedDataParallel when several ranks run (gradients are averaged over ranks during the
+    backward pass, bucket by bucket), else `net` itself. Attributes of the network stay readable on the wrapper."""
+    if not is_initialized():
+        return net
+    return _DataParallelNetwork(net, device_ids=[device] if device.type == "cuda" else None,
+                                forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
+def no_sync(net: torch.nn.Module):
+    """Context for accumulation rounds: no gradient reduction during this backward pass (DDP), nothing otherwise."""
+    return net.no_sync() if isinstance(net, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+
+
+class _DataParallelNetwork(torch.nn.parallel.DistributedDataParallel):
+    def __getattr__(self, name):  # losses read e.g. net.in_channels
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:

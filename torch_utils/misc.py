@@ -6,6 +6,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib import UserError
+
 
 class SeedGenerators:
     """One torch.Generator per seed, stacked along the batch: row i of every draw depends only on seeds[i].
@@ -37,14 +39,32 @@ class SeedGenerators:
                             for g in self.generators])
 
 
-def parse_seeds(s: str) -> list[int]:
-    """'0-63' -> [0..63]; '1,5,9-11' -> [1, 5, 9, 10, 11]."""
+MAX_LIST_LENGTH = 10_000_000  # longer integer lists are typing mistakes (and would not fit in memory at 2^32)
+
+
+def parse_int_list(text: str, option: str, minimum: int = 0, maximum: int = 2**32 - 1) -> list[int]:
+    """'1,2,2' -> [1, 2, 2]; '4-6' -> [4, 5, 6] (increasing ranges, both ends included). Anything else, values
+    outside [minimum, maximum] and lists longer than MAX_LIST_LENGTH are refused with one sentence naming `option`."""
     out = []
-    for part in s.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise UserError(f"{option} {text!r} is not a list of integers and ranges such as 1,5,9-11.")
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+        if high < low:
+            raise UserError(f"{option} {text!r} holds the decreasing range {low}-{high}; write it as {high}-{low}.")
+        if low < minimum or high > maximum:
+            raise UserError(f"{option} {text!r} holds {low if low < minimum else high}, but values must lie in "
+                            f"[{minimum}, {maximum}].")
+        if len(out) + high - low + 1 > MAX_LIST_LENGTH:
+            raise UserError(f"{option} {text!r} holds more than {MAX_LIST_LENGTH} values.")
+        out.extend(range(low, high + 1))
     return out
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """'0-63' -> [0..63]; '1,5,9-11' -> [1, 5, 9, 10, 11]; seeds are integers in [0, 2^32)."""
+    return parse_int_list(text, option)
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:

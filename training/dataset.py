@@ -73,7 +73,14 @@ def _load_image(data: bytes) -> np.ndarray:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images from a zip or folder in EDM's layout, with optional class labels and x-flip augmentation."""
+    """Images from a zip or folder in EDM's layout, with optional class labels and x-flip augmentation.
+
+    Validation, and what it costs: opening the dataset reads every image's header (PIL reads a few hundred bytes,
+    not the pixels), so unreadable files and mixed shapes are refused, naming the file, before anything is written.
+    Decoding every image up front would read the whole dataset at every start, so a file whose header is fine but
+    whose pixel data is corrupt is refused where it is read, with a UserError naming it. 8-bit pixels are always
+    finite, so there is no NaN / Inf check to make.
+    """
 
     def __init__(
         self,
@@ -98,7 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     img = PIL.Image.open(f)
                     channels = 1 if img.mode in ("L", "I;16", "I", "F") else 3
                     shapes.setdefault((channels, img.height, img.width), name)
-                except PIL.UnidentifiedImageError as e:
+                except (PIL.UnidentifiedImageError, OSError, ValueError) as e:
                     raise UserError(f"Dataset {path}: {name} is not a readable image.") from e
         if len(shapes) > 1:
             (s0, n0), (s1, n1) = list(shapes.items())[:2]
@@ -161,7 +168,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         raw = int(self._raw_idx[idx])
-        arr = _load_image(self._source.read(self.image_names[raw]))
+        try:
+            arr = _load_image(self._source.read(self.image_names[raw]))
+        except (OSError, ValueError, PIL.UnidentifiedImageError, zipfile.BadZipFile) as e:
+            raise UserError(f"Dataset {self.path}: {self.image_names[raw]} is not a readable image ({e}).") from e
         if list(arr.shape) != [self.image_shape[1], self.image_shape[2], self.image_shape[0]]:
             raise UserError(f"Dataset {self.path}: {self.image_names[raw]} has shape {arr.shape}, expected HWC "
                             f"{self.image_shape[1:] + self.image_shape[:1]}.")

@@ -7,8 +7,10 @@ Two file formats are accepted, and neither is read with `pickle.load`:
   `InceptionV3FID`, which gives the 2048-d pool features FID is defined on;
 - a TorchScript module (`torch.jit.load`) that already follows the contract; the tests build small ones this way.
 
-Files are verified by SHA-256 before use: against `--detector-sha256` when given, and against the hex suffix of the
-file name (torch.hub's convention: `name-<first hex digits of the SHA-256>.ext`) when the name carries one.
+Files are verified by their full SHA-256 before use: against `--detector-sha256` when given, and otherwise against
+FID_INCEPTION_SHA256, the hash of the standard file, so any other detector needs its hash given explicitly. The
+8-digit prefix in the standard file's name (torch.hub's convention) is not enough: a file that matches 32 bits of a
+hash can be made on purpose.
 
 How to get the standard weights on a machine without network: download FID_INCEPTION_URL elsewhere and either pass
 it with `--detector PATH` or copy it unchanged into the cache directory (`$MSM_CACHE_DIR`, default `~/.cache/msm`).
@@ -26,6 +28,9 @@ from torch import nn
 from dnnlib import EasyDict, UserError
 from dnnlib.util import default_cache_dir, is_url, open_url
 
+# The full SHA-256 of that file (95,628,359 bytes), as published by independent users of it (e.g. in torch-fidelity's
+# copy, weights-inception-2015-12-05-6726825d.pth, the same bytes); it begins with the 8 digits in the file name.
+FID_INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FID_INCEPTION_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -255,17 +260,17 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _expected_hashes(path: str, sha256: str | None) -> list[tuple[str, str]]:
-    """(expected hex prefix or full hash, where it comes from) for a detector file."""
-    expected = []
-    if sha256 is not None:
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256.lower()):
-            raise UserError(f"--detector-sha256 {sha256} is not a SHA-256 (expected 64 hexadecimal digits).")
-        expected.append((sha256.lower(), "--detector-sha256"))
-    name_hash = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$", os.path.basename(path))
-    if name_hash:
-        expected.append((name_hash.group(1), "its file name"))
-    return expected
+def _check_sha256(path: str, digest: str, sha256: str | None):
+    """Refuse a detector file whose full SHA-256 `digest` is not `sha256` (default: the standard file's)."""
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise UserError(f"--detector-sha256 {sha256} is not a SHA-256 (expected 64 hexadecimal digits).")
+    if sha256 is None and digest != FID_INCEPTION_SHA256:
+        raise UserError(f"Detector file {path} has SHA-256 {digest}, not the standard FID Inception file's "
+                        f"{FID_INCEPTION_SHA256}; pass --detector-sha256 with its hash to use another detector, or "
+                        "delete it and download it again.")
+    if sha256 is not None and digest != sha256.lower():
+        raise UserError(f"Detector file {path} has SHA-256 {digest}, but --detector-sha256 expects {sha256.lower()}; "
+                        "the file is corrupt or not the expected one.")
 
 
 def _is_torchscript(path: str) -> bool:
@@ -304,7 +309,8 @@ def _load_inception_state_dict(path: str) -> InceptionV3FID:
 
 
 def load_detector(detector: str = FID_INCEPTION_URL, sha256: str | None = None, device="cpu"):
-    """Fetch (URL, cached) or open a detector file, verify its SHA-256, and load it without unpickling code.
+    """Fetch (URL, cached) or open a detector file, verify its full SHA-256 (`sha256`, default the standard file's),
+    and load it without unpickling code.
 
     Returns (module, info): `module` maps uint8 (N, 3, H, W) to features (N, D), in eval mode, on `device`, without
     gradients; `info` is an EasyDict {detector, detector_path, detector_sha256, detector_format} for result records.
@@ -321,13 +327,7 @@ def load_detector(detector: str = FID_INCEPTION_URL, sha256: str | None = None, 
         raise UserError(f"--detector {detector} is neither a readable file nor an http(s) URL.") from e
 
     digest = file_sha256(path)
-    for want, source in _expected_hashes(path, sha256):
-        if not digest.startswith(want):
-            expected = want if len(want) == 64 else f"{want}..."
-            raise UserError(
-                f"Detector file {path} has SHA-256 {digest}, but {source} expects {expected}; the file is corrupt or "
-                "not the expected one (delete it and download it again)."
-            )
+    _check_sha256(path, digest, sha256)
 
     if _is_torchscript(path):
         try:

@@ -71,6 +71,26 @@ class VELoss(EDMLoss):
         return 1 / sigma**2
 
 
+class ClassifierLoss:
+    """Cross-entropy of a noise-aware classifier (training/classifier.py) on images noised as the diffusion model's
+    training noises them: ln(sigma) ~ N(P_mean, P_std^2) (EDMLoss's defaults), or sigma = 0 with clean=True (a clean
+    classifier). The batch's one-hot labels give the target class."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, clean: bool = False):
+        self.P_mean, self.P_std, self.clean = P_mean, P_std, clean
+
+    def __call__(self, net, batch, generator):
+        images, labels = batch["image"], batch["label"]
+        n = images.shape[0]
+        if self.clean:
+            sigma = torch.zeros([n, 1, 1, 1], device=images.device)
+        else:
+            sigma = (_randn([n, 1, 1, 1], generator, images.device) * self.P_std + self.P_mean).exp()
+        noisy = images + _randn(images.shape, generator, images.device) * sigma
+        logits = net(noisy, sigma)
+        return torch.nn.functional.cross_entropy(logits.float(), labels.argmax(dim=1), reduction="none")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Losses on partial measurements (MSM.md sections 2-4) and the Ambient Diffusion baseline.
 #

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from dnnlib import UserError
+from dnnlib import ConfigError, Field, UserError, check_fields
 
 # Random tie-breaking weight: small enough that coverage always dominates, large enough to stay above float rounding.
 _TIE_BREAK = 1e-3
@@ -162,7 +162,13 @@ class PixelMaskLaw(MaskLaw):
         return _select_top(priority, count).reshape(uncovered.shape).to(torch.float32)
 
 
-def _acs_columns(width: int, acs: int, device=None) -> torch.Tensor:
+def default_acs(width: int) -> int:
+    """The default number of always-kept centre lines: min(20, W // 8) (20 at 256, as fastMRI's 4x masks; fewer for
+    small test data)."""
+    return min(20, width // 8)
+
+
+def acs_columns(width: int, acs: int, device=None) -> torch.Tensor:
     """Bool (W,): the `acs` centre columns [W//2 - acs//2, W//2 - acs//2 + acs), around the zero frequency of
     the centred FFT (column W // 2, for odd W too)."""
     start = width // 2 - acs // 2
@@ -208,7 +214,7 @@ class RandomLineMaskLaw(_LineMaskLaw):
 
     def expected_mask(self, shape):
         width = shape[-1]
-        acs = _acs_columns(width, self.acs)
+        acs = acs_columns(width, self.acs)
         extra = (self.num_lines(width) - self.acs) / max(width - self.acs, 1)
         expected = torch.full((width,), extra, dtype=torch.float64)
         expected[acs] = 1.0
@@ -218,7 +224,7 @@ class RandomLineMaskLaw(_LineMaskLaw):
         width, device = shape[-1], uncovered.device
         count = torch.full((n,), self.num_lines(width), device=device)
         priority = torch.rand(n, width, generator=generator, device=device) * _TIE_BREAK + uncovered.reshape(n, width)
-        priority = priority + 2 * _acs_columns(width, self.acs, device)  # ACS first, always
+        priority = priority + 2 * acs_columns(width, self.acs, device)  # ACS first, always
         return _select_top(priority, count).reshape(n, 1, 1, width).to(torch.float32)
 
 
@@ -241,7 +247,7 @@ class EquispacedLineMaskLaw(_LineMaskLaw):
             raise UserError(f"Mask law '{self.kind}': R = {self.R} exceeds the {width} columns.")
         columns = torch.arange(width, device=device)
         offsets = torch.arange(self.R, device=device)
-        return (columns[None, :] % self.R == offsets[:, None]) | _acs_columns(width, self.acs, device)
+        return (columns[None, :] % self.R == offsets[:, None]) | acs_columns(width, self.acs, device)
 
     def expected_mask(self, shape):
         return self._groups(shape[-1]).to(torch.float64).mean(dim=0).reshape(1, 1, 1, -1)
@@ -259,16 +265,27 @@ _LAWS = {law.kind: law for law in (FullMask, BoxMaskLaw, PixelMaskLaw, RandomLin
 MASK_KINDS = tuple(_LAWS)
 
 
-def mask_law_from_config(config: dict) -> MaskLaw:
-    """Inverse of `MaskLaw.to_config`; raises UserError naming the bad kind or parameter."""
-    if not isinstance(config, dict) or config.get("kind") not in _LAWS:
-        kind = config.get("kind") if isinstance(config, dict) else config
-        raise UserError(f"Unknown mask law {kind!r}; expected one of {', '.join(MASK_KINDS)}.")
-    params = {key: value for key, value in config.items() if key != "kind"}
-    try:
-        return _LAWS[config["kind"]](**params)
-    except TypeError as e:
-        raise UserError(f"Mask law config {config} has wrong parameters ({e}).") from e
+# The parameters of each law and their JSON types; the laws' constructors check the ranges.
+_PARAMETERS = {
+    "full": {},
+    "box": {"p": Field("float", required=True)},
+    "pixel": {"p": Field("float", required=True)},
+    "lines-random": {"R": Field("float", required=True), "acs": Field("int", required=True)},
+    "lines-equispaced": {"R": Field("float", required=True), "acs": Field("int", required=True)},
+}
+
+
+def mask_law_from_config(config: dict, where: str = "mask") -> MaskLaw:
+    """Inverse of `MaskLaw.to_config`, from an explicit table of laws and their parameters (types and ranges checked
+    before anything is built); raises UserError naming the bad kind or parameter (ConfigError with the field at
+    dotted place `where` for a config that is not a dict of known keys and types)."""
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if kind not in _LAWS:
+        shown = kind if isinstance(config, dict) else config
+        raise ConfigError(f"{where}.kind", f"names an unknown mask law {shown!r:.60}; expected one of "
+                          f"{', '.join(MASK_KINDS)}")
+    check_fields(config, {"kind": Field("str", required=True), **_PARAMETERS[kind]}, where)
+    return _LAWS[kind](**{key: value for key, value in config.items() if key != "kind"})
 
 
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Protocols (ARCHITECTURE.md "Data"):
 
 import torch
 
-from dnnlib import UserError
+from dnnlib import Field, UserError, check_fields
 from training.masks import MaskLaw, example_generator, mask_law_from_config
 from training.operators import Identity, MultiCoilMRI, measurement_randn
 
@@ -56,7 +56,15 @@ class MeasurementConfig:
                 "protocol": self.protocol, "seed": self.seed}
 
     @classmethod
-    def from_config(cls, config: dict) -> "MeasurementConfig":
+    def from_config(cls, config: dict, where: str = "measurement") -> "MeasurementConfig":
+        """Inverse of `to_config`; every key and type is checked first (ConfigError naming the field at dotted place
+        `where`), so a stored config can only choose among the operators, protocols and mask laws known here; the
+        constructors then check the ranges (UserError)."""
+        check_fields(config, {"operator": Field("str", choices=OPERATORS, required=True),
+                              "mask": Field("json", required=True), "sigma_y": Field("float"),
+                              "protocol": Field("str", choices=PROTOCOLS), "seed": Field("int", -(2**63), 2**63 - 1)},
+                     where)
+        mask_law_from_config(config["mask"], where=f"{where}.mask")
         return cls(**config)
 
     def full_operator(self, maps: torch.Tensor | None = None):

@@ -9,9 +9,11 @@ Record layout (a directory, written atomically as `<dest>.tmp-<pid>` then rename
                                        k-space is then exactly zero where the mask is zero
 The coil-combined image of a record is x = T^H k = sum_c conj(S_c) ifft2c(k_c) (`MultiCoilMRI.AH`).
 
-Normalisation (recorded in dataset.json): every slice's k-space is multiplied by one scalar `scale` so that the
-99th percentile of |T^H k| over the slice is 1, with T^H k computed from the k-space as stored (zero-filled when
-undersampled: no fully sampled data is needed to normalise). The per-slice scale is kept in dataset.json.
+Normalisation (`normalisation_scale`; the rule and every slice's scale are recorded in dataset.json): each slice's
+k-space is multiplied by one scalar so that the 99th percentile of the magnitude of its low-resolution ACS image (the
+coil-combined image of the `acs` centre phase-encode lines alone) is 1. Every mask law of the project keeps those
+lines, so the scale is a function of measured data only, and the same slice gets the same scale whether it is
+stored fully sampled or undersampled, simulated or converted from fastMRI.
 
 sigpy (ESPIRiT) and h5py are imported lazily: they are needed only by the fastMRI converter.
 """
@@ -19,18 +21,18 @@ sigpy (ESPIRiT) and h5py are imported lazily: they are needed only by the fastMR
 import json
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 
 from dnnlib import UserError
-from dnnlib.util import AtomicWriter
-from training.masks import MaskLaw
+from dnnlib.util import AtomicWriter, check_outdir
+from training.masks import MaskLaw, acs_columns, default_acs
 from training.operators import MultiCoilMRI, channels_to_complex, fft2c, ifft2c
 
 FORMAT_VERSION = 1
-NORMALISATION = {"kind": "slice-percentile", "percentile": 99.0, "value": 1.0,
-                 "of": "magnitude of the coil-combined image sum_c conj(S_c) ifft2c(k_c) of the stored k-space"}
+PERCENTILE = 99.0
 
 # ----------------------------------------------------------------------------
 # Small numeric helpers (numpy in, numpy out; torch does the FFTs so the conventions are the operators').
@@ -42,12 +44,39 @@ def coil_combine(kspace: np.ndarray, maps: np.ndarray) -> np.ndarray:
     return channels_to_complex(operator.AH(torch.from_numpy(kspace)[None]))[0].numpy()
 
 
-def normalisation_scale(image: np.ndarray) -> float:
-    """1 / (99th percentile of |image|); falls back to the maximum, and to 1 for an all-zero image."""
-    magnitude = np.abs(image)
-    reference = float(np.percentile(magnitude, NORMALISATION["percentile"]))
+def normalisation(acs: int) -> dict:
+    """The normalisation rule as dataset.json records it (see `normalisation_scale`)."""
+    return {"kind": "acs-percentile", "percentile": PERCENTILE, "value": 1.0, "acs": acs,
+            "of": "magnitude of the coil-combined image sum_c conj(S_c) ifft2c(k_c) of the k-space restricted to the "
+                  "acs centre phase-encode lines (columns)"}
+
+
+def _check_acs(acs: int, width: int):
+    if not 1 <= acs <= width:
+        raise UserError(f"The intensity normalisation reads the --acs centre lines: need 1 <= acs <= {width}, got "
+                        f"{acs}.")
+
+
+def normalisation_scale(kspace: np.ndarray, maps: np.ndarray, acs: int) -> float:
+    """The intensity scale of one slice: 1 / (99th percentile of |T^H (k restricted to the `acs` centre columns)|),
+    falling back to the maximum, and to 1 for an all-zero image.
+
+    Why the ACS image: the scale must be computable from what is measured, and be the same number for a slice
+    whatever way it is stored, or a model trained on acquired (undersampled) data is evaluated at another intensity
+    than it was trained at. Every line mask of the project keeps its `acs` centre lines in every draw (masks.py), so
+    the ACS image exists on every storage path and does not depend on which other lines a mask drew; the zero-filled
+    image of the stored k-space does (its intensity falls with R and varies from mask to mask), and the clean image
+    is not measured at all. The centre of k-space holds most of the image energy, so the low-resolution image's 99th
+    percentile is a stable intensity reference. With ESPIRiT maps calibrated inside the ACS region (the fastMRI
+    converter's default), the scale reads nothing outside it.
+    """
+    width = kspace.shape[-1]
+    _check_acs(acs, width)
+    low_resolution = kspace * acs_columns(width, acs).numpy()
+    magnitude = np.abs(coil_combine(low_resolution.astype(np.complex64), maps))
+    reference = float(np.percentile(magnitude, PERCENTILE))
     reference = reference if reference > 0 else float(magnitude.max())
-    return NORMALISATION["value"] / reference if reference > 0 else 1.0
+    return 1.0 / reference if reference > 0 else 1.0
 
 
 def birdcage_maps(num_coils: int, height: int, width: int, rotation: float = 0.0, ring_radius: float = 1.5):
@@ -109,12 +138,13 @@ def center_crop_kspace(kspace: np.ndarray, resolution: int) -> np.ndarray:
 
 class MRIDatasetWriter(AtomicWriter):
     """Writes a record directory atomically: everything goes to `<dest>.tmp-<pid>/`, renamed on `finish`, deleted
-    on error (use as a context manager)."""
+    on error (use as a context manager). `acs`: the centre lines every mask keeps, which the normalisation reads."""
 
-    def __init__(self, dest: str):
+    def __init__(self, dest: str, acs: int):
         if os.path.exists(dest):
             raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
-        self.dest = dest
+        check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
+        self.dest, self.acs = dest, acs
         self.tmp = f"{os.path.abspath(dest)}.tmp-{os.getpid()}"
         os.makedirs(os.path.join(self.tmp, "slices"))
         self.slices = []
@@ -128,7 +158,10 @@ class MRIDatasetWriter(AtomicWriter):
         if self.shape is not None and kspace.shape != self.shape:
             raise UserError(f"MRI record {len(self.slices)} has shape {kspace.shape}, but earlier ones {self.shape}.")
         self.shape = kspace.shape
-        scale = normalisation_scale(coil_combine(kspace, maps))
+        scale = normalisation_scale(kspace, maps, self.acs)
+        if mask is not None and not mask[..., acs_columns(kspace.shape[-1], self.acs).numpy()].all():
+            raise UserError(f"MRI record {len(self.slices)}: its mask does not keep the {self.acs} centre lines "
+                            "(--acs) that the intensity normalisation reads.")
         arrays = {"kspace": (kspace * scale).astype(np.complex64), "maps": maps.astype(np.complex64)}
         if mask is not None:
             arrays["mask"] = mask.astype(np.float32)
@@ -142,7 +175,7 @@ class MRIDatasetWriter(AtomicWriter):
             raise UserError(f"No MRI slices to write to {self.dest}.")
         num_coils, height, width = self.shape
         record = {"kind": "mri", "format_version": FORMAT_VERSION, "num_slices": len(self.slices),
-                  "num_coils": num_coils, "shape": [height, width], "normalisation": NORMALISATION, **meta,
+                  "num_coils": num_coils, "shape": [height, width], "normalisation": normalisation(self.acs), **meta,
                   "slices": self.slices}
         with open(os.path.join(self.tmp, "dataset.json"), "w") as f:
             json.dump(record, f, indent=2)
@@ -161,6 +194,19 @@ def _undersample(kspace: np.ndarray, mask_law: MaskLaw | None, mask_seed: int, i
     return (kspace * mask).astype(np.complex64), mask
 
 
+def _normalisation_acs(acs: int | None, mask_law: MaskLaw | None, width: int) -> int:
+    """The centre lines the normalisation reads: `acs`; by default the mask law's ACS lines when undersampling, else
+    `default_acs(width)` (train.py's default too). A mask law must keep them all. dataset_tool.py passes its --acs
+    to both the law and here, so the same slice gets the same scale on either storage path."""
+    if acs is None:
+        acs = default_acs(width) if mask_law is None else getattr(mask_law, "acs", 0)
+    _check_acs(acs, width)
+    if mask_law is not None and getattr(mask_law, "acs", 0) < acs:
+        raise UserError(f"The mask keeps {getattr(mask_law, 'acs', 0)} centre lines, fewer than the {acs} (--acs) "
+                        "that the intensity normalisation reads; give the mask law the same --acs.")
+    return acs
+
+
 def _sampling_meta(mask_law: MaskLaw | None, mask_seed: int) -> dict:
     if mask_law is None:
         return {"fully_sampled": True}
@@ -168,13 +214,13 @@ def _sampling_meta(mask_law: MaskLaw | None, mask_seed: int) -> dict:
 
 
 def simulate_mri(source: str, dest: str, num_coils: int = 8, seed: int = 0, max_images: int | None = None,
-                 mask_law: MaskLaw | None = None, mask_seed: int = 0, progress=None) -> int:
+                 mask_law: MaskLaw | None = None, mask_seed: int = 0, acs: int | None = None, progress=None) -> int:
     """Simulated multi-coil data from an image dataset (ImageFolderDataset: grayscale, or RGB -> luminance).
 
     Per image i (all randomness from numpy SeedSequence([seed, i])): magnitude = image in [0, 1], a smooth random
     phase (`smooth_phase`), birdcage maps (`birdcage_maps`) with the coil ring rotated by a random angle, so
-    sum_c |S_c|^2 = 1 at every pixel; k-space = fft2c(S x), fully sampled unless `mask_law` undersamples it.
-    Returns the number of slices written."""
+    sum_c |S_c|^2 = 1 at every pixel; k-space = fft2c(S x), fully sampled unless `mask_law` undersamples it;
+    normalised on the `acs` centre lines (`_normalisation_acs`). Returns the number of slices written."""
     from training.dataset import ImageFolderDataset
 
     if num_coils < 1:
@@ -183,8 +229,9 @@ def simulate_mri(source: str, dest: str, num_coils: int = 8, seed: int = 0, max_
     count = len(images) if max_images is None else min(max_images, len(images))
     if mask_law is not None:
         mask_law.observed_fraction(tuple(images.image_shape[1:]))  # rejects a law that does not fit, before writing
+    acs = _normalisation_acs(acs, mask_law, images.image_shape[-1])
     luminance = torch.tensor([0.299, 0.587, 0.114])
-    with MRIDatasetWriter(dest) as writer:
+    with MRIDatasetWriter(dest, acs) as writer:
         for i in range(count) if progress is None else progress(range(count)):
             image = (images[i]["image"] + 1) / 2
             magnitude = (image[0] if image.shape[0] == 1 else torch.einsum("chw,c->hw", image, luminance)).numpy()
@@ -241,27 +288,30 @@ def _check_fastmri_file(path: str, resolution: int) -> int:
         raise UserError(f"{path} is not a readable HDF5 file ({e}).") from e
 
 
-def convert_fastmri(source: str, dest: str, resolution: int = 256, calib_width: int = 24, kernel_width: int = 6,
-                    thresh: float = 0.02, crop: float = 0.95, skip_edge_slices: int = 0,
-                    max_slices: int | None = None, mask_law: MaskLaw | None = None, mask_seed: int = 0,
-                    progress=None) -> int:
+def convert_fastmri(source: str, dest: str, resolution: int = 256, acs: int | None = None,
+                    calib_width: int | None = None, kernel_width: int = 6, thresh: float = 0.02, crop: float = 0.95,
+                    skip_edge_slices: int = 0, max_slices: int | None = None, mask_law: MaskLaw | None = None,
+                    mask_seed: int = 0, progress=None) -> int:
     """fastMRI multi-coil HDF5 (`kspace` complex (slices, coils, H, W)) -> MRI records.
 
     Per kept slice: crop to resolution^2 in image space (`center_crop_kspace`), undersample with `mask_law` if given
     (per-record seed, k-space zeroed off the mask), ESPIRiT maps from the centre calib_width^2 of the k-space as
-    stored (so with undersampling, calib_width must not exceed the ACS width), normalise (module docstring).
+    stored, normalise on the `acs` centre lines (module docstring). `acs` (default `default_acs(resolution)`) is the
+    one width both depend on: calib_width defaults to it and may not exceed it, fully sampled or not, so the maps and
+    the scale come from lines every training mask keeps and are the same on both storage paths.
     The first and last `skip_edge_slices` slices of every volume are skipped (mostly noise). Returns slices written.
     """
     import h5py
 
-    if resolution < 4 or calib_width < 1 or kernel_width < 1 or skip_edge_slices < 0:
-        raise UserError("fastmri: --resolution must be >= 4, --calib-width and --kernel-width >= 1, "
-                        "--skip-edge-slices >= 0.")
-    if mask_law is not None and calib_width > getattr(mask_law, "acs", calib_width):
-        raise UserError(f"--calib-width {calib_width} exceeds the {mask_law.acs} ACS lines of the mask: ESPIRiT "
-                        "would calibrate on unmeasured k-space.")
+    if resolution < 4 or kernel_width < 1 or skip_edge_slices < 0:
+        raise UserError("fastmri: --resolution must be >= 4, --kernel-width >= 1, --skip-edge-slices >= 0.")
     if mask_law is not None:
         mask_law.observed_fraction((resolution, resolution))  # rejects a law that does not fit, before writing
+    acs = _normalisation_acs(acs, mask_law, resolution)
+    calib_width = acs if calib_width is None else calib_width
+    if not kernel_width <= calib_width <= acs:
+        raise UserError(f"fastmri: need --kernel-width ({kernel_width}) <= --calib-width ({calib_width}) <= --acs "
+                        f"({acs}): ESPIRiT must calibrate on centre lines that every training mask keeps.")
     files = _fastmri_files(source)
     plan = []  # (file, slice index) of every slice to convert, decided before writing anything
     for path in files:
@@ -273,7 +323,7 @@ def convert_fastmri(source: str, dest: str, resolution: int = 256, calib_width: 
 
     espirit = {"kind": "espirit", "library": "sigpy.mri.app.EspiritCalib", "calib_width": calib_width,
                "kernel_width": kernel_width, "thresh": thresh, "crop": crop, "max_iter": 100}
-    with MRIDatasetWriter(dest) as writer:
+    with MRIDatasetWriter(dest, acs) as writer:
         for index, (path, s) in enumerate(plan if progress is None else progress(plan)):
             with h5py.File(path, "r") as f:
                 kspace = np.asarray(f["kspace"][s]).astype(np.complex64)
@@ -290,12 +340,35 @@ def convert_fastmri(source: str, dest: str, resolution: int = 256, calib_width: 
 # Reading records.
 
 
+def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one .npy member of an .npz archive, from its header alone (a few hundred bytes)."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy format version {version} is not supported")
+        shape, _fortran_order, dtype = read_header[version](f)
+    return tuple(shape), dtype
+
+
 class MRIDataset(torch.utils.data.Dataset):
     """Multi-coil MRI records (module docstring). Items (default-collate friendly):
         'kspace' complex64 (C, H, W), 'maps' complex64 (C, H, W), 'index' int, 'label' float32 (0,),
         'mask'  float32 (1, 1, W) or (1, H, W)      only for undersampled records (`fully_sampled` False),
         'image' float32 (2, H, W) = T^H k as (re, im) only for fully sampled records (oracle training, references).
+
+    Validation, and what it costs: opening the dataset checks dataset.json and, for every record in use, that its
+    file lies inside the dataset folder and exists, and that its array headers (a few hundred bytes per record, read
+    from the .npz members without reading the data) hold exactly the expected arrays, shapes and numeric dtypes (no
+    object arrays). So wrong shapes, missing files and foreign arrays are refused, naming the record, before a run
+    directory or any output exists, at the cost of opening each record file once (seconds for 10^4 records, not a
+    read of the data). Finiteness needs the values: when the records in use total at most FULL_CHECK_BYTES they are
+    all read and checked on opening too (about a second); larger datasets are not read in full at every start, and
+    every record is checked where it is read instead. Either way a record with NaN or Inf is refused with a
+    UserError naming its file and is never used (reconstruct.py reads its examples before writing anything).
     """
+
+    FULL_CHECK_BYTES = 512 * 2**20
 
     def __init__(self, path: str, max_size: int | None = None, random_seed: int = 0):
         meta_path = os.path.join(path, "dataset.json")
@@ -305,37 +378,96 @@ class MRIDataset(torch.utils.data.Dataset):
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"MRI dataset {path}: dataset.json is not valid JSON ({e}).") from e
         if not isinstance(meta, dict) or meta.get("kind") != "mri" or meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"MRI dataset {path}: dataset.json is not an MRI record index of format {FORMAT_VERSION}.")
         self.path, self.meta = path, meta
-        self.fully_sampled = bool(meta["fully_sampled"])
-        self.num_coils = int(meta["num_coils"])
+        self._check_index()
+        self.fully_sampled = meta["fully_sampled"]
+        self.num_coils = meta["num_coils"]
         self.shape = tuple(meta["shape"])
         self.resolution = self.shape[0]
         raw_idx = np.arange(len(meta["slices"]), dtype=np.int64)
         if max_size is not None and len(raw_idx) > max_size:
             raw_idx = np.sort(np.random.RandomState(random_seed % (1 << 31)).choice(raw_idx, max_size, replace=False))
         self._raw_idx = raw_idx
+        for raw in raw_idx:
+            self._check_record_headers(int(raw))
+        if sum(os.path.getsize(self.record_file(int(raw))) for raw in raw_idx) <= self.FULL_CHECK_BYTES:
+            for raw in raw_idx:
+                self._read_arrays(int(raw))
+
+    def _check_index(self):
+        """dataset.json's fields that reading relies on: types, and record files that stay inside the folder."""
+        meta, where = self.meta, f"MRI dataset {self.path}: dataset.json"
+        shape = meta.get("shape")
+        if not (isinstance(meta.get("num_coils"), int) and meta["num_coils"] >= 1 and isinstance(shape, list)
+                and len(shape) == 2 and all(isinstance(n, int) and n >= 1 for n in shape)
+                and isinstance(meta.get("fully_sampled"), bool) and isinstance(meta.get("slices"), list)
+                and isinstance(meta.get("normalisation"), dict) and isinstance(meta.get("maps"), dict)):
+            raise UserError(f"{where} needs num_coils >= 1, shape [H, W], fully_sampled true/false, a list of slices, "
+                            "normalisation and maps.")
+        for i, entry in enumerate(meta["slices"]):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if (not isinstance(name, str) or os.path.isabs(name) or not name.endswith(".npz")
+                    or os.path.normpath(name).split(os.sep)[0] == ".." or "\\" in name):
+                raise UserError(f"{where}: slice {i} must name an .npz file inside the dataset folder, got "
+                                f"{name!r:.80}.")
+
+    def record_file(self, raw: int) -> str:
+        return os.path.join(self.path, self.meta["slices"][raw]["file"])
+
+    def _check_record_headers(self, raw: int):
+        name = self.record_file(raw)
+        try:
+            with zipfile.ZipFile(name) as archive:
+                headers = {member[: -len(".npy")]: _npy_header(archive, member) for member in archive.namelist()}
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+            raise UserError(f"MRI record {name} is missing or not a readable .npz file ({e}).") from e
+        self._check_arrays(name, headers)
+
+    def _check_arrays(self, name: str, arrays: dict):
+        """arrays: {key: (shape, dtype)}: exactly complex kspace and maps (C, H, W), plus a float mask (1, 1, W) or
+        (1, H, W) exactly when the data is undersampled."""
+        expected = {"kspace": ((self.num_coils, *self.shape),), "maps": ((self.num_coils, *self.shape),)}
+        if not self.fully_sampled:
+            expected["mask"] = ((1, 1, self.shape[1]), (1, *self.shape))
+        if ("mask" in arrays) == self.fully_sampled:
+            raise UserError(f"MRI record {name}: a mask must be stored exactly when the data is undersampled "
+                            f"(dataset.json says {'fully sampled' if self.fully_sampled else 'undersampled'}).")
+        for key, (shape, dtype) in arrays.items():
+            kind = "f" if key == "mask" else "c"
+            if key not in expected or tuple(shape) not in expected[key] or dtype.kind != kind:
+                raise UserError(f"MRI record {name} holds {key!r:.40} {dtype} {tuple(shape)}, but expected only "
+                                f"complex kspace and maps of shape {expected['kspace'][0]}"
+                                f"{'' if self.fully_sampled else ' and a float mask (1, 1, W) or (1, H, W)'}.")
+        missing = sorted(set(expected) - set(arrays))
+        if missing:
+            raise UserError(f"MRI record {name} has no {missing[0]} array.")
 
     def __len__(self) -> int:
         return len(self._raw_idx)
 
+    def _read_arrays(self, raw: int) -> dict:
+        """The arrays of record `raw`, refused (UserError naming the file) unless well-formed and finite."""
+        name = self.record_file(raw)
+        try:
+            with np.load(name, allow_pickle=False) as record:
+                arrays = {key: record[key] for key in record.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise UserError(f"MRI record {name} is missing or not a readable .npz file ({e}).") from e
+        self._check_arrays(name, {key: (array.shape, array.dtype) for key, array in arrays.items()})
+        for key, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise UserError(f"MRI record {name} holds NaN or Inf values in {key}; rebuild or remove the record.")
+        return arrays
+
     def __getitem__(self, idx: int) -> dict:
         raw = int(self._raw_idx[idx])
-        name = os.path.join(self.path, self.meta["slices"][raw]["file"])
-        with np.load(name, allow_pickle=False) as record:
-            arrays = {key: record[key] for key in record.files}
-        kspace, maps = arrays.get("kspace"), arrays.get("maps")
-        expected = (self.num_coils, *self.shape)
-        if kspace is None or maps is None or kspace.shape != expected or maps.shape != expected:
-            raise UserError(f"MRI record {name}: maps {getattr(maps, 'shape', None)} and k-space "
-                            f"{getattr(kspace, 'shape', None)} must both have shape {expected}.")
-        if ("mask" in arrays) == self.fully_sampled:
-            raise UserError(f"MRI record {name}: a mask must be stored exactly when the data is undersampled.")
-        item = {"kspace": torch.from_numpy(kspace.astype(np.complex64)),
-                "maps": torch.from_numpy(maps.astype(np.complex64)),
+        arrays = self._read_arrays(raw)
+        item = {"kspace": torch.from_numpy(arrays["kspace"].astype(np.complex64)),
+                "maps": torch.from_numpy(arrays["maps"].astype(np.complex64)),
                 "label": torch.zeros(0), "index": raw}
         if self.fully_sampled:
             item["image"] = MultiCoilMRI(item["maps"][None]).AH(item["kspace"][None])[0]
@@ -345,8 +477,25 @@ class MRIDataset(torch.utils.data.Dataset):
 
     def describe(self) -> dict:
         """JSON-able facts recorded in training_options.json and snapshot configs."""
-        return {"kind": "mri", "path": self.path, "num_slices": len(self.meta["slices"]),
+        return {"kind": "mri", "path": os.path.abspath(self.path), "num_slices": len(self.meta["slices"]),
                 "num_coils": self.num_coils, "shape": list(self.shape), "image_channels": 2,
                 "fully_sampled": self.fully_sampled, "normalisation": self.meta["normalisation"],
                 "maps": self.meta["maps"], **({"mask_law": self.meta["mask_law"]} if not self.fully_sampled else {})}
 
+
+
+def coil_map_records(path: str | None, num_coils: int, shape: tuple) -> MRIDataset:
+    """generate.py's default source of coil maps: a snapshot's training records at `path` (resolved by
+    checkpoint.load_snapshot; None when the snapshot records none), refused with a message naming --maps when they
+    are not there or do not fit. The records are only read."""
+    if path is None:
+        raise UserError("This MRI snapshot records no training data to take coil maps from; pass coil maps with "
+                        "--maps FILE.npy (complex (C, H, W)).")
+    if not os.path.isfile(os.path.join(path, "dataset.json")):
+        raise UserError(f"The coil maps of this MRI snapshot come from its training records at {path}, which are not "
+                        "there; pass coil maps with --maps FILE.npy (complex (C, H, W)).")
+    records = MRIDataset(path)
+    if records.num_coils != num_coils or tuple(records.shape) != tuple(shape):
+        raise UserError(f"The training records at {path} hold {records.num_coils} coils of {records.shape}, but the "
+                        f"snapshot needs {num_coils} of {tuple(shape)}; pass coil maps with --maps FILE.npy.")
+    return records

@@ -6,12 +6,15 @@ Diffusion-Based Generative Models", EDM).
 - `EDMPrecond`, `VPPrecond`, `VEPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), EDM Table 1;
   `DiscreteVPPrecond`: VP on the discrete DDPM schedule with integer timesteps (the MSM reference's network).
 - `ARCH_PRESETS` and `network_kwargs_for`: the `--arch` / `--precond` choices of train.py.
+- `NETWORK_REGISTRY`, `register_network` and `build_network`: the only classes a stored config may build, each with
+  a table of the keyword arguments it may set (see "Registry" at the end of this file for how to register a class).
 
 Conventions: images are float (N, C, H, W); a noise level sigma is given per example; class labels are one-hot float
 (N, label_dim), with the all-zero vector meaning "no label" (classifier-free guidance). Every constructor argument is
-JSON-serialisable (ints, floats, strings, lists), so a snapshot stores `{'class_name': ..., 'kwargs': ...}` and rebuilds
-the network from it. Weights are drawn from a `torch.Generator` seeded by the `init_seed` argument, never from the
-global RNG, so building a network neither depends on nor disturbs the global random state.
+JSON-serialisable (ints, floats, strings, lists), so a snapshot stores `{'class_name': ..., 'kwargs': ...}` and
+`build_network` rebuilds the network from it after checking both against the registry. Weights are drawn from a
+`torch.Generator` seeded by the `init_seed` argument, never from the global RNG, so building a network neither depends
+on nor disturbs the global random state.
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnlib import UserError
+from dnnlib import ConfigError, Field, UserError, check_fields
 
 
 class NetworkConfigError(UserError, ValueError):
@@ -743,8 +746,8 @@ def network_kwargs_for(arch: str, precond: str, cbase: int | None = None, cres: 
     arch in ARCH_PRESETS, precond in PRECOND_CLASSES; cbase / cres / dropout override model_channels /
     channel_mult / dropout when given (dropout=None keeps the architecture's default, 0.10); `extra` adds or
     overrides any other argument of the preconditioner or the UNet (img_resolution, in_channels, out_channels,
-    label_dim, num_blocks, sigma_data, ...). The kwargs are plain JSON values, so
-    `dnnlib.construct_class_by_name(class_name=..., **kwargs)` rebuilds the network from a snapshot.
+    label_dim, num_blocks, sigma_data, ...). The kwargs are plain JSON values, so `build_network` rebuilds the
+    network from a snapshot.
     """
     if arch not in ARCH_PRESETS:
         raise UserError(f"--arch must be one of {', '.join(ARCH_PRESETS)}, got {arch!r}.")
@@ -778,4 +781,96 @@ def network_kwargs_for(arch: str, precond: str, cbase: int | None = None, cres: 
             _check_layout(kwargs["img_resolution"], kwargs["channel_mult"], kwargs.get("num_blocks", 1))
         except NetworkConfigError as e:
             raise UserError(str(e)) from e
-    return dict(class_name=f"{__name__}.{precond_cls.__name__}", kwargs=kwargs)
+    config = dict(class_name=f"{__name__}.{precond_cls.__name__}", kwargs=kwargs)
+    check_network_config(config)  # what train.py stores must be loadable
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry: the network classes a stored config (snapshot, training state, --transfer) may name, and the keyword
+# arguments each may set. Nothing else is ever built from a file: no class or function is looked up by its dotted
+# name, so a crafted config can only choose values within these tables.
+#
+# To make a new network class loadable from snapshots, call `register_network(TheClass, arguments)` right after the
+# class, in its own module, with a table {argument name: dnnlib.Field} of every constructor argument a config may set
+# (kind, range, choices; mark the ones without default `required=True`), and import that module in
+# torch_utils/checkpoint.py (beside `training.networks`) so that loading sees the registration. A preconditioner that
+# wraps one of several architectures passes `architectures={model_type: table}` as well: a config then may set the
+# preconditioner's arguments plus those of the architecture its `model_type` names. The name stored in configs is
+# `module.ClassName`, as `network_kwargs_for` writes it.
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkEntry:
+    cls: type
+    arguments: dict  # name -> Field: the constructor arguments a config may set
+    architectures: dict | None = None  # model_type -> {name: Field}: arguments of the wrapped network, if any
+
+
+NETWORK_REGISTRY: dict[str, NetworkEntry] = {}
+
+
+def register_network(cls: type, arguments: dict, architectures: dict | None = None) -> str:
+    """Allow configs to build `cls` with the given arguments (see above); returns the name configs store."""
+    name = f"{cls.__module__}.{cls.__name__}"
+    NETWORK_REGISTRY[name] = NetworkEntry(cls, dict(arguments), architectures)
+    return name
+
+
+def check_network_config(config, where: str = "network") -> NetworkEntry:
+    """Refuse (dnnlib.ConfigError naming the field) a {'class_name', 'kwargs'} config that the registry does not
+    allow; returns the registry entry of its class."""
+    check_fields(config, {"class_name": Field("str", required=True), "kwargs": Field("json", required=True)}, where)
+    entry = NETWORK_REGISTRY.get(config["class_name"])
+    if entry is None:
+        raise ConfigError(f"{where}.class_name", f"names {config['class_name']!r:.80}, which is not a registered "
+                          f"network class (expected one of {', '.join(NETWORK_REGISTRY)})")
+    kwargs, fields = config["kwargs"], dict(entry.arguments)
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{where}.kwargs", f"must be a JSON object, got {type(kwargs).__name__}")
+    if entry.architectures is not None:
+        fields["model_type"] = Field("str", choices=tuple(entry.architectures))
+        model_type = kwargs.get("model_type", "SongUNet")  # the preconditioners' default
+        problem = fields["model_type"].problem(model_type)
+        if problem:
+            raise ConfigError(f"{where}.kwargs.model_type", f"{problem}, got {model_type!r:.60}")
+        fields.update(entry.architectures[model_type])
+    check_fields(kwargs, fields, f"{where}.kwargs")
+    return entry
+
+
+def build_network(config, where: str = "network") -> nn.Module:
+    """A fresh network from a stored {'class_name', 'kwargs'} config, after `check_network_config`. Settings that
+    pass the per-argument checks but do not fit together (e.g. a resolution that the levels cannot halve) raise
+    ConfigError naming the config too."""
+    entry = check_network_config(config, where)
+    try:
+        return entry.cls(**config["kwargs"])
+    except (NetworkConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"{where}.kwargs", f"do not describe a buildable network ({str(e).rstrip('.')})") from e
+
+
+_SIZE = dict(img_resolution=Field("int", 1, 4096, required=True), in_channels=Field("int", 1, 64, required=True),
+             out_channels=Field("int", 1, 64, optional=True), label_dim=Field("int", 0, 100_000))
+_NOISE_LEVEL = Field("float", 0, 1e6)
+_COMMON_UNET = dict(model_channels=Field("int", 1, 1024), channel_mult=Field("ints", 1, 16, max_items=8),
+                    channel_mult_emb=Field("int", 1, 16), num_blocks=Field("int", 1, 16),
+                    attn_resolutions=Field("ints", 1, 4096, max_items=8), dropout=Field("float", 0, 1),
+                    label_dropout=Field("float", 0, 1), init_seed=Field("int", 0, 2**63 - 1))
+ARCHITECTURE_ARGUMENTS = {
+    "SongUNet": {**_COMMON_UNET, "embedding_type": Field("str", choices=("positional", "fourier")),
+                 "channel_mult_noise": Field("int", 1, 16),
+                 "encoder_type": Field("str", choices=("standard", "skip", "residual")),
+                 "decoder_type": Field("str", choices=("standard", "skip")),
+                 "resample_filter": Field("ints", 1, 1000, max_items=8)},
+    "DhariwalUNet": dict(_COMMON_UNET),
+}
+register_network(EDMPrecond, {**_SIZE, "sigma_min": _NOISE_LEVEL, "sigma_max": _NOISE_LEVEL,
+                              "sigma_data": Field("float", 1e-6, 1e3)}, ARCHITECTURE_ARGUMENTS)
+register_network(VPPrecond, {**_SIZE, "beta_d": Field("float", 1e-6, 1e3), "beta_min": Field("float", 0, 1e3),
+                             "M": Field("int", 2, 1_000_000), "epsilon_t": Field("float", 1e-9, 1)},
+                 ARCHITECTURE_ARGUMENTS)
+register_network(DiscreteVPPrecond, {**_SIZE, "num_steps": Field("int", 2, 1_000_000),
+                                     "beta_start": Field("float", 1e-9, 1), "beta_end": Field("float", 1e-9, 1)},
+                 ARCHITECTURE_ARGUMENTS)
+register_network(VEPrecond, {**_SIZE, "sigma_min": _NOISE_LEVEL, "sigma_max": _NOISE_LEVEL}, ARCHITECTURE_ARGUMENTS)

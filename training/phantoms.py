@@ -47,3 +47,22 @@ def random_ellipse_phantoms(num: int, resolution: int, seed: int) -> np.ndarray:
     for i in range(num):
         out[i] = random_ellipse_phantom(resolution, np.random.default_rng([seed, i]))
     return out
+
+
+def lesion_phantoms(num: int, resolution: int, seed: int, contrast: float = 0.1, radius: float = 0.1,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A two-class task: phantom i (as `random_ellipse_phantoms`) with label i % 2, where class 1 carries a small
+    low-contrast lesion, a disc of the given radius (in units of the half field of view) that adds `contrast` to the
+    intensity, at a random position well inside the brain. Returns (float32 (num, R, R) in [0, 1], int64 (num,)).
+    The lesion draws come from their own stream, so image i of either class shares its anatomy with the plain
+    phantom i."""
+    images = random_ellipse_phantoms(num, resolution, seed)
+    labels = np.arange(num, dtype=np.int64) % 2
+    coords = (np.arange(resolution) + 0.5) / resolution * 2 - 1
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    for i in np.flatnonzero(labels):
+        rng = np.random.default_rng([seed, i, 1])
+        r, phi = rng.uniform(0, 0.35), rng.uniform(0, 2 * np.pi)
+        disc = (xx - r * np.cos(phi)) ** 2 + (yy - r * np.sin(phi)) ** 2 <= radius**2
+        images[i] = np.clip(images[i] + contrast * disc, 0, 1)
+    return images, labels

@@ -15,17 +15,43 @@ from dnnlib import UserError
 from training.masks import coverage_aware_masks, empty_coverage
 from training.measurements import partial_denoise
 from training.networks import vp_grid_sigmas
-from training.operators import measurement_randn
+from training.operators import Identity, measurement_randn
 
 
 def net_denoiser(net, class_labels=None):
-    """Wrap a preconditioned network (float32, any device) as a float64 denoiser D(x, sigma)."""
+    """Wrap a preconditioned network (float32, any device) as a float64 denoiser D(x, sigma).
+
+    A network with more input than output channels takes a mask as its extra input (trained with the Ambient loss or
+    --mask-channel); feeding it the noisy state there would sample garbage, so it is refused: such networks are
+    sampled by `ambient_sampler` or the MSM samplers, which give it a mask."""
+    if net.in_channels != net.out_channels:
+        raise UserError(f"This network takes {net.in_channels - net.out_channels} mask channel(s) besides its "
+                        f"{net.out_channels} image channel(s); a plain image denoiser would feed the noisy state into "
+                        "them, so sample it with the ambient or msm sampler.")
 
     def denoise(x, sigma):
         s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
         return net(x.to(torch.float32), s, class_labels).to(torch.float64)
 
     return denoise
+
+
+class CountingNetwork:
+    """A network that counts the images it evaluates (forward passes, batch rows summed) and ticks an optional
+    progress bar (`bar.update(1)`) once per call; every other attribute is the network's. Denoisers built on it
+    (`net_denoiser`, `net_partial_denoiser`, posterior.image_denoiser) then report the NFE of any sampler."""
+
+    def __init__(self, net):
+        self.net, self.images, self.bar = net, 0, None
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        self.images += x.shape[0]
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.net(x, sigma, class_labels, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
 
 
 def rho_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -72,13 +98,19 @@ def edm_sampler(
             x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * generator.randn_like(x_cur).to(torch.float64)
         else:
             x_hat = x_cur
-        # Euler step from t_hat to t_next.
-        d_cur = (x_hat - denoiser(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        # Heun correction (not at the last step, where t_next = 0).
-        if solver == "heun" and i < num_steps - 1:
-            d_prime = (x_next - denoiser(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x_next = ode_step(denoiser, x_hat, t_hat, t_next, solver)
+    return x_next
+
+
+def ode_step(denoiser, x: torch.Tensor, t_cur: float, t_next: float, solver: str = "heun") -> torch.Tensor:
+    """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from t_cur > 0 to t_next, in
+    either direction (down: sampling; up: inversion): Euler, plus Heun's correction when solver == 'heun' and
+    t_next > 0 (at t_next = 0 the slope is undefined, so EDM's last step is Euler)."""
+    d_cur = (x - denoiser(x, t_cur)) / t_cur
+    x_next = x + (t_next - t_cur) * d_cur
+    if solver == "heun" and t_next != 0:
+        d_prime = (x_next - denoiser(x_next, t_next)) / t_next
+        x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
 
@@ -96,6 +128,50 @@ def vp200_sigmas(device="cpu") -> torch.Tensor:
     training draws from), here in decreasing order.
     """
     return vp_grid_sigmas().flip(0).to(device)
+
+
+EDM_SIGMA_MAX = 80.0  # EDM's sampling sigma_max for networks trained with its log-normal sigma
+LOGNORMAL_TAIL_Z = 4.753  # the standard normal's 1 - 1e-6 quantile
+
+
+def training_sigma_max(loss_config: dict | None) -> tuple[float, str]:
+    """The highest noise level a network was trained on, from its snapshot's loss config ('loss': class_name and
+    kwargs), and the reason, for the log:
+      log-normal sigma (EDMLoss; MSM and Ambient losses with sigma_dist 'lognormal'): min(80, exp(P_mean + 4.753
+        P_std)), the 1 - 1e-6 quantile capped at EDM's sigma_max 80 (the level EDM samples these networks from;
+        80 for the defaults P_mean -1.2, P_std 1.2, whose quantile is 90);
+      sigma_dist 'vp200' (the reference's grid): its top, sigma_max of `vp_grid_sigmas` (157.4);
+      VPLoss: sigma_vp(1) = sqrt(exp(beta_d / 2 + beta_min) - 1) (152.3); VELoss: its sigma_max (100);
+      anything else (no loss in the config): inf, nothing to clip to."""
+    loss = dict(loss_config or {})
+    name = str(loss.get("class_name", "")).rsplit(".", 1)[-1]
+    if name == "VPLoss":
+        top = math.sqrt(math.exp(0.5 * loss.get("beta_d", 19.9) + loss.get("beta_min", 0.1)) - 1)
+        return top, f"trained with VP sigma up to {top:.1f}"
+    if name == "VELoss":
+        top = float(loss.get("sigma_max", 100.0))
+        return top, f"trained with VE sigma up to {top:g}"
+    if loss.get("sigma_dist") == "vp200":
+        top = float(vp_grid_sigmas()[-1])
+        return top, f"trained on the VP-200 grid up to {top:.1f}"
+    if name == "EDMLoss" or loss.get("sigma_dist") == "lognormal":
+        p_mean, p_std = loss.get("P_mean", -1.2), loss.get("P_std", 1.2)
+        top = min(EDM_SIGMA_MAX, math.exp(p_mean + LOGNORMAL_TAIL_Z * p_std))
+        return top, (f"trained with log-normal sigma (P_mean {p_mean}, P_std {p_std}); starting at most at "
+                     f"min(EDM's 80, its 1 - 1e-6 quantile) = {top:.1f}")
+    return math.inf, "the snapshot does not say which noise levels it was trained on"
+
+
+def sigmas_in_training_range(sigmas: torch.Tensor, loss_config: dict | None) -> tuple[torch.Tensor, str]:
+    """The levels of a decreasing grid at or below `training_sigma_max` (at least the last one), and one sentence
+    for the log saying where sampling starts and why."""
+    top, reason = training_sigma_max(loss_config)
+    kept = sigmas[sigmas <= top * (1 + 1e-9)]
+    kept = kept if len(kept) else sigmas[-1:]
+    dropped = len(sigmas) - len(kept)
+    where = f"{len(kept)} levels from sigma {kept[0].item():.3g}"
+    return kept, (f"{where} ({reason}; {dropped} higher levels of the grid dropped)" if dropped else
+                  f"{where} ({reason})")
 
 
 def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -266,6 +342,7 @@ def msm_sampler(
     outer: str = "ddim",
     dc_partial=None,
     dc_aggregate=None,
+    guidance=None,
     return_trajectory: bool = False,
 ):
     """MSM's stochastic partial-score sampler (MSM.md section 6) in measurement space.
@@ -294,6 +371,9 @@ def msm_sampler(
         the reference one does not (tests/test_msm_sampler.py), hence the default.
     dc_partial(s_i, P_i, sigma) -> s_i': applied to each subset's estimate (N, ...) before aggregation (MRI
         posterior sampling); dc_aggregate(z_hat, sigma) -> z_hat' after aggregation (image posterior sampling).
+    guidance(z, sigma) -> a correction added to the aggregate, evaluated at the start-of-step state z
+        (training.guidance.correction: sigma^2 * scale * grad G), so a guided MSM model samples like the guided
+        full denoiser does in `edm_sampler`.
     Returns the last aggregate z_hat (N, ...) at sigmas[-1]; with return_trajectory, (z_hat, list of the aggregate
     at every level).
     """
@@ -302,6 +382,8 @@ def msm_sampler(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     check_outer(outer, eta)
+    if variant == "batched" and mask_law.kind == "full":
+        num_subsets = 1  # every mask is P = I: the K estimates would be one network evaluation repeated K times
     sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
     z = latents.to(_state_dtype(latents)) * sigmas[0].item()
     draws = _SubsetDraws(mask_law, tuple(latents.shape[-2:]), generator, latents.device)
@@ -311,6 +393,7 @@ def msm_sampler(
         s0 = sigmas[k].item()
         s1 = sigmas[k + 1].item() if k + 1 < len(sigmas) else None
         masks = draws.next(num_subsets)  # (K, N, ...)
+        z_start = z
         if variant == "batched":
             s = (masks * z).flatten(0, 1)
             estimates = partial_denoiser(s, masks.flatten(0, 1), s0).reshape(num_subsets, *z.shape).to(z.dtype)
@@ -329,6 +412,8 @@ def msm_sampler(
                 estimates.append(estimate)
             estimates = torch.stack(estimates)
         z_hat = aggregate_partial_estimates(estimates, masks, z_hat)
+        if guidance is not None:
+            z_hat = z_hat + guidance(z_start, s0).to(z_hat.dtype)
         if dc_aggregate is not None:
             z_hat = dc_aggregate(z_hat, s0)
         if return_trajectory:
@@ -351,6 +436,7 @@ def msm_heun_sampler(
     rho: float = 7.0,
     dc_partial=None,
     dc_aggregate=None,
+    guidance=None,
 ) -> torch.Tensor:
     """EDM's Heun sampler (`edm_sampler`, rho schedule, no churn) with the MSM aggregate as the denoiser: every
     denoiser evaluation draws K new coverage-aware masks and evaluates the K partial estimates in one batched call.
@@ -358,6 +444,8 @@ def msm_heun_sampler(
     step (sigma_min -> 0) returns the aggregate at sigma_min, in the latents' layout (float64 / complex128)."""
     if not (isinstance(num_subsets, int) and num_subsets >= 1):
         raise UserError(f"The number of subsets K must be an integer >= 1, got {num_subsets!r}.")
+    if mask_law.kind == "full":
+        num_subsets = 1  # every mask is P = I: the K estimates would be one network evaluation repeated K times
     draws = _SubsetDraws(mask_law, tuple(latents.shape[-2:]), generator, latents.device)
     state = {"z_hat": None}
     is_complex = latents.is_complex()
@@ -371,6 +459,8 @@ def msm_heun_sampler(
             estimates = torch.stack([dc_partial(estimates[i], masks[i], sigma) for i in range(num_subsets)])
         previous = state["z_hat"] if state["z_hat"] is not None else torch.zeros_like(z)
         z_hat = aggregate_partial_estimates(estimates, masks, previous)
+        if guidance is not None:
+            z_hat = z_hat + guidance(z, sigma).to(z_hat.dtype)
         if dc_aggregate is not None:
             z_hat = dc_aggregate(z_hat, sigma)
         state["z_hat"] = z_hat
@@ -379,4 +469,127 @@ def msm_heun_sampler(
     start = torch.view_as_real(latents.to(torch.complex128)) if is_complex else latents
     out = edm_sampler(aggregate, start, generator, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                       rho=rho, solver="heun")
+    return torch.view_as_complex(out.contiguous()) if is_complex else out
+
+
+def msm_aggregate_denoiser(partial_denoiser, operator, mask_law, generator, num_subsets: int,
+                           sigma_data: float = 0.5):
+    """MSM's aggregate as an image-space denoiser D(x, sigma) -> x0_hat (float64 (N, C, H, W) in and out), so that
+    any sampler written for a full denoiser (training/sde.py, DPS) is driven by an MSM prior as MSM samples it.
+
+    partial_denoiser(s, mask, sigma) -> s_hat as for `msm_sampler` (`net_partial_denoiser`), trained on
+    s = P (z0 + sigma n) with z0 = T x0 and n white (N(0, 1) per real component) on the whole measurement space.
+    operator: T of the N batch elements, with T^H T = I (Identity; MultiCoilMRI with sum_c |S_c|^2 = 1) and pinv.
+    generator: torch_utils.misc.SeedGenerators of the N seeds; masks and the noise below come from each seed's own
+    mask stream (`_mask_generators`), so a row depends only on its seed (and the calls so far), and the solver's
+    noise streams are left as they would be with a plain denoiser.
+
+    Every call draws K = num_subsets coverage-aware masks per seed (the coverage record carries across calls, as in
+    `msm_heun_sampler`), evaluates the K partial estimates in one batched call and aggregates them with 1/count
+    weights (`aggregate_partial_estimates`), then returns T^+ of the aggregate.
+
+    The measurement handed to the partial denoiser is s_full = T x + sigma w with w = (I - T T^H) n, n white and
+    independent of x. Why: the state is x = x0 + sigma n_img with n_img white on the image space, so
+    T x = T x0 + sigma T n_img, whose noise T n_img ~ N(0, T T^H) is white only on range(T) (T T^H = Pi, the
+    orthogonal projector onto it; real view, where T^H is the adjoint for Re <a, b>). (I - Pi) n ~ N(0, I - Pi) is
+    independent of n_img, so T n_img + (I - Pi) n ~ N(0, Pi + I - Pi) = N(0, I): (z0, s_full) has exactly the joint
+    law the partial denoisers were trained on, and P_i s_full is a training input for every mask. Without w, P_i T x
+    would carry noise of covariance sigma^2 P_i Pi P_i, not sigma^2 P_i (multi-coil MRI: coil images are correlated).
+    The added noise never changes a full-mask estimate: T^H (I - Pi) = 0, so a law that always covers everything
+    returns D(x) itself. For Identity, Pi = I and w = 0 (nothing is drawn).
+
+    Entries no mask of the call covers (only when the K masks leave gaps) get sd^2 / (sd^2 + sigma^2) s_full,
+    sd = sigma_data (default 0.5: EDM's data std, the scale of the house's [-1, 1] data): the MMSE estimate of an
+    entry from its own white-noise measurement if that entry were N(0, sd^2) (EDM's c_skip). It tends to the prior
+    mean 0 at high noise (where `msm_sampler` uses 0) and to the measurement at low noise; the previous estimate
+    `msm_sampler` keeps there does not exist in a denoiser that solvers call at arbitrary levels (and differentiate
+    through, for DPS).
+    A law that always covers everything (kind 'full') uses one subset: K copies of P = I would repeat one estimate.
+    """
+    if not (isinstance(num_subsets, int) and num_subsets >= 1):
+        raise UserError(f"The number of subsets K must be an integer >= 1, got {num_subsets!r}.")
+    if mask_law.kind == "full":
+        num_subsets = 1
+    out_of_range_noise = not isinstance(operator, Identity)
+    draws = None
+
+    def denoise(x, sigma):
+        nonlocal draws
+        z = operator.A(x)
+        z = z.to(torch.complex128 if z.is_complex() else torch.float64)
+        if draws is None:
+            draws = _SubsetDraws(mask_law, tuple(z.shape[-2:]), generator, z.device)
+        masks = draws.next(num_subsets)  # (K, N, ...)
+        if out_of_range_noise:
+            template = torch.empty(z.shape[1:], dtype=z.dtype)
+            n = torch.stack([measurement_randn(template, g) for g in draws.generators]).to(z.device)
+            z = z + float(sigma) * (n - operator.A(operator.AH(n)).to(z.dtype))
+        estimates = partial_denoiser((masks * z).flatten(0, 1), masks.flatten(0, 1), sigma)
+        estimates = estimates.reshape(num_subsets, *z.shape).to(z.dtype)
+        fallback = z * (sigma_data**2 / (sigma_data**2 + float(sigma) ** 2))
+        z_hat = aggregate_partial_estimates(estimates, masks, fallback)
+        return operator.pinv(z_hat).to(torch.float64)
+
+    return denoise
+
+
+# ----------------------------------------------------------------------------
+# Ambient Diffusion's sampler (Daras et al. 2023; REFERENCES.md).
+
+
+def ambient_masks(mask_law, delta: float, shape: tuple[int, int], generator) -> torch.Tensor:
+    """One mask per batch element, corrupted as `AmbientLoss` corrupts in training: a draw of the training law, then
+    each unit of the law's mask shape (a pixel, or a phase-encode line) dropped with probability `delta`, so an entry
+    survives with probability (1 - p)(1 - delta) for the pixel law (E[P] (1 - delta) for any law). Drawn on the CPU
+    from the element's own mask stream (`_mask_generators`): a seed's mask depends on nothing else.
+    Returns float32 (N, 1, H, W) or (N, 1, 1, W)."""
+    masks = []
+    for g in _mask_generators(generator):
+        mask = mask_law.sample(1, shape, g)
+        masks.append(mask * (torch.rand(mask.shape, generator=g) >= delta))
+    return torch.cat(masks)
+
+
+def net_ambient_denoiser(net, operator, class_labels=None):
+    """Wrap a network trained with `AmbientLoss` as masked_denoiser(s, mask, sigma) -> T x0_hat, the estimate of the
+    whole clean measurement from s = M z: x0_hat = D(T^H s; sigma) with M as the network's mask channel where it has
+    one (images; MRI networks get none), which is the input AmbientLoss trains it on (`partial_denoise`).
+
+    `operator` is the full operator T of the N batch elements (Identity, or MultiCoilMRI with their coil maps) and
+    `class_labels` (N, label_dim) or None. Returns T x0_hat in the dtype of s."""
+
+    def denoise(s, mask, sigma):
+        sigma_in = torch.full((s.shape[0],), float(sigma), dtype=torch.float32, device=s.device)
+        _, x0_hat = partial_denoise(net, operator, mask, s, sigma_in, class_labels)
+        return operator.A(x0_hat.to(torch.float64)).to(s.dtype)
+
+    return denoise
+
+
+def ambient_sampler(masked_denoiser, latents: torch.Tensor, mask_law, delta: float, generator,
+                    **edm_options) -> torch.Tensor:
+    """Ambient Diffusion's sampler, as Daras et al. sample their models: EDM's sampler (`edm_sampler` with
+    `edm_options`: Heun by default, optional churn) in measurement space, where every denoiser evaluation sees only
+    M z and M. M is one mask per seed (`ambient_masks`: the training law followed by the extra delta drop), the same
+    at every step, so the network always gets the kind of input it was trained on.
+
+    masked_denoiser(s, mask, sigma) -> the estimate of z_0 on every entry from s = M (z_0 + sigma n) (e.g.
+        `net_ambient_denoiser`; AmbientLoss trains the network towards E[z_0 | M z_sigma, M]).
+    latents: standard normal (N, ...) of the measurement shape, real, or complex for MRI k-space (then stepped as
+        (re, im) pairs, like `msm_heun_sampler`). generator: torch_utils.misc.SeedGenerators.
+    The reference's optional clipping of the estimate and its guidance from several masks are left out (both off
+    here: neither is part of the method). Returns the final estimate (N, ...) in the latents' space.
+    """
+    if not 0 <= delta < 1:
+        raise UserError(f"Ambient's extra drop probability delta must lie in [0, 1), got {delta}.")
+    masks = ambient_masks(mask_law, delta, tuple(latents.shape[-2:]), generator).to(latents.device)
+    is_complex = latents.is_complex()
+
+    def denoise(x, sigma):
+        z = torch.view_as_complex(x.contiguous()) if is_complex else x
+        z_hat = masked_denoiser(masks * z, masks, sigma).to(z.dtype)
+        return torch.view_as_real(z_hat) if is_complex else z_hat
+
+    start = torch.view_as_real(latents.to(torch.complex128)) if is_complex else latents
+    out = edm_sampler(denoise, start, generator, **edm_options)
     return torch.view_as_complex(out.contiguous()) if is_complex else out

@@ -7,21 +7,45 @@ Exact resume rests on two choices:
   reading at position cur_nimg: no replay, no loader state to save.
 - Every other random draw comes from per-rank RNGs (the loss's torch.Generator and the global RNG used by dropout)
   whose states are saved for every rank in the training state.
+
+With several ranks the network is wrapped in DistributedDataParallel: gradients are averaged during the backward pass
+of the last accumulation round (the others run under no_sync), so the fp16 GradScaler checks the reduced gradients
+for overflow and every rank takes, or skips, the same steps.
 """
 
 import copy
 import hashlib
 import json
 import os
+import re
 import resource
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from dnnlib import EasyDict, construct_class_by_name
+from dnnlib import EasyDict, UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from training.dataset import open_dataset
+from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
+
+# What an options dict may name in its 'class_name' entries (training_options.json records these names); objects are
+# built from these tables, never by looking a dotted name up.
+DATASETS = {"training.dataset.open_dataset": open_dataset}
+LOSSES = {f"training.loss.{cls.__name__}": cls for cls in (EDMLoss, VPLoss, VELoss, MSMLoss, AmbientLoss,
+                                                                   ClassifierLoss)}
+OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam}
+
+
+def build(kwargs: dict, table: dict, **extra):
+    """{'class_name': a key of table, **kw} -> table[class_name](**kw, **extra)."""
+    kwargs = dict(kwargs)
+    name = kwargs.pop("class_name")
+    if name not in table:
+        raise UserError(f"class_name {name!r} is not one of {', '.join(table)}.")
+    return table[name](**kwargs, **extra)
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -29,10 +53,13 @@ class StreamSampler(torch.utils.data.Sampler):
 
     Global position s maps to example perm_{s // N}[s % N]. Within one optimizer step (B = batch_gpu * world * rounds
     positions), accumulation round a of rank r takes positions a*batch_gpu*world + r*batch_gpu + [0, batch_gpu).
+    With `class_of` (the class index of every example), epochs are class-balanced instead (MGDM's imbalanced
+    sampler): epoch e is N draws with replacement, example i drawn with probability proportional to 1 / (size of its
+    class), seeded by (seed, e) like the permutations, so resume stays exact.
     """
 
     def __init__(self, num_examples, rank, world_size, batch_gpu, rounds, seed, start_pos=0, shuffle=True,
-                 with_position=False):
+                 with_position=False, class_of=None):
         self.n, self.rank, self.world, self.batch_gpu, self.rounds = num_examples, rank, world_size, batch_gpu, rounds
         self.seed, self.start_pos, self.shuffle = seed, start_pos, shuffle
         self.with_position = with_position  # yield (index, global position): the 'resample' protocol keys on it
@@ -40,11 +67,18 @@ class StreamSampler(torch.utils.data.Sampler):
         if start_pos % self.batch_size:
             raise ValueError(f"start position {start_pos} is not a multiple of the batch size {self.batch_size}")
         self._epoch, self._perm = None, None
+        self._weights = None
+        if class_of is not None:
+            class_of = torch.as_tensor(np.asarray(class_of), dtype=torch.int64)
+            self._weights = 1.0 / torch.bincount(class_of)[class_of].to(torch.float64)
 
     def _example(self, pos):
         epoch = pos // self.n
         if epoch != self._epoch:
-            if self.shuffle:
+            if self._weights is not None:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.multinomial(self._weights, self.n, replacement=True, generator=g).numpy()
+            elif self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._perm = torch.randperm(self.n, generator=g).numpy()
             else:
@@ -81,17 +115,50 @@ def _set_rng_state(state: dict, loss_gen: torch.Generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _all_reduce_grads(params: list, scale: float):
-    """Sum gradients over ranks in one flat all-reduce, scale them, and replace NaN/Inf by finite values."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce_(flat)
-    flat.mul_(scale)
-    torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(p)
-        offset += g.numel()
+def _finite_grads_(params: list):
+    """Replace NaN/Inf gradients by finite values in place (EDM's guard for fp32 / bf16; under fp16 the GradScaler
+    has already decided to skip the step when there were any)."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+def cpu_bf16_support(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool | None, str]:
+    """(native, what the CPU has): whether it executes bf16 in hardware (x86 flags avx512_bf16 / amx_bf16, Arm bf16 in
+    /proc/cpuinfo), None when that cannot be told; and a description for the log, e.g. 'AVX2 without avx512_bf16 or
+    amx_bf16'. Without native bf16, autocast emulates it and is usually several times slower than fp32."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open(cpuinfo) as f:
+            flags = set(re.search(r"^(?:flags|Features)\s*:(.*)$", f.read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return None, f"{capability} (no /proc/cpuinfo flags to check for bf16 instructions)"
+    native = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if native:
+        return True, f"{capability} with {' and '.join(native)}"
+    return False, f"{capability} without avx512_bf16 or amx_bf16"
+
+
+def _truncate_stats(path: str, nimg: int) -> int:
+    """Keep the lines of stats.jsonl up to training position nimg (a resumed run redoes the ticks after its state;
+    a line torn by a kill is dropped too) -> how many lines were removed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if round(json.loads(line)["kimg"] * 1000) > nimg:
+                break
+        except (ValueError, KeyError, TypeError):
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        with open(f"{path}.tmp", "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+        os.replace(f"{path}.tmp", path)
+    return len(lines) - len(keep)
 
 
 def parameter_hash(net: torch.nn.Module) -> str:
@@ -103,7 +170,8 @@ def parameter_hash(net: torch.nn.Module) -> str:
 
 
 def snapshot_config(c: EasyDict, dataset) -> dict:
-    """What a snapshot must carry so generate.py / reconstruct.py need no flags about the model or the data."""
+    """What a snapshot must carry so generate.py / reconstruct.py need no flags about the model or the data. Loading
+    accepts only the sections and keys that checkpoint.check_snapshot_config knows: add new ones there too."""
     return {
         "network": c.network,
         "dataset": dataset.describe(),
@@ -122,18 +190,25 @@ def training_loop(
 ):
     rank, world = dist.get_rank(), dist.get_world_size()
     start_time = time.time()
+    if rank == 0:
+        removed = checkpoint.remove_stale_temp_files(run_dir)
+        if removed:
+            log(f"Removed {len(removed)} partial checkpoint file(s) left by a killed run: {', '.join(removed)}")
+    if rank == 0 and c.precision == "bf16" and device.type == "cpu":
+        native, cpu = cpu_bf16_support()
+        if native is False:
+            log(f"Warning: --precision bf16 on a CPU without bf16 instructions ({cpu}): autocast emulates bf16 there, "
+                "usually several times slower than fp32; `python bench/train_throughput.py` measures both.")
 
     # Data.
-    dataset = construct_class_by_name(**c.dataset_kwargs)
+    dataset = build(c.dataset_kwargs, DATASETS)
     rounds = c.batch_size // (c.batch_gpu * world)
     assert c.batch_size == c.batch_gpu * world * rounds
 
-    # Network, EMA, loss, optimizer. Initial weights come from the run's seed and rank 0's copy is broadcast, so
-    # every rank starts from the same parameters whatever its RNG history.
+    # Network, EMA, loss, optimizer. Initial weights come from the run's seed, and DistributedDataParallel broadcasts
+    # rank 0's copy, so every rank starts from the same parameters whatever its RNG history.
     torch.manual_seed(c.seed)
     net = checkpoint.build_network(c.network).to(device)
-    for t in [*net.parameters(), *net.buffers()]:
-        dist.broadcast_(t.data)
     if c.get("transfer"):
         src, _ = checkpoint.load_snapshot(c.transfer)
         net.load_state_dict(src.state_dict())
@@ -141,9 +216,9 @@ def training_loop(
     memory_format = torch.channels_last if c.get("channels_last") else torch.contiguous_format
     net.to(memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = construct_class_by_name(**c.loss_kwargs)
+    loss_fn = build(c.loss_kwargs, LOSSES)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = construct_class_by_name(params=params, **c.optimizer_kwargs)
+    optimizer = build(c.optimizer_kwargs, OPTIMIZERS, params=params)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=(c.precision == "fp16"))
     loss_gen = torch.Generator(device).manual_seed(c.seed * world + rank)
@@ -155,6 +230,7 @@ def training_loop(
             f"{len(dataset)} examples of shape {desc.get('image_shape') or desc.get('shape')}; device {device}, "
             f"{world} rank(s), {rounds} accumulation round(s) of {c.batch_gpu}, precision {c.precision}")
 
+    total_nimg = int(round(c.total_kimg * 1000))
     cur_nimg, cur_tick = 0, 0
     if resume_state is not None:
         state = checkpoint.load_training_state(resume_state)
@@ -171,10 +247,25 @@ def training_loop(
                 "reseeded (the data order and everything else continue exactly).")
         if rank == 0:
             log(f"Resuming from {resume_state} at {cur_nimg / 1000:.3f} kimg (tick {cur_tick}).")
+            if state["progress"]["total_kimg"] != c.total_kimg:
+                log(f"The duration changed from {state['progress']['total_kimg']:g} to {c.total_kimg:g} kimg.")
+            if cur_nimg >= total_nimg:
+                log(f"The run is already at {cur_nimg / 1000:.3f} kimg, at or past --duration ({c.total_kimg:g} "
+                    f"kimg): nothing to train; it ends at {cur_nimg / 1000:.3f} kimg.")
         del state
+    stats_path = os.path.join(run_dir, "stats.jsonl")
+    if rank == 0 and (redone := _truncate_stats(stats_path, cur_nimg)):
+        log(f"Removed {redone} line(s) of stats.jsonl past {cur_nimg / 1000:.3f} kimg (those ticks are redone).")
+    ddp = dist.data_parallel(net, device)
 
+    class_of = [int(dataset.get_label(i).argmax()) for i in range(len(dataset))] if c.get("balanced") else None
     sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=cur_nimg,
-                            with_position=getattr(dataset, "uses_stream_position", False))
+                            with_position=getattr(dataset, "uses_stream_position", False), class_of=class_of)
+    validation = None
+    if c.get("val_dataset_kwargs"):
+        from training.classifier import Validation
+
+        validation = Validation(build(c.val_dataset_kwargs, DATASETS), c.seed)
     # The loader gets its own generator: iter(DataLoader) otherwise draws a base seed from the global RNG, which
     # would shift the dropout stream of a resumed run by one draw.
     loader = torch.utils.data.DataLoader(
@@ -183,26 +274,29 @@ def training_loop(
         persistent_workers=c.workers > 0, generator=torch.Generator().manual_seed(c.seed))
     data_iter = iter(loader)
 
-    total_nimg = int(round(c.total_kimg * 1000))
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
     tick_loss = torch.zeros(2, dtype=torch.float64)  # (sum of per-example losses, count) on this rank
     config = snapshot_config(c, dataset)
-    stats_path = os.path.join(run_dir, "stats.jsonl")
     done = cur_nimg >= total_nimg
 
     while not done:
-        # One optimizer step over the global batch.
+        # One optimizer step over the global batch: per-rank gradients of (sum of losses) / (batch / world), summed
+        # over rounds locally and averaged over ranks by DDP in the last round's backward pass.
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(rounds):
-            batch = _to_device(next(data_iter), device)
-            if "image" in batch:
-                batch["image"] = batch["image"].contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn(net=net, batch=batch, generator=loss_gen)
-            tick_loss += torch.tensor([loss.detach().double().sum().item(), loss.shape[0]], dtype=torch.float64)
-            scaler.scale(loss.sum() / c.batch_size).backward()
-        scaler.unscale_(optimizer)
-        _all_reduce_grads(params, scale=1.0)
+        for round_idx in range(rounds):
+            last_round = round_idx == rounds - 1
+            with nullcontext() if last_round else dist.no_sync(ddp):
+                batch = _to_device(next(data_iter), device)
+                if "image" in batch:
+                    batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = loss_fn(net=ddp, batch=batch, generator=loss_gen)
+                tick_loss += torch.tensor([loss.detach().double().sum().item(), loss.shape[0]], dtype=torch.float64)
+                if last_round:  # a rank that hangs before the reduction is named here, not left to stall the others
+                    dist.barrier(f"the gradient reduction of the step at {cur_nimg / 1000:.3f} kimg")
+                scaler.scale(loss.sum() / (c.batch_size // world)).backward()
+        scaler.unscale_(optimizer)  # the overflow check sees the reduced gradients: the same decision on every rank
+        _finite_grads_(params)
         lr = c.optimizer_kwargs["lr"] * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -226,6 +320,7 @@ def training_loop(
             continue
 
         # Tick: status line, stats, snapshot, training state.
+        dist.barrier(f"the tick at {cur_nimg / 1000:.3f} kimg")
         dist.all_reduce_(tick_loss)
         tick_end_time = time.time()
         tick_nimg = cur_nimg - tick_start_nimg
@@ -239,21 +334,24 @@ def training_loop(
             "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
         }
         tick_loss.zero_()
+        if validation is not None and rank == 0:
+            stats.update(validation(ema, device))
         if rank == 0:
             log(f"tick {cur_tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} "
                 f"time {stats['total_sec']:<8.1f} sec/tick {stats['sec_per_tick']:<7.1f} "
                 f"img/s {stats['images_per_sec']:<7.1f} lr {lr:.2e} cpumem {stats['cpu_mem_gb']:.2f} "
-                f"gpumem {stats['gpu_mem_gb']:.2f}")
+                f"gpumem {stats['gpu_mem_gb']:.2f}" + "".join(f" {k} {v:.3f}" for k, v in stats.items()
+                                                              if k.startswith("val_")))
             with open(stats_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
 
-        kimg_tag = f"{cur_nimg // 1000:06d}"
         write_snapshot = c.snapshot_ticks is not None and (done or cur_tick % c.snapshot_ticks == 0)
         write_state = c.state_dump_ticks is not None and (done or cur_tick % c.state_dump_ticks == 0)
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if write_snapshot and rank == 0:
-            checkpoint.save_snapshot(os.path.join(run_dir, f"network-snapshot-{kimg_tag}.pt"), config, ema)
+            checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", cur_nimg)),
+                                     config, ema)
         if write_state:
             hashes = dist.all_gather_object(parameter_hash(net))
             if len(set(hashes)) != 1:
@@ -263,13 +361,17 @@ def training_loop(
             rng_states = dist.all_gather_object(_rng_state(loss_gen))
             if rank == 0:
                 checkpoint.save_training_state(
-                    os.path.join(run_dir, f"training-state-{kimg_tag}.pt"), config,
+                    os.path.join(run_dir, checkpoint.progress_file_name("training-state", cur_nimg)), config,
                     {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(),
                      "progress": {"cur_nimg": cur_nimg, "cur_tick": cur_tick, "total_kimg": c.total_kimg},
                      "rng": rng_states})
-        dist.barrier()
+        dist.barrier(f"the end of the tick at {cur_nimg / 1000:.3f} kimg")
 
+    final_snapshot = os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", cur_nimg))
+    if rank == 0 and not os.path.exists(final_snapshot):  # a run resumed past its new duration
+        checkpoint.save_snapshot(final_snapshot, config, ema)
+        log(f"Wrote the final snapshot {os.path.basename(final_snapshot)}.")
     if rank == 0:
         log(f"Done: {cur_nimg / 1000:.3f} kimg in {time.time() - start_time:.1f} s.")
     return net, ema
