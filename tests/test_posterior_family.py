@@ -13,7 +13,15 @@ import torch
 
 import reconstruct
 from tests.helpers import make_phantoms, run_cli
-from tests.test_reconstruct import RES, GaussianNetwork, gaussian_records, read_rows, smooth_covariance, write_snapshot
+from tests.test_reconstruct import (
+    RES,
+    GaussianNetwork,
+    gaussian_records,
+    normalised_maps,
+    read_rows,
+    smooth_covariance,
+    write_snapshot,
+)
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.samplers import CountingNetwork
@@ -91,11 +99,7 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     # CT 29.3, 27.4, 27.8, -, 27.0 vs 24.1. Required: half of the smallest gain.
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
     cov = smooth_covariance(channels)
-    maps = None
-    if task == "mri":
-        g = torch.Generator().manual_seed(12)
-        maps = torch.complex(torch.randn(4, RES, RES, generator=g), torch.randn(4, RES, RES, generator=g))
-        maps = maps / maps.abs().square().sum(dim=0).sqrt()
+    maps = normalised_maps() if task == "mri" else None
     task_options = reconstruct.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
     examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),

@@ -284,6 +284,13 @@ def gaussian_records(cov: torch.Tensor, channels: int, num: int, maps=None) -> l
     return records
 
 
+def normalised_maps(coils: int = 4) -> torch.Tensor:
+    """Random complex coil maps with sum |S|^2 = 1 (so T^H T = I), fixed by a seed."""
+    g = torch.Generator().manual_seed(12)
+    maps = torch.complex(torch.randn(coils, RES, RES, generator=g), torch.randn(coils, RES, RES, generator=g))
+    return maps / maps.abs().square().sum(dim=0).sqrt()
+
+
 @pytest.mark.parametrize("task", ["mri", "sr", "box", "pixel"])
 def test_methods_with_an_exact_prior_beat_zero_filling(task):
     # reconstruct.py's own measurement, operators and method table with the exact denoiser of the Gaussian data as
@@ -295,11 +302,7 @@ def test_methods_with_an_exact_prior_beat_zero_filling(task):
 
     channels, num, num_seeds = (2 if task == "mri" else 1), 8, 4
     cov = smooth_covariance(channels)
-    maps = None
-    if task == "mri":
-        g = torch.Generator().manual_seed(12)
-        maps = torch.complex(torch.randn(4, RES, RES, generator=g), torch.randn(4, RES, RES, generator=g))
-        maps = maps / maps.abs().square().sum(dim=0).sqrt()
+    maps = normalised_maps() if task == "mri" else None
     task_options = reconstruct.resolve_task_options(task, False, {}, RES)
     examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),

@@ -24,6 +24,7 @@ from training.networks import (
     _adm_style,
     _check_layout,
     _song_style,
+    image_and_sigma,
     register_network,
 )
 
@@ -73,13 +74,7 @@ class NoiseAwareClassifier(nn.Module):
         self.head = Linear(c, label_dim, generator=g, **block_style.init_zero)
 
     def forward(self, x, sigma):
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.numel() not in (1, len(x)):
-            raise ValueError(f"sigma must hold 1 or {len(x)} (batch size) values, got shape {tuple(sigma.shape)}.")
-        sigma = sigma.reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        x, sigma = image_and_sigma(x, sigma, self.in_channels)
         c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
         c_noise = sigma.clamp_min(SIGMA_FLOOR).log().reshape(-1) / 4
         emb = F.silu(self.noise_mlp(self.noise_embedding(c_noise)))

@@ -548,6 +548,18 @@ class DhariwalUNet(_UNet):
 MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
+def image_and_sigma(x, sigma, in_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a network input: images (N, in_channels, H, W) of any float dtype and sigma a float, a 0-d tensor or per
+    example -> (x float32, sigma float32 (N, 1, 1, 1)). Shared by the preconditioners and the classifier."""
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"Expected images of shape (N, {in_channels}, H, W), got {tuple(x.shape)}.")
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.numel() not in (1, len(x)):
+        raise ValueError(f"sigma must hold 1 or {len(x)} (batch size) values, got shape {tuple(sigma.shape)}.")
+    return x, sigma.reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+
+
 class _Precond(nn.Module):
     """Shared part of the preconditioners. Subclasses define `coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`.
 
@@ -579,13 +591,7 @@ class _Precond(nn.Module):
         """x (N, in_channels, H, W) of any float dtype; sigma a float, a 0-d tensor, or per example (N,) / (N,1,1,1);
         class_labels (N, label_dim) one-hot, or None for the no-label vector -> D(x; sigma) float32
         (N, out_channels, H, W). The preconditioning is computed in float32; the network may run under autocast."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.numel() not in (1, len(x)):
-            raise ValueError(f"sigma must hold 1 or {len(x)} (batch size) values, got shape {tuple(sigma.shape)}.")
-        sigma = sigma.reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        x, sigma = image_and_sigma(x, sigma, self.in_channels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         net_out = self.model(c_in * x, c_noise.reshape(-1), class_labels, **model_kwargs)
         return c_skip * x[:, : self.out_channels] + c_out * net_out.to(torch.float32)
