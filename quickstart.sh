@@ -4,7 +4,7 @@
 #   on the clean images -> samples from both -> reconstructions of held-out R = 4 slices with a metrics table
 #   (MSM posterior sampling with either prior, zero-filled, and L1-wavelet compressed sensing).
 #
-#   bash quickstart.sh            # about 17 minutes on a 2-core CPU
+#   bash quickstart.sh            # about 30-40 minutes on a 2-core CPU
 #   QUICK=1 bash quickstart.sh    # a few-minute smoke run of the same pipeline (the models barely train)
 #
 # Everything lands in $OUT (default out/quickstart). Re-running continues unfinished training runs and redoes the rest.
