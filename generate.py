@@ -42,8 +42,9 @@ from torch_utils.misc import SeedGenerators, image_grid, parse_seeds, save_image
 from training.classifier import is_classifier
 from training.guidance import CFG_CONVENTIONS, POTENTIALS
 from training.loss import AmbientLoss
-from training.measurements import MeasurementConfig
+from training.measurements import MeasurementConfig, aggregate_projection, skip_space_of
 from training.mri import coil_map_records
+from training.patches import patch_prior, use_seeds
 from training.samplers import (
     CountingNetwork,
     ambient_sampler,
@@ -108,6 +109,7 @@ class MSMSetup:
 
     def __init__(self, net, config: dict, maps_path: str | None, device):
         self.net, self.device = net, device
+        self.skip_space = skip_space_of(config.get("loss"))
         measurement = MeasurementConfig.from_config(config["measurement"])
         self.measurement = measurement
         resolution = net.img_resolution
@@ -139,18 +141,20 @@ class MSMSetup:
         operator = self.operator(seeds)
         latents = seed_measurement_randn(gen, torch.empty([len(seeds), *self.shape], dtype=self.dtype))
         latents = latents.to(self.device)
-        partial = net_partial_denoiser(self.net, operator, labels)
+        partial = net_partial_denoiser(self.net, operator, labels, self.skip_space)
         guidance = None
         if guide is not None and guide.active:
-            partial = guide.partial(lambda labels_in: net_partial_denoiser(self.net, operator, labels_in), labels)
+            partial = guide.partial(lambda labels_in: net_partial_denoiser(self.net, operator, labels_in,
+                                                                           self.skip_space), labels)
             guidance = guide.correction(target)
+        project = aggregate_projection(self.skip_space, operator)
         if variant == "heun":
             z_hat = msm_heun_sampler(partial, latents, self.measurement.law, gen, num_subsets=num_subsets,
                                      num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                                     guidance=guidance)
+                                     guidance=guidance, project=project)
         else:
             z_hat = msm_sampler(partial, latents, self.measurement.law, gen, num_subsets=num_subsets, sigmas=sigmas,
-                                variant=variant, eta=eta, guidance=guidance)
+                                variant=variant, eta=eta, guidance=guidance, project=project)
         return operator.pinv(z_hat) if self.measurement.operator == "mri" else z_hat
 
     def generate_ambient(self, seeds, gen, labels, *, delta, **edm_options) -> torch.Tensor:
@@ -399,11 +403,18 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
               "training records]")
 @click.option("--subdirs", is_flag=True, help="Save images in subdirectories of 1000")
 @click.option("--grid", "grid_path", default=None, help="Grid image of the first 64 seeds [default: OUTDIR-grid.png]")
+@click.option("--patch-size", type=click.IntRange(min=1), default=None,
+              help="Patch prior: tile size [default: the largest training size that tiles the canvas]")
+@click.option("--patch-batch", type=click.IntRange(min=1), default=None,
+              help="Patch prior: tiles per network call  [default: 256]")
+@click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,
+              help="Patch prior: non-overlapping tiles on a grid shifted at random per call, or a fixed grid of "
+              "stride p/2 averaged  [default: tile]")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifier_path, guidance_kinds,
          guidance_scales, guidance_sigma_range, cfg_scale, cfg_convention, bridge_source, source_label, target_label,
          num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, sampler, num_subsets, schedule,
-         variant, eta, maps_path, subdirs, grid_path, device):
+         variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, device):
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
     seeds = parse_seeds(seeds)
@@ -416,6 +427,10 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     if is_classifier(config):
         raise UserError(f"--network {network_path} is a classifier snapshot; generate.py needs a diffusion model "
                         "(a classifier goes to --classifier).")
+    net = patch_prior(net, config, patch_size, patch_batch, assembly)  # a patch prior as a whole-image network
+    if bridge_source is not None and config.get("patches"):
+        raise UserError("--bridge-source inverts the probability-flow ODE, which needs a deterministic denoiser; a "
+                        "patch prior's whole-image denoiser draws a random grid shift and pad-ring noise per call.")
     net = CountingNetwork(net)  # ticks the per-batch progress bar once per network call
     sampler = resolve_sampler(sampler, config, net.in_channels - net.out_channels)
     is_mri = config.get("dataset", {}).get("kind") == "mri"
@@ -485,6 +500,8 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
             print(f"Wrote {len(written)} re-synthesised images with dataset.json labels to {outdir}")
         dist.destroy()
         return
+    if config.get("patches"):
+        settings += f"; {net.describe()}"
     dist.print0(f"Generating {len(seeds)} images from {checkpoint.resolve_snapshot_path(network_path)} "
                 f"({settings}) on {world} rank(s) to {outdir}")
 
@@ -494,6 +511,7 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
         net.bar = tqdm.tqdm(total=calls, disable=rank != 0, unit="call", leave=False,
                             desc=f"batch {b + 1}/{len(batches)}")
         gen = SeedGenerators(batch_seeds, device=device)
+        use_seeds(net, batch_seeds, device)
         latents = gen.randn([len(batch_seeds), *shape]).to(device) if sampler == "edm" else None
         labels, idx = None, None
         if num_classes:

@@ -54,6 +54,11 @@ function and one entry; nothing else in the script changes.
                --dds-gamma, --cg-iters); --start-fraction or --start-sigma warm-starts from A^+ y (FBP for CT).
                pc-projection needs an exact A^+ (not CT). The family's prior is DPS's (the full or the MSM
                aggregate denoiser); each returns its last iterate (--final-denoise: its Tweedie estimate).
+  padis        PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4) on EDM's rho = 7 schedule (--padis-steps,
+               --padis-sigma-max, --padis-sigma-min; PaDIS's README: 100, 10, 0.003): --inner-steps iterations per
+               level of a DPS step --padis-zeta (README: 0.3) on ||y - A D(x)|| then a Langevin step of
+               alpha = --alpha-factor sigma^2, no noise at the last level; starts from A^+ y (FBP for CT) without
+               noise as PaDIS's code (--padis-init noise: sigma_max z, as its paper). Prior as DPS's.
   fbp          CT only: filtered back-projection (ramp filter), the classical CT baseline.
 CT (--task ct, training/ct.py): parallel-beam projections of the image at --views angles over --angular-range
 degrees (less than 180: limited angle), noise std 5% of mean |A x| by default (seed 003; --rel-noise, or --sigma-y).
@@ -101,9 +106,11 @@ from training.conditioning import dds, dps, jalal, jalal_normalized, projection
 from training.ct import ParallelBeamCT, fbp
 from training.dataset import ImageFolderDataset
 from training.masks import MASK_KINDS, FullMask, PixelMaskLaw, default_acs, example_generator, mask_law_from_config
+from training.measurements import aggregate_projection, skip_space_of
 from training.metrics import nmse, psnr, reference_max, ssim
 from training.mri import MRIDataset
 from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, measure, measurement_randn
+from training.patches import patch_prior, use_seeds
 from training.posterior import (
     CS_DEFAULTS,
     DPS_ZETA,
@@ -126,12 +133,17 @@ from training.samplers import (
 )
 from training.sde import (
     ALD_INITS,
+    PADIS_INITS,
     ald_initial_state,
     ald_step_sizes,
     annealed_langevin,
     auto_eps,
+    check_padis_options,
     geometric_ladder,
     noise_start,
+    padis_dps_langevin,
+    padis_initial_state,
+    padis_sigmas,
     predictor_corrector,
     warm_start,
 )
@@ -168,8 +180,12 @@ class Model:
     loss_config: dict | None  # the snapshot's loss (its noise-level distribution bounds the sampling grids)
 
 
-def load_model(network_path: str | None, device) -> Model | None:
+def load_model(network_path: str | None, device, patch_size=None, patch_batch=None, assembly=None) -> Model | None:
+    """The --network snapshot; a patch prior becomes its stitched whole-image network (training/patches.py), so
+    every method drives it as any other network."""
     if network_path is None:
+        if patch_size is not None or patch_batch is not None or assembly is not None:
+            raise UserError("--patch-size, --patch-batch and --assembly apply to a patch prior given with --network.")
         return None
     net, config = checkpoint.load_snapshot(network_path, device=device)
     if is_classifier(config):
@@ -182,6 +198,7 @@ def load_model(network_path: str | None, device) -> Model | None:
     else:
         kind = "mri" if dataset_kind == "mri" else "image"
         law = FullMask()
+    net = patch_prior(net, config, patch_size, patch_batch, assembly)
     return Model(net=CountingNetwork(net), kind=kind, mask_law=law, loss_config=config.get("loss"))
 
 
@@ -513,6 +530,25 @@ class FamilyOptions:
             raise UserError(f"--cg-iters must be >= 1, got {self.cg_iters}.")
 
 
+@dataclass(frozen=True)
+class PadisOptions:
+    """The options of PaDIS's solver (training/sde.py `padis_dps_langevin`); defaults from PaDIS's README."""
+
+    steps: int = 100
+    sigma_max: float = 10.0
+    sigma_min: float = 0.003
+    inner_steps: int = 10
+    alpha_factor: float = 0.5
+    zeta: float = 0.3  # PaDIS's README; gains over A^+ y with an exact prior: tests/test_padis_solver.py
+    init: str = "adjoint"
+
+    def check(self):
+        padis_sigmas(self.steps, self.sigma_min, self.sigma_max)
+        check_padis_options(self.zeta, self.inner_steps, self.alpha_factor)
+        if self.init not in PADIS_INITS:
+            raise UserError(f"--padis-init must be one of {', '.join(PADIS_INITS)}, got {self.init!r}.")
+
+
 @dataclass
 class MethodOptions:
     msm_steps: int
@@ -524,6 +560,7 @@ class MethodOptions:
     dps_step: float
     cs: dict  # regulariser -> {'lamda': ..., 'max_iter': ...}
     family: FamilyOptions = FamilyOptions()
+    padis: PadisOptions = PadisOptions()
 
 
 @dataclass
@@ -564,8 +601,10 @@ def run_msm(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor
         if run.task.task == "mri":
             # Measurement-space state: complex k-space with N(0, 1) real and imaginary parts (MSM.md section 1).
             latents = torch.view_as_complex(gen.randn([*y.shape, 2], dtype=torch.float64))
-            z_hat = msm_posterior_sampler(net_partial_denoiser(net, operator), latents, run.model.mask_law, gen, y,
-                                          placement="partial", mask=mask, **common)
+            skip_space = skip_space_of(run.model.loss_config)
+            z_hat = msm_posterior_sampler(net_partial_denoiser(net, operator, skip_space=skip_space), latents,
+                                          run.model.mask_law, gen, y, placement="partial", mask=mask,
+                                          project=aggregate_projection(skip_space, operator), **common)
             return operator.pinv(z_hat.to(torch.complex64))
         latents = gen.randn([len(seeds), net.out_channels, resolution, resolution], dtype=torch.float64)
         return msm_posterior_sampler(net_partial_denoiser(net, Identity()), latents, run.model.mask_law, gen, y,
@@ -582,8 +621,8 @@ def prior_denoiser(run: Run, operator, gen: SeedGenerators):
     if law.kind == "full":
         return image_denoiser(net)
     measurement_operator = operator if run.model.kind == "mri" else Identity()
-    return msm_aggregate_denoiser(net_partial_denoiser(net, measurement_operator), measurement_operator, law, gen,
-                                  run.options.num_subsets)
+    partial = net_partial_denoiser(net, measurement_operator, skip_space=skip_space_of(run.model.loss_config))
+    return msm_aggregate_denoiser(partial, measurement_operator, law, gen, run.options.num_subsets)
 
 
 def prior_denoiser_settings(run: Run) -> dict:
@@ -692,6 +731,31 @@ def family_settings(name: str, run: Run) -> dict:
     return settings
 
 
+def padis_levels(run: Run) -> tuple[torch.Tensor, str]:
+    p = run.options.padis
+    return sigmas_in_training_range(padis_sigmas(p.steps, p.sigma_min, p.sigma_max), run.model.loss_config)
+
+
+def run_padis(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
+    device, net, p = run.device, run.model.net, run.options.padis
+    y, mask, maps = stack(examples, "y", device), stack(examples, "mask", device), stack(examples, "maps", device)
+    operator = task_operator(run.task, net.img_resolution, mask, maps, device)
+    gen = SeedGenerators(seeds, device=device)
+    sigmas = padis_levels(run)[0].to(device)
+    with torch.no_grad():
+        x = padis_initial_state(p.init, first_estimate(run.task.task, operator, y), gen, sigmas[0].item())
+        return padis_dps_langevin(prior_denoiser(run, operator, gen), x, gen, sigmas, operator, y,
+                                  mask if run.task.task == "mri" else None, zeta=p.zeta, inner_steps=p.inner_steps,
+                                  alpha_factor=p.alpha_factor)
+
+
+def padis_settings(run: Run) -> dict:
+    p, (sigmas, note) = run.options.padis, padis_levels(run)
+    return {"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(), "rho": 7,
+            "inner_steps": p.inner_steps, "alpha_factor": p.alpha_factor, "zeta": p.zeta, "init": p.init,
+            "schedule": note, **prior_denoiser_settings(run)}
+
+
 def run_fbp(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
     # Images always have their reference, which gives the CT image size.
     return torch.cat([fbp(task_operator(run.task, e.reference.shape[-1]), e.y.to(torch.float64)) for e in examples])
@@ -726,7 +790,8 @@ class Method:
 def msm_settings(run: Run) -> dict:
     o, (sigmas, note) = run.options, msm_sigmas(run)
     return {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
-            "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note}
+            "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
+            "skip_space": skip_space_of(run.model.loss_config)}
 
 
 def dps_settings(run: Run) -> dict:
@@ -745,6 +810,8 @@ METHODS = {
                     network_calls=lambda run, name=name: family_network_calls(name, run))
        for name, tasks in (("ald", TASKS), ("pc-jalal", TASKS), ("pc-dps", TASKS),
                            ("pc-projection", IMAGE_OPERATOR_TASKS), ("dds", TASKS))},
+    "padis": Method(run_padis, TASKS, needs_model=True, seeded=True, settings=padis_settings,
+                    network_calls=lambda run: len(padis_levels(run)[0]) * run.options.padis.inner_steps),
     "zero-filled": Method(run_zero_filled, IMAGE_OPERATOR_TASKS, needs_model=False, seeded=False,
                           settings=lambda run: {}),
     "fbp": Method(run_fbp, ("ct",), needs_model=False, seeded=False, settings=lambda run: {"filter": "ramp"}),
@@ -765,6 +832,7 @@ def run_method(name: str, run: Run, examples: list[Example], seeds: list[int], l
     start_images = net.images if net is not None else 0
     if net is not None:
         net.bar = bar
+        use_seeds(net, seeds, run.device)  # a patch prior's grid shifts: one stream per seed, fresh per method run
     start = time.perf_counter()
     try:
         images = method.run(run, examples, seeds).detach().cpu()
@@ -1019,6 +1087,20 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               help="pc-dps: zeta of the score term -zeta grad ||y - A x0_hat||")
 @click.option("--dds-gamma", type=float, default=FamilyOptions.dds_gamma, show_default=True, help="dds: gamma")
 @click.option("--cg-iters", type=int, default=FamilyOptions.cg_iters, show_default=True, help="dds: CG iterations")
+@click.option("--padis-steps", type=int, default=PadisOptions.steps, show_default=True,
+              help="padis: levels of EDM's rho = 7 schedule (those above the model's training range are dropped)")
+@click.option("--padis-sigma-max", type=float, default=PadisOptions.sigma_max, show_default=True,
+              help="padis: top of the schedule")
+@click.option("--padis-sigma-min", type=float, default=PadisOptions.sigma_min, show_default=True,
+              help="padis: bottom of the schedule")
+@click.option("--inner-steps", type=int, default=PadisOptions.inner_steps, show_default=True,
+              help="padis: DPS + Langevin iterations per level")
+@click.option("--alpha-factor", type=float, default=PadisOptions.alpha_factor, show_default=True,
+              help="padis: Langevin step alpha = this x sigma^2 (x <- x + alpha/2 score + sqrt(alpha) z)")
+@click.option("--padis-zeta", type=float, default=PadisOptions.zeta, show_default=True,
+              help="padis: DPS step zeta on the unsquared ||y - A D(x)||")
+@click.option("--padis-init", type=click.Choice(PADIS_INITS), default=PadisOptions.init, show_default=True,
+              help="padis start: A^+ y (FBP for CT) without noise (PaDIS's code), or sigma_max noise (its paper)")
 @click.option("--subsets", "num_subsets", type=click.IntRange(min=1), default=None,
               help="MSM: K, also of an MSM prior's aggregate denoiser in dps and the ald / pc / dds family "
                    "[default: 3 MRI, 2 images; 1 for an oracle model]")
@@ -1040,13 +1122,21 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               f"{CS_DEFAULTS['l1-wavelet']['lamda']}]")
 @click.option("--cs-l1-iters", type=click.IntRange(min=1), default=None, help="cs-l1 iterations [default: "
               f"{CS_DEFAULTS['l1-wavelet']['max_iter']}]")
+@click.option("--patch-size", type=click.IntRange(min=1), default=None,
+              help="Patch prior: tile size [default: the largest training size that tiles the canvas]")
+@click.option("--patch-batch", type=click.IntRange(min=1), default=None,
+              help="Patch prior: tiles per network call  [default: 256]")
+@click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,
+              help="Patch prior: non-overlapping tiles on a grid shifted at random per call, or a fixed grid of "
+              "stride p/2 averaged  [default: tile]")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, data_path, measurements_path, save_path, task, outdir, methods, indices, first, num, seeds,
          max_batch, mask_kind, accel, acs, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise, snr_db, views,
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
-         cg_iters, num_subsets, num_steps, dc_step, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
-         cs_l1_lambda, cs_l1_iters, device):
+         cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
+         num_subsets, num_steps, dc_step, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
+         cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
     device = dist.init(device)
@@ -1062,6 +1152,9 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
                            dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma,
                            pc_dps_step, dds_gamma, cg_iters)
     family.check()
+    padis = PadisOptions(padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta,
+                         padis_init)
+    padis.check()
     snr_list = parse_snr_list(snr_db)
     if not dps_step > 0:
         raise UserError(f"--dps-step must be > 0, got {dps_step}.")
@@ -1073,7 +1166,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     if save_path is not None and os.path.exists(save_path):
         raise UserError(f"--save-measurements {save_path} already exists; measurement sets are never overwritten.")
     seeds = parse_seeds(seeds)
-    model = load_model(network_path, device)
+    model = load_model(network_path, device, patch_size, patch_batch, assembly)
     if measurements_path is not None:
         if data_path is not None:
             raise UserError("--data and --measurements exclude each other: the measurement set holds its data.")
@@ -1113,7 +1206,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     check_dc_step(dc_step)
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
-                                   cs=cs, family=family)
+                                   cs=cs, family=family, padis=padis)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples
     stored = any(e.reference is None for e in examples.values())

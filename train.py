@@ -34,7 +34,7 @@ RESUME_MAY_DIFFER = {
 
 # Options of the measurement process (--loss msm / ambient); None / False means "not given".
 MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "sigma_y", "protocol", "mask_seed", "sigma_dist", "sure_tau",
-                       "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel")
+                       "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel", "skip_space")
 LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs"),
                   "lines-equispaced": ("accel", "acs"), "full": ()}
 
@@ -60,6 +60,7 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     """Click options -> the options dict of the run (what training_options.json records). Validates everything."""
     from training.measurements import measurement_config_for
     from training.networks import network_kwargs_for
+    from training.patches import position_channels
     from training.training_loop import DATASETS, LOSSES, build
 
     c = EasyDict()
@@ -129,7 +130,11 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
                                  sure_tau=0.005 if opts.sure_tau is None else opts.sure_tau,
                                  sure_weight=0.05 if opts.sure_weight is None else opts.sure_weight,
                                  pseudo_clean_grad=opts.pseudo_clean_grad)
+            if opts.skip_space == "measurement":  # recorded only when on, so earlier runs still continue
+                c.loss_kwargs["skip_space"] = opts.skip_space
         else:
+            if opts.skip_space is not None:
+                raise UserError("--skip-space only applies to --loss msm.")
             if opts.sure_tau is not None or opts.sure_weight is not None or opts.pseudo_clean_grad:
                 raise UserError("--sure-tau, --sure-weight and --pseudo-clean-grad only apply to --loss msm.")
             c.loss_kwargs = dict(class_name="training.loss.AmbientLoss", **common,
@@ -137,14 +142,19 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
         build(c.loss_kwargs, LOSSES)  # validates eta, tau, weights, delta
         dataset = build(c.dataset_kwargs, DATASETS)
 
+    c.patches = patch_options(opts, desc, shape)
     extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn, "--attn", 1) if opts.attn else
-             ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None}
+             ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None,
+             "position_channels": c.patches and position_channels(c.patches["encoding"])}
     if opts.kind != "classifier":
         c.network = network_kwargs_for(
             arch=opts.arch, precond=precond, cbase=opts.cbase,
             cres=parse_int_list(opts.cres, "--cres", 1) if opts.cres else None,
-            dropout=opts.dropout, img_resolution=shape[-1], in_channels=shape[0] + extra_in_channels,
-            out_channels=shape[0], label_dim=label_dim, **{k: v for k, v in extra.items() if v is not None})
+            dropout=opts.dropout, img_resolution=max(c.patches["sizes"]) if c.patches else shape[-1],
+            in_channels=shape[0] + extra_in_channels, out_channels=shape[0], label_dim=label_dim,
+            **{k: v for k, v in extra.items() if v is not None})
+    if c.patches is None:
+        del c.patches  # recorded only for patch runs, so runs started before the option existed still continue
     if opts.transfer:
         checkpoint.check_transfer(opts.transfer, c.network)
     c.optimizer_kwargs = dict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
@@ -166,6 +176,37 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
         raise UserError("--precision fp16 needs a CUDA device; use bf16 on CPU.")
     c.desc = describe(opts, dataset, world_size)
     return c
+
+
+def patch_options(opts: EasyDict, desc: dict, shape: list) -> dict | None:
+    """--patch-sizes, --patch-probs / --real-p, --patch-muls, --pad-width, --pos-enc -> the run's 'patches' config
+    (training/patches.py), or None for a whole-image model."""
+    given = [f"--{n.replace('_', '-')}" for n in ("patch_probs", "real_p", "patch_muls", "pad_width", "pos_enc")
+             if opts[n] is not None]
+    if opts.patch_sizes is None:
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to patch training (--patch-sizes).")
+        return None
+    if opts.kind == "classifier" or opts.loss == "ambient":
+        raise UserError("--patch-sizes trains a diffusion prior with --loss edm or msm, not "
+                        f"{'a classifier' if opts.kind == 'classifier' else 'with --loss ambient'}.")
+    if opts.loss == "msm" and desc["kind"] == "mri":
+        raise UserError("--patch-sizes with --loss msm needs image-space masks (box, pixel); MRI k-space masks are "
+                        "not local in image space, so a patch cannot see a partial measurement of itself.")
+    from training.networks import ARCH_PRESETS
+    from training.patches import training_patch_config
+
+    levels = len(parse_int_list(opts.cres, "--cres", 1)) if opts.cres else len(ARCH_PRESETS[opts.arch]["channel_mult"])
+    probs = None
+    if opts.patch_probs is not None:
+        try:
+            probs = [float(v) for v in opts.patch_probs.split(",")]
+        except ValueError as e:
+            raise UserError(f"--patch-probs must be a comma list of probabilities, got {opts.patch_probs!r}.") from e
+    return training_patch_config(
+        parse_int_list(opts.patch_sizes, "--patch-sizes", 1), probs, opts.real_p,
+        parse_int_list(opts.patch_muls, "--patch-muls", 1) if opts.patch_muls is not None else None, opts.pad_width,
+        opts.pos_enc, shape[-1], desc["kind"], 2 ** (levels - 1))
 
 
 def classifier_options(opts: EasyDict, c: EasyDict, base_kwargs: dict, desc: dict, shape: list):
@@ -204,7 +245,8 @@ def describe(opts, dataset, world_size) -> str:
     name = os.path.splitext(os.path.basename(os.path.normpath(opts.data)))[0]
     parts = [name, "classifier" if opts.kind == "classifier" else "cond" if opts.cond else "uncond", opts.arch,
              opts.precond, f"gpus{world_size}",
-             f"batch{opts.batch}", opts.precision] + ([opts.loss] if opts.loss != "edm" else [])
+             f"batch{opts.batch}", opts.precision] + ([opts.loss] if opts.loss != "edm" else []) + \
+        (["patches"] if opts.patch_sizes is not None else [])
     for word in (opts.desc or "").split("-"):
         if word and word not in parts:
             parts.append(word)
@@ -309,6 +351,21 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("--pseudo-clean-grad", is_flag=True, help="Let gradients flow through the pseudo-clean target (eta > 0)")
 @click.option("--ambient-delta", type=float, default=None, help="Ambient's extra drop probability  [default: 0.1]")
 @click.option("--mask-channel", is_flag=True, help="MSM on images: give the network the mask as an input channel")
+@click.option("--skip-space", type=click.Choice(["image", "measurement"]), default=None,
+              help="MSM: the preconditioning's skip term c_skip T^H s in image space (the reference), or c_skip s in "
+                   "measurement space (consistent for multi-coil MRI; the same for images)  [default: image]")
+@click.option("--patch-sizes", type=str, default=None,
+              help="Patch training (PaDIS): patch sides, e.g. 16,32,64 (each at most the padded canvas)")
+@click.option("--patch-probs", type=str, default=None,
+              help="Probability of each patch size  [default: --real-p 0.5 for three sizes, else uniform]")
+@click.option("--real-p", type=float, default=None,
+              help="Patch-Diffusion's rule for three sizes: probabilities ((1-p) 2/5, (1-p) 3/5, p)")
+@click.option("--patch-muls", type=str, default=None,
+              help="Crops per image for each patch size, e.g. 4,2,1; kimg count the patches trained on  "
+                   "[default: 1 each]")
+@click.option("--pad-width", type=int, default=None, help="Patch canvas padding P on every side  [default: 0]")
+@click.option("--pos-enc", type=str, default=None,
+              help="Positional channels: xy (column, row in [-1, 1] over the canvas) or fourier:F  [default: xy]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)

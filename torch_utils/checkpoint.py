@@ -24,9 +24,9 @@ import re
 import torch
 
 from dnnlib import ConfigError, Field, UserError, check_fields
-from training import classifier, networks  # noqa: F401 (classifier: registers NoiseAwareClassifier)
+from training import classifier, networks, patches  # noqa: F401 (classifier: registers NoiseAwareClassifier)
 from training.masks import mask_law_from_config
-from training.measurements import MeasurementConfig
+from training.measurements import SKIP_SPACES, MeasurementConfig
 
 SNAPSHOT_FORMAT = "msm-network-snapshot-v1"
 STATE_FORMAT = "msm-training-state-v1"
@@ -100,13 +100,15 @@ _LOSS_FIELDS = {
     "measurement": Field("json"), "sigma_dist": Field("str", choices=("lognormal", "vp200")),
     "weighting": Field("str", choices=("edm", "inverse-variance")), "sure_tau": Field("float", 0, 1e6),
     "sure_weight": Field("float", 0, 1e6), "pseudo_clean_grad": Field("bool"), "delta": Field("float", 0, 1),
+    "skip_space": Field("str", choices=SKIP_SPACES),  # MSMLoss; absent = 'image' (older snapshots)
     "P_mean": Field("float", -20, 20), "P_std": Field("float", 0, 20), "clean": Field("bool"),  # ClassifierLoss
 }
 _TRAINING_FIELDS = {"batch_size": Field("int", 1, 2**40), "total_kimg": Field("float", 0, 1e12),
                     "seed": Field("int", -(2**63), 2**63 - 1),
                     "precision": Field("str", choices=("fp32", "bf16", "fp16"))}
 SNAPSHOT_SECTIONS = {"network": Field("json", required=True), "dataset": Field("json", required=True),
-                     "loss": Field("json"), "measurement": Field("json", optional=True), "training": Field("json")}
+                     "loss": Field("json"), "measurement": Field("json", optional=True), "training": Field("json"),
+                     "patches": Field("json")}  # patch priors: canvas geometry and patch law (training/patches.py)
 
 
 def check_snapshot_config(config: dict):
@@ -130,6 +132,25 @@ def check_snapshot_config(config: dict):
             MeasurementConfig.from_config(loss["measurement"], where="loss.measurement")
     if "training" in config:
         check_fields(config["training"], _TRAINING_FIELDS, "training")
+    _check_patches(config)
+
+
+def _check_patches(config: dict):
+    """A patch prior's geometry must fit its network (position channels) and its data (image size); a network with
+    position channels needs the geometry they refer to."""
+    position_channels = config["network"]["kwargs"].get("position_channels", 0)
+    if "patches" not in config:
+        if position_channels:
+            raise ConfigError("patches", "is missing, but the network takes position channels")
+        return
+    geometry, _ = patches.from_patch_config(config["patches"], "patches")
+    if position_channels != geometry.position_channels:
+        raise ConfigError("network.kwargs.position_channels", f"must be {geometry.position_channels} for the "
+                          f"position encoding {geometry.encoding}, got {position_channels!r:.20}")
+    dataset = config["dataset"]
+    size = (dataset.get("shape") or dataset.get("image_shape"))[-1]
+    if size != geometry.image_size:
+        raise ConfigError("patches.image_size", f"must be the data's image size {size}, got {geometry.image_size}")
 
 
 def check_weights(net: torch.nn.Module, state, what: str):

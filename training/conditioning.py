@@ -20,7 +20,6 @@ total variance of a complex entry; both are the same likelihood.
 import torch
 
 from dnnlib import UserError
-from training.operators import inner
 from training.posterior import dps_gradient
 from training.sde import per_example_norm
 
@@ -48,10 +47,12 @@ def jalal(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, sigma_
     if not scale >= 0:
         raise UserError(f"--dc-boost (the data-consistency scale) must be >= 0, got {scale}.")
     gamma_of = (lambda sigma: sigma) if gamma is None else gamma if callable(gamma) else (lambda sigma: float(gamma))
+    # Checked once here, not per call: reading a tensor sigma_y on the host inside the loop would sync with the GPU.
+    noisy = bool((torch.as_tensor(sigma_y) > 0).all())
 
     def cond(denoiser, x, sigma):
         variance = sigma_y**2 + gamma_of(sigma) ** 2
-        if not bool((torch.as_tensor(variance) > 0).all()):
+        if not (noisy or gamma_of(sigma) ** 2 > 0):
             raise UserError("The Jalal term needs sigma_y > 0 or gamma > 0 (a zero-variance likelihood).")
         return denoiser(x, sigma) + (sigma**2 * scale / variance) * likelihood_gradient(operator, y, mask, x)
 
@@ -114,8 +115,9 @@ def conjugate_gradient(apply, b: torch.Tensor, x: torch.Tensor, iterations: int)
     """`iterations` CG steps on apply(x) = b (apply symmetric positive definite on the real view) from x, with
     per-example step lengths (each example is its own system)."""
 
-    def dot(u, v):  # per-example real inner product, shaped to broadcast
-        return torch.stack([inner(ui, vi) for ui, vi in zip(u, v, strict=True)]).reshape(-1, *([1] * (u.ndim - 1)))
+    def dot(u, v):  # per-example real inner product Re sum(conj(u_i) v_i), shaped to broadcast
+        products = (torch.conj(u) * v).real if u.is_complex() or v.is_complex() else u * v
+        return products.flatten(1).sum(dim=1).reshape(-1, *([1] * (u.ndim - 1)))
 
     r = b - apply(x)
     p, rr = r, dot(r, r)

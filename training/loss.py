@@ -10,7 +10,7 @@ uninterrupted one would.
 import torch
 
 from dnnlib import UserError
-from training.measurements import MeasurementConfig, partial_denoise
+from training.measurements import SKIP_SPACES, MeasurementConfig, partial_denoise
 from training.networks import vp_grid_sigmas
 from training.operators import measurement_randn
 
@@ -201,12 +201,19 @@ class MSMLoss(_MeasurementLoss):
       detached by default (a pseudo-clean target, like a teacher's, which that branch cannot move toward what is easy
       to denoise). pseudo_clean_grad=True lets the gradient flow there too, as the reference code does.
       Three network evaluations per example.
+    skip_space: where s_hat's skip term lives ('image': the reference's A D(T^H s); 'measurement': c_skip s +
+      c_out A F, consistent for multi-coil MRI; `partial_denoise` derives both). The measurement-space loss carries a
+      constant the network cannot change (the noise outside range(P T)), so its values are not comparable with the
+      image-space loss; its gradients are those of the consistent partial denoiser.
     """
 
     def __init__(self, measurement: dict, sigma_dist: str = "lognormal", weighting: str = "edm",
                  sure_tau: float = 0.005, sure_weight: float = 0.05, pseudo_clean_grad: bool = False,
-                 P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+                 skip_space: str = "image", P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         super().__init__(measurement, sigma_dist, weighting, P_mean, P_std, sigma_data)
+        if skip_space not in SKIP_SPACES:
+            raise UserError(f"--skip-space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
+        self.skip_space = skip_space
         if not sure_tau > 0:
             raise UserError(f"--sure-tau must be > 0, got {sure_tau}.")
         if not sure_weight >= 0:
@@ -218,8 +225,8 @@ class MSMLoss(_MeasurementLoss):
         eta, tau = self.measurement.sigma_y, self.sure_tau
         probe = mask * _noise_like(y, generator)
         with _shared_dropout(y.device):
-            y1, _ = partial_denoise(net, operator, mask, y, eta, labels)
-        y2, _ = partial_denoise(net, operator, mask, y + tau * probe, eta, labels)
+            y1, _ = partial_denoise(net, operator, mask, y, eta, labels, self.skip_space)
+        y2, _ = partial_denoise(net, operator, mask, y + tau * probe, eta, labels, self.skip_space)
         divergence = _inner(probe, y2 - y1) / tau
         return y1, _sum_squares(y1 - y) / observed - eta**2 + 2 * eta**2 * divergence / observed
 
@@ -240,7 +247,7 @@ class MSMLoss(_MeasurementLoss):
             tweedie = torch.where(above, (sigma**2 - eta**2) / sigma**2, torch.ones_like(sigma))
             extra = self.sure_weight * self.weight(eta) * entries * sure
         s = mask * (target + noise_std * noise)
-        s_hat, _ = partial_denoise(net, operator, mask, s, sigma, labels)
+        s_hat, _ = partial_denoise(net, operator, mask, s, sigma, labels, self.skip_space)
         estimate = tweedie * s_hat + (1 - tweedie) * s
         residual = _sum_squares(mask * (estimate - target))
         return self.weight(sigma).flatten() * residual * entries / observed + extra

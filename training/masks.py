@@ -43,20 +43,34 @@ def example_generator(seed: int, index: int) -> torch.Generator:
 
 class MaskLaw:
     """Base class. Subclasses set `kind` and implement `mask_shape(n, shape)`, `expected_mask(shape)` (E[P] per
-    entry, float64 of the mask shape with n = 1: MSM's weights W = 1 / E[P] need it), `to_config()` and
-    `_draw(n, shape, generator, uncovered)` (uncovered: float mask-shaped, 1 where not yet covered)."""
+    entry, float64 of the mask shape with n = 1: MSM's weights W = 1 / E[P] need it), `to_config()`, and a draw in
+    two parts: `_randoms(n, shape, generator, device)`, every random number of n masks (a tuple of tensors with n
+    rows), and `_select(randoms, shape, uncovered)`, the masks those numbers give (uncovered: float mask-shaped, 1
+    where not yet covered). The split lets a batch whose rows have their own generators (one per seed or example)
+    draw the few random numbers row by row (`row_randoms`) and select all masks in one vectorised call
+    (`from_randoms`, `coverage_aware_select`), with the masks each row would get alone."""
 
     kind = ""
 
     def sample(self, n: int, shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
         """n independent masks from the law, float32 {0, 1} on the generator's device."""
         device = generator.device if generator is not None else None
-        return self._draw(n, shape, generator, torch.zeros(self.mask_shape(n, shape), device=device))
+        return self.from_randoms(self._randoms(n, shape, generator, device), shape)
+
+    def row_randoms(self, shape: tuple[int, int], generators) -> tuple:
+        """The random numbers of one mask per generator (row i from generators[i], as `sample(1, ...)` draws them),
+        on the CPU."""
+        return tuple(torch.cat(parts) for parts in zip(*(self._randoms(1, shape, g) for g in generators)))
+
+    def from_randoms(self, randoms: tuple, shape: tuple[int, int]) -> torch.Tensor:
+        """The masks (float32 {0, 1}) that random numbers from `_randoms` or `row_randoms` give, no coverage."""
+        uncovered = torch.zeros(self.mask_shape(len(randoms[0]), shape), device=randoms[0].device)
+        return self._select(randoms, shape, uncovered)
 
     def sample_for_examples(self, indices, shape: tuple[int, int], seed: int) -> torch.Tensor:
         """One mask per example index for the `fixed` protocol (CPU): mask i depends only on (seed, indices[i])."""
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        return torch.cat([self.sample(1, shape, example_generator(seed, i)) for i in indices])
+        return self.from_randoms(self.row_randoms(shape, [example_generator(seed, i) for i in indices]), shape)
 
     def observed_fraction(self, shape: tuple[int, int]) -> float:
         """Expected fraction of observed entries, analytic."""
@@ -80,7 +94,10 @@ class FullMask(MaskLaw):
     def to_config(self):
         return {"kind": self.kind}
 
-    def _draw(self, n, shape, generator, uncovered):
+    def _randoms(self, n, shape, generator, device=None):
+        return (torch.empty(n, 0, device=device),)  # no random numbers, one (empty) row per mask
+
+    def _select(self, randoms, shape, uncovered):
         return torch.ones_like(uncovered)
 
 
@@ -113,14 +130,19 @@ class BoxMaskLaw(MaskLaw):
     def to_config(self):
         return {"kind": self.kind, "p": self.p}
 
-    def _draw(self, n, shape, generator, uncovered):
+    def _randoms(self, n, shape, generator, device=None):
         height, width = shape
         if height < self.grid or width < self.grid:
             raise UserError(f"Mask law 'box' needs images of at least {self.grid}x{self.grid}, got {height}x{width}.")
-        device = uncovered.device
         shift_rows = torch.randint(0, height // self.grid, (n, 1), generator=generator, device=device)
         shift_cols = torch.randint(0, width // self.grid, (n, 1), generator=generator, device=device)
-        priority = torch.rand(n, self.grid**2, generator=generator, device=device) * _TIE_BREAK
+        return shift_rows, shift_cols, torch.rand(n, self.grid**2, generator=generator, device=device)
+
+    def _select(self, randoms, shape, uncovered):
+        height, width = shape
+        shift_rows, shift_cols, uniform = randoms
+        n, device = len(uniform), uncovered.device
+        priority = uniform * _TIE_BREAK
         # Cell of every pixel after the roll: rolling by s puts the pixel at h where pixel h - s was.
         rows = (torch.arange(height, device=device) - shift_rows) % height  # (n, H)
         cols = (torch.arange(width, device=device) - shift_cols) % width  # (n, W)
@@ -154,11 +176,14 @@ class PixelMaskLaw(MaskLaw):
     def to_config(self):
         return {"kind": self.kind, "p": self.p}
 
-    def _draw(self, n, shape, generator, uncovered):
-        device = uncovered.device
-        flat_uncovered = uncovered.reshape(n, -1)
-        count = (torch.rand(flat_uncovered.shape, generator=generator, device=device) >= self.p).sum(dim=1)
-        priority = torch.rand(flat_uncovered.shape, generator=generator, device=device) * _TIE_BREAK + flat_uncovered
+    def _randoms(self, n, shape, generator, device=None):
+        coins = torch.rand(n, shape[0] * shape[1], generator=generator, device=device)
+        return coins, torch.rand(n, shape[0] * shape[1], generator=generator, device=device)
+
+    def _select(self, randoms, shape, uncovered):
+        coins, uniform = randoms
+        count = (coins >= self.p).sum(dim=1)
+        priority = uniform * _TIE_BREAK + uncovered.reshape(len(uniform), -1)
         return _select_top(priority, count).reshape(uncovered.shape).to(torch.float32)
 
 
@@ -220,10 +245,14 @@ class RandomLineMaskLaw(_LineMaskLaw):
         expected[acs] = 1.0
         return expected.reshape(1, 1, 1, width)
 
-    def _draw(self, n, shape, generator, uncovered):
-        width, device = shape[-1], uncovered.device
+    def _randoms(self, n, shape, generator, device=None):
+        return (torch.rand(n, shape[-1], generator=generator, device=device),)
+
+    def _select(self, randoms, shape, uncovered):
+        (uniform,) = randoms
+        width, device, n = shape[-1], uncovered.device, len(uniform)
         count = torch.full((n,), self.num_lines(width), device=device)
-        priority = torch.rand(n, width, generator=generator, device=device) * _TIE_BREAK + uncovered.reshape(n, width)
+        priority = uniform * _TIE_BREAK + uncovered.reshape(n, width)
         priority = priority + 2 * acs_columns(width, self.acs, device)  # ACS first, always
         return _select_top(priority, count).reshape(n, 1, 1, width).to(torch.float32)
 
@@ -252,11 +281,15 @@ class EquispacedLineMaskLaw(_LineMaskLaw):
     def expected_mask(self, shape):
         return self._groups(shape[-1]).to(torch.float64).mean(dim=0).reshape(1, 1, 1, -1)
 
-    def _draw(self, n, shape, generator, uncovered):
-        width, device = shape[-1], uncovered.device
+    def _randoms(self, n, shape, generator, device=None):
+        return (torch.rand(n, self.R, generator=generator, device=device),)
+
+    def _select(self, randoms, shape, uncovered):
+        (uniform,) = randoms
+        width, device, n = shape[-1], uncovered.device, len(uniform)
         groups = self._groups(width, device).to(torch.float32)  # (R, W)
         uncovered_fraction = uncovered.reshape(n, width) @ groups.T / groups.sum(dim=1)  # (n, R)
-        priority = torch.rand(n, self.R, generator=generator, device=device) * _TIE_BREAK + uncovered_fraction
+        priority = uniform * _TIE_BREAK + uncovered_fraction
         offset = priority.argmax(dim=1)
         return groups[offset].reshape(n, 1, 1, width)
 
@@ -307,13 +340,23 @@ def coverage_aware_masks(
     ACS and roll law as a plain draw) but keeps the units with the most uncovered entries first, ties broken at
     random. After each mask the record is updated, and an element whose record becomes complete starts again from
     an empty record. Returns (masks (k, n, ...) float32, updated record); the input record is not modified.
+    The random numbers of the k masks are drawn in turn from `generator` (`coverage_aware_select` then picks them).
     """
+    randoms = [law._randoms(covered.shape[0], shape, generator, covered.device) for _ in range(k)]
+    return coverage_aware_select(law, randoms, shape, covered)
+
+
+def coverage_aware_select(law: MaskLaw, randoms: list[tuple], shape: tuple[int, int],
+                          covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`coverage_aware_masks` from the random numbers of its k masks, drawn beforehand: randoms[j] is
+    `law._randoms(n, ...)` of mask j, whose row i may come from element i's own generator (the MSM samplers draw
+    them per seed), so this selection is a few tensor operations on the whole batch whatever its generators."""
     if covered.dtype != torch.bool or tuple(covered.shape[1:]) != law.mask_shape(1, shape)[1:]:
         raise UserError(f"coverage_aware_masks: the record must be bool of shape {law.mask_shape('n', shape)}, "
                         f"got {covered.dtype} {tuple(covered.shape)}.")
     masks = []
-    for _ in range(k):
-        mask = law._draw(covered.shape[0], shape, generator, (~covered).to(torch.float32))
+    for mask_randoms in randoms:
+        mask = law._select(mask_randoms, shape, (~covered).to(torch.float32))
         covered = covered | mask.bool()
         complete = covered.flatten(1).all(dim=1).reshape(-1, *([1] * (covered.ndim - 1)))
         covered = covered & ~complete

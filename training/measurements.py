@@ -9,7 +9,8 @@ meet (MSM.md sections 1-3; ARCHITECTURE.md "Measurement = operator + mask + nois
   {'y', 'mask', 'maps' (MRI), 'label', 'index'}. The clean image is dropped inside `__getitem__`, i.e. inside the data
   worker, so nothing downstream (loss, training loop) can read it.
 - `partial_denoise`: s_hat = P T D(T^H s; sigma), the network's partial measurement denoiser, shared by the MSM loss
-  and every MSM sampler.
+  and every MSM sampler, with the skip term in image space (the reference) or in measurement space (consistent for
+  multi-coil MRI; `aggregate_projection` is the samplers' matching step).
 
 Protocols (ARCHITECTURE.md "Data"):
 - 'fixed' (default): example i is measured once, with mask and noise drawn from a generator seeded by (seed, i):
@@ -159,13 +160,83 @@ def network_input(u: torch.Tensor, mask: torch.Tensor | None, in_channels: int) 
     return torch.cat([u, mask.expand(u.shape[0], extra, *u.shape[-2:]).to(u.dtype)], dim=1)
 
 
-def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, class_labels=None):
-    """s_hat = P T D(T^H s; sigma) and the network's image estimate D: (s_hat, x0_hat).
+SKIP_SPACES = ("image", "measurement")
+
+
+def skip_space_of(loss_config: dict | None) -> str:
+    """The skip space a snapshot's network was trained with (its loss config's 'skip_space'); 'image' for snapshots
+    written before the option existed, which is how they were trained."""
+    return (loss_config or {}).get("skip_space", "image")
+
+
+def skip_coefficient(net, sigma) -> torch.Tensor:
+    """c_skip(sigma) of the network's preconditioning (training/networks.py `coefficients`), float32 (N, 1, 1, 1) or
+    (1, 1, 1, 1); the network may be wrapped (DistributedDataParallel's `module`, torch.compile's `_orig_mod`)."""
+    while not hasattr(net, "coefficients") and (hasattr(net, "module") or hasattr(net, "_orig_mod")):
+        net = getattr(net, "module", None) or net._orig_mod
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    return net.coefficients(sigma)[0]
+
+
+def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, class_labels=None,
+                    skip_space: str = "image"):
+    """The partial denoiser s_hat ~ E[P z | s] and the network's image output D: (s_hat, x0_hat).
 
     `s` is a noisy partial measurement (zero off the mask), `mask` P broadcastable to it, `sigma` a float or a
-    per-example tensor (N,) / (N,1,1,1). Works for any operator with A / AH (Identity, MultiCoilMRI).
+    per-example tensor (N,) / (N,1,1,1). Works for any operator with A / AH (Identity, MultiCoilMRI). With
+    A = P T (the partial operator), u = T^H s = A^H s (s = P s) and D(u) = c_skip u + c_out F(c_in u) the network:
+
+    skip_space 'image' (the reference's): s_hat = A D(u) = c_skip A A^H s + c_out A F.
+    skip_space 'measurement': s_hat = A D(u) + c_skip (s - A A^H s) = c_skip s + c_out A F, i.e. EDM's
+        preconditioning written in measurement space: the skip term is c_skip times the measurement itself.
+
+    Why the image-space skip is not measurement-consistent. The data give s = A x0 + sigma P n. As sigma -> 0,
+    E[P z | s] -> s (on range(A)), but the image-space skip tends to A A^H s, and A A^H = P T T^H P is the identity
+    on range(A) only if T^H P T = A^H A is a projector (T = I: A^H A = P; single-coil T = F S with |S| = 1:
+    F^H P F). For multi-coil MRI, T^H P T is not (coil images are correlated), so A A^H s != s: on the quickstart's
+    8-coil phantoms at R = 4, |s - A A^H s| / |s| = 0.11 (tests/test_consistent_precond.py). F must then make
+    up c_skip (s - A A^H s) / c_out, which grows like 1 / sigma and depends on the mask (which an MRI network never
+    sees), while the EDM weighting lambda = 1 / c_out^2 counts every error of F at full weight: a part of the loss
+    the network cannot fit, largest at the smallest noise levels. With the measurement-space skip the residual
+    F has to fit is (E[P z | s] - c_skip s) / c_out on range(A), O(1) at every sigma, as in EDM.
+
+    What happens outside range(A). s - A A^H s is not in range(A): write s = Pi_A s + (I - Pi_A) s, Pi_A the
+    orthogonal projector onto range(A). The data term A x0 lies in range(A), so (I - Pi_A) s = sigma (I - Pi_A) P n
+    is pure noise, and s_hat = [c_skip Pi_A s + c_out A F] + c_skip (I - Pi_A) s. The bracket is what the network
+    controls and what can equal E[P z | s] (which lies in range(A)); the rest does not depend on the network, so
+    (a) the loss ||s_hat - y||^2 (y in range(A)) splits into ||bracket - y||^2 plus c_skip^2 ||(I - Pi_A) s||^2, a
+    term without gradient: training the measurement-space skip is training s_hat = c_skip Pi_A s + c_out A F (the
+    logged loss carries that constant, about (m - rank A) c_skip^2 lambda sigma^2 per example), without ever
+    computing Pi_A (a conjugate-gradient solve with T^H P T); and (b) a sampler must not use that noise as part of
+    its estimate. It lies outside range(T): T^H (I - Pi_A) s = A^H (I - Pi_A) s = 0. So the MSM samplers project
+    every aggregate onto range(T) (`aggregate_projection`), which can only bring it closer to z0 = T x0, and
+    image estimates T^+ z_hat discard it by themselves.
+
+    Reduction: where A A^H = P on the observed entries (T T^H = I: Identity, single-coil unit maps) the added term
+    c_skip (s - P s) is exactly 0, so both skip spaces give the same s_hat.
     """
+    if skip_space not in SKIP_SPACES:
+        raise UserError(f"The skip space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
     u = operator.AH(s)
     x0_hat = net(network_input(u.to(torch.float32), mask, net.in_channels), sigma, class_labels)
     s_hat = operator.A(x0_hat.to(u.dtype)) * mask
+    if skip_space == "measurement":
+        c_skip = skip_coefficient(net, sigma).to(device=s.device, dtype=u.dtype)
+        s_hat = s_hat + c_skip * (s - operator.A(u) * mask)
     return s_hat, x0_hat
+
+
+def aggregate_projection(skip_space: str, operator):
+    """The map the MSM samplers apply to every aggregate z_hat of a network with this skip space (`partial_denoise`):
+    None (nothing to do) for the image-space skip or T = I; for the measurement-space skip the orthogonal projection
+    onto range(T), z -> T T^+ z (MultiCoilMRI: T^+ = (T^H T)^+ T^H exactly, T^H T being diagonal), which removes the
+    noise the skip term leaves outside range(T)."""
+    if skip_space not in SKIP_SPACES:
+        raise UserError(f"The skip space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
+    if skip_space == "image" or isinstance(operator, Identity):
+        return None
+
+    def project(z_hat: torch.Tensor) -> torch.Tensor:
+        return operator.A(operator.pinv(z_hat)).to(z_hat.dtype)
+
+    return project

@@ -569,7 +569,7 @@ class _Precond(nn.Module):
     """
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
-                 model_kwargs):
+                 model_kwargs, position_channels=0):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels > in_channels:
@@ -580,20 +580,30 @@ class _Precond(nn.Module):
             raise NetworkConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}.")
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim, self.sigma_min, self.sigma_max = label_dim, float(sigma_min), float(sigma_max)
-        self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=in_channels,
+        self.position_channels = int(position_channels)
+        self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=in_channels + position_channels,
                                              out_channels=out_channels, label_dim=label_dim, **model_kwargs)
 
     def round_sigma(self, sigma):
         """Noise levels are continuous here: the identity, as a tensor."""
         return torch.as_tensor(sigma)
 
-    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, positions=None, **model_kwargs):
         """x (N, in_channels, H, W) of any float dtype; sigma a float, a 0-d tensor, or per example (N,) / (N,1,1,1);
-        class_labels (N, label_dim) one-hot, or None for the no-label vector -> D(x; sigma) float32
-        (N, out_channels, H, W). The preconditioning is computed in float32; the network may run under autocast."""
+        class_labels (N, label_dim) one-hot, or None for the no-label vector; positions (N, position_channels, H, W)
+        for a patch prior (training/patches.py), else None -> D(x; sigma) float32 (N, out_channels, H, W). The
+        preconditioning is computed in float32; the network may run under autocast."""
         x, sigma = image_and_sigma(x, sigma, self.in_channels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        net_out = self.model(c_in * x, c_noise.reshape(-1), class_labels, **model_kwargs)
+        net_in = c_in * x
+        if self.position_channels or positions is not None:
+            # Patch priors: coordinates are appended after c_in, unscaled (Patch-Diffusion / PaDIS).
+            expected = (len(x), self.position_channels, *x.shape[2:])
+            if positions is None or tuple(positions.shape) != expected:
+                raise ValueError(f"This network takes positions of shape {expected}, got "
+                                 f"{None if positions is None else tuple(positions.shape)}.")
+            net_in = torch.cat([net_in, positions.to(net_in.dtype)], dim=1)
+        net_out = self.model(net_in, c_noise.reshape(-1), class_labels, **model_kwargs)
         return c_skip * x[:, : self.out_channels] + c_out * net_out.to(torch.float32)
 
 
@@ -603,9 +613,9 @@ class EDMPrecond(_Precond):
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
                  sigma_min: float = 0.0, sigma_max: float = math.inf, sigma_data: float = 0.5,
-                 model_type: str = "SongUNet", **model_kwargs):
+                 model_type: str = "SongUNet", position_channels: int = 0, **model_kwargs):
         super().__init__(img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
-                         model_kwargs)
+                         model_kwargs, position_channels)
         self.sigma_data = float(sigma_data)
 
     def coefficients(self, sigma):
@@ -629,11 +639,11 @@ class VPPrecond(_Precond):
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
                  beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
-                 model_type: str = "SongUNet", **model_kwargs):
+                 model_type: str = "SongUNet", position_channels: int = 0, **model_kwargs):
         sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, dtype=torch.float64), beta_d, beta_min))
         sigma_max = float(_vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_d, beta_min))
         super().__init__(img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
-                         model_kwargs)
+                         model_kwargs, position_channels)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
 
     def sigma(self, t):
@@ -688,11 +698,11 @@ class DiscreteVPPrecond(_Precond):
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
                  num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 model_type: str = "SongUNet", **model_kwargs):
+                 model_type: str = "SongUNet", position_channels: int = 0, **model_kwargs):
         alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
         sigmas = (1 / alphas_cumprod - 1).sqrt()
         super().__init__(img_resolution, in_channels, out_channels, label_dim, float(sigmas[0]), float(sigmas[-1]),
-                         model_type, model_kwargs)
+                         model_type, model_kwargs, position_channels)
         self.num_steps, self.beta_start, self.beta_end = int(num_steps), float(beta_start), float(beta_end)
         self.register_buffer("neg_log_alphas_cumprod", -alphas_cumprod.log(), persistent=False)
 
@@ -716,9 +726,10 @@ class VEPrecond(_Precond):
     c_noise = ln(s / 2)."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
-                 sigma_min: float = 0.02, sigma_max: float = 100.0, model_type: str = "SongUNet", **model_kwargs):
+                 sigma_min: float = 0.02, sigma_max: float = 100.0, model_type: str = "SongUNet",
+                 position_channels: int = 0, **model_kwargs):
         super().__init__(img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
-                         model_kwargs)
+                         model_kwargs, position_channels)
 
     def coefficients(self, sigma):
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
@@ -857,7 +868,8 @@ def build_network(config, where: str = "network") -> nn.Module:
 
 
 _SIZE = dict(img_resolution=Field("int", 1, 4096, required=True), in_channels=Field("int", 1, 64, required=True),
-             out_channels=Field("int", 1, 64, optional=True), label_dim=Field("int", 0, 100_000))
+             out_channels=Field("int", 1, 64, optional=True), label_dim=Field("int", 0, 100_000),
+             position_channels=Field("int", 0, 64))
 _NOISE_LEVEL = Field("float", 0, 1e6)
 _COMMON_UNET = dict(model_channels=Field("int", 1, 1024), channel_mult=Field("ints", 1, 16, max_items=8),
                     channel_mult_emb=Field("int", 1, 16), num_blocks=Field("int", 1, 16),

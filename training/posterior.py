@@ -97,7 +97,9 @@ def msm_posterior_sampler(partial_denoiser, latents: torch.Tensor, mask_law, gen
         T is the task operator), the step acts on every partial estimate inside the K loop.
     placement 'aggregate': `operator` (the task operator A, with pinv) maps the sampler's state (T = I, so the image)
         to y_obs; the step acts on the aggregate.
-    sampler_kwargs: num_subsets, sigmas, eta, outer, variant of `msm_sampler`. Returns the last aggregate z_hat.
+    sampler_kwargs: num_subsets, sigmas, eta, outer, variant, project of `msm_sampler` (project: for a network with
+    the measurement-space skip, training.measurements.aggregate_projection, applied before the aggregate DC step).
+    Returns the last aggregate z_hat.
     """
     if placement == "partial":
         if mask is None:
@@ -202,11 +204,11 @@ def dps_sampler(denoiser, latents: torch.Tensor, generator, operator, y_obs: tor
     """
     if not step_size > 0:
         raise UserError(f"--dps-step must be > 0, got {step_size}.")
-    sigmas = check_sigmas(ddpm_sigmas() if sigmas is None else sigmas)
-    x = latents.to(torch.float64) * sigmas[0].item()
+    sigmas = check_sigmas(ddpm_sigmas() if sigmas is None else sigmas).tolist()  # floats: no host sync in the loop
+    x = latents.to(torch.float64) * sigmas[0]
     for k in range(len(sigmas)):
-        s0 = sigmas[k].item()
-        s1 = sigmas[k + 1].item() if k + 1 < len(sigmas) else 0.0
+        s0 = sigmas[k]
+        s1 = sigmas[k + 1] if k + 1 < len(sigmas) else 0.0
         noise = generator.randn_like(x) if s1 > 0 else None
         x = dps_step(denoiser, x, s0, s1, noise, operator, y_obs, mask, step_size)
     return x

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dnnlib import UserError
-from training.masks import coverage_aware_masks, empty_coverage
+from training.masks import coverage_aware_select, empty_coverage
 from training.measurements import partial_denoise
 from training.networks import vp_grid_sigmas
 from training.operators import Identity, measurement_randn
@@ -85,11 +85,11 @@ def edm_sampler(
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) in float64; returns float64 samples."""
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
-    t_steps = rho_schedule(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = rho_schedule(num_steps, sigma_min, sigma_max, rho).tolist()  # Python floats: no host sync in the loop
     x_next = latents.to(torch.float64) * t_steps[0]
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
     for i in range(num_steps):
-        t_cur, t_next = t_steps[i].item(), t_steps[i + 1].item()
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
         x_cur = x_next
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
         gamma = gamma_max if S_min <= t_cur <= S_max else 0.0
@@ -188,10 +188,14 @@ def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def seed_measurement_randn(generator, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise shaped like `like` (N, ...) in its dtype, row i from generator.generators[i]
-    (SeedGenerators); complex entries get N(0, 1) real and imaginary parts (operators.measurement_randn). The MSM
-    samplers draw their noise with it, and it makes the latents of MRI generation."""
-    template = torch.empty(like.shape[1:], dtype=like.dtype, device=generator.device)
+    """Standard normal noise shaped like `like` (N, ...), row i from generator.generators[i] (SeedGenerators) in one
+    call; complex entries get N(0, 1) real and imaginary parts (operators.measurement_randn). The MSM samplers draw
+    their noise with it, and it makes the latents of MRI generation.
+
+    Drawn and returned in single precision (float32 / complex64) whatever the dtype of `like`: a float64 state gains
+    nothing from float64 noise (its 24 bits are far below the sampler's error), a float64 draw costs about 5x as much,
+    and adding the float32 noise to the float64 state promotes it inside the same operation."""
+    template = torch.empty(like.shape[1:], dtype=_single_dtype(like), device=generator.device)
     return torch.stack([measurement_randn(template, g) for g in generator.generators]).to(like.device)
 
 
@@ -224,6 +228,10 @@ def _state_dtype(latents: torch.Tensor) -> torch.dtype:
     return torch.complex128 if latents.is_complex() else torch.float64
 
 
+def _single_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.complex64 if x.is_complex() else torch.float32
+
+
 def ancestral_sampler(denoiser, latents: torch.Tensor, generator, sigmas: torch.Tensor | None = None,
                       eta: float = 1.0, outer: str = "ddim") -> torch.Tensor:
     """The plain full-denoiser version of the MSM sampler's outer loop (the reference's DDPM / DDIM sampling).
@@ -236,13 +244,13 @@ def ancestral_sampler(denoiser, latents: torch.Tensor, generator, sigmas: torch.
     denoised estimate, D(z; sigmas[-1]).
     """
     check_outer(outer, eta)
-    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
-    z = latents.to(_state_dtype(latents)) * sigmas[0].item()
+    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas).tolist()
+    z = latents.to(_state_dtype(latents)) * sigmas[0]
     for k in range(len(sigmas)):
-        s0 = sigmas[k].item()
+        s0 = sigmas[k]
         z_hat = denoiser(z, s0)
         if k + 1 < len(sigmas):
-            z = outer_step(z, z_hat, s0, sigmas[k + 1].item(), seed_measurement_randn(generator, z), outer, eta)
+            z = outer_step(z, z_hat, s0, sigmas[k + 1], seed_measurement_randn(generator, z), outer, eta)
     return z_hat
 
 
@@ -250,9 +258,10 @@ def ancestral_sampler(denoiser, latents: torch.Tensor, generator, sigmas: torch.
 # MSM stochastic partial-score sampler (MSM.md section 6).
 
 
-def net_partial_denoiser(net, operator, class_labels=None):
+def net_partial_denoiser(net, operator, class_labels=None, skip_space: str = "image"):
     """Wrap a network as a partial denoiser `partial_denoiser(s, mask, sigma) -> s_hat = P T D(T^H s; sigma)`
-    (training.measurements.partial_denoise) on measurement-space batches.
+    (training.measurements.partial_denoise, with the skip space the network was trained with) on measurement-space
+    batches.
 
     `operator` is the full operator T of the N batch elements (Identity, or MultiCoilMRI with maps (N or 1, C, H, W))
     and `class_labels` (N, label_dim) or None. The MSM sampler calls the wrapper on K subsets at once, a batch of
@@ -271,7 +280,9 @@ def net_partial_denoiser(net, operator, class_labels=None):
         if labels is not None and labels.shape[0] != n:
             labels = labels.repeat(n // labels.shape[0], 1)
         sigma_in = torch.full((n,), float(sigma), dtype=torch.float32, device=s.device)
-        s_hat, _ = partial_denoise(net, tiled_operators[repeats], mask, s, sigma_in, labels)
+        # T^H and T in single precision, as the float32 network (complex128 FFTs would cost 4x for no digit it keeps).
+        s_hat, _ = partial_denoise(net, tiled_operators[repeats], mask, s.to(_single_dtype(s)), sigma_in, labels,
+                                   skip_space)
         return s_hat.to(s.dtype)
 
     return denoise
@@ -296,22 +307,32 @@ def _mask_generators(generator) -> list[torch.Generator]:
     return gens
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """x (on the CPU) on `device` without making the host wait for the GPU: a CUDA copy from pinned memory is queued
+    (non_blocking); a plain copy from pageable memory would synchronise with the device every step."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class _SubsetDraws:
-    """Coverage-aware masks from the law, per batch element: element i draws with its own mask generator and keeps
-    its own coverage record for the whole sampling run (reset when complete, as in masks.coverage_aware_masks)."""
+    """Coverage-aware masks from the law, per batch element: element i draws the random numbers of its masks from its
+    own mask generator and keeps its own coverage record for the whole sampling run (reset when complete, as in
+    masks.coverage_aware_masks). Only the random numbers are drawn element by element (a few tiny calls per seed);
+    the masks of the whole batch are then selected together (masks.coverage_aware_select), with the same result as
+    drawing each element alone."""
 
     def __init__(self, mask_law, shape: tuple[int, int], generator, device):
         self.law, self.shape, self.device = mask_law, shape, device
         self.generators = _mask_generators(generator)
-        self.covered = [empty_coverage(mask_law, 1, shape) for _ in self.generators]
+        self.covered = empty_coverage(mask_law, len(self.generators), shape)
 
     def next(self, k: int) -> torch.Tensor:
         """(k, N, ...) float masks on `device`, the law's mask shape per subset."""
-        per_element = []
-        for i, g in enumerate(self.generators):
-            masks, self.covered[i] = coverage_aware_masks(self.law, k, self.shape, self.covered[i], g)
-            per_element.append(masks)
-        return torch.cat(per_element, dim=1).to(self.device)
+        randoms = [self.law.row_randoms(self.shape, self.generators) for _ in range(k)]
+        masks, self.covered = coverage_aware_select(self.law, randoms, self.shape, self.covered)
+        return to_device(masks, self.device)
 
 
 def aggregate_partial_estimates(estimates: torch.Tensor, masks: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -343,6 +364,7 @@ def msm_sampler(
     dc_partial=None,
     dc_aggregate=None,
     guidance=None,
+    project=None,
     return_trajectory: bool = False,
 ):
     """MSM's stochastic partial-score sampler (MSM.md section 6) in measurement space.
@@ -374,6 +396,8 @@ def msm_sampler(
     guidance(z, sigma) -> a correction added to the aggregate, evaluated at the start-of-step state z
         (training.guidance.correction: sigma^2 * scale * grad G), so a guided MSM model samples like the guided
         full denoiser does in `edm_sampler`.
+    project(z_hat) -> z_hat': applied to every aggregate first (training.measurements.aggregate_projection: onto
+        range(T) for networks with the measurement-space skip).
     Returns the last aggregate z_hat (N, ...) at sigmas[-1]; with return_trajectory, (z_hat, list of the aggregate
     at every level).
     """
@@ -384,14 +408,14 @@ def msm_sampler(
     check_outer(outer, eta)
     if variant == "batched" and mask_law.kind == "full":
         num_subsets = 1  # every mask is P = I: the K estimates would be one network evaluation repeated K times
-    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas)
-    z = latents.to(_state_dtype(latents)) * sigmas[0].item()
+    sigmas = check_sigmas(vp200_sigmas() if sigmas is None else sigmas).tolist()  # floats: no host sync in the loop
+    z = latents.to(_state_dtype(latents)) * sigmas[0]
     draws = _SubsetDraws(mask_law, tuple(latents.shape[-2:]), generator, latents.device)
     z_hat = torch.zeros_like(z)
     trajectory = []
     for k in range(len(sigmas)):
-        s0 = sigmas[k].item()
-        s1 = sigmas[k + 1].item() if k + 1 < len(sigmas) else None
+        s0 = sigmas[k]
+        s1 = sigmas[k + 1] if k + 1 < len(sigmas) else None
         masks = draws.next(num_subsets)  # (K, N, ...)
         z_start = z
         if variant == "batched":
@@ -412,6 +436,8 @@ def msm_sampler(
                 estimates.append(estimate)
             estimates = torch.stack(estimates)
         z_hat = aggregate_partial_estimates(estimates, masks, z_hat)
+        if project is not None:
+            z_hat = project(z_hat)
         if guidance is not None:
             z_hat = z_hat + guidance(z_start, s0).to(z_hat.dtype)
         if dc_aggregate is not None:
@@ -437,6 +463,7 @@ def msm_heun_sampler(
     dc_partial=None,
     dc_aggregate=None,
     guidance=None,
+    project=None,
 ) -> torch.Tensor:
     """EDM's Heun sampler (`edm_sampler`, rho schedule, no churn) with the MSM aggregate as the denoiser: every
     denoiser evaluation draws K new coverage-aware masks and evaluates the K partial estimates in one batched call.
@@ -459,6 +486,8 @@ def msm_heun_sampler(
             estimates = torch.stack([dc_partial(estimates[i], masks[i], sigma) for i in range(num_subsets)])
         previous = state["z_hat"] if state["z_hat"] is not None else torch.zeros_like(z)
         z_hat = aggregate_partial_estimates(estimates, masks, previous)
+        if project is not None:
+            z_hat = project(z_hat)
         if guidance is not None:
             z_hat = z_hat + guidance(z, sigma).to(z_hat.dtype)
         if dc_aggregate is not None:
@@ -543,11 +572,10 @@ def ambient_masks(mask_law, delta: float, shape: tuple[int, int], generator) -> 
     survives with probability (1 - p)(1 - delta) for the pixel law (E[P] (1 - delta) for any law). Drawn on the CPU
     from the element's own mask stream (`_mask_generators`): a seed's mask depends on nothing else.
     Returns float32 (N, 1, H, W) or (N, 1, 1, W)."""
-    masks = []
-    for g in _mask_generators(generator):
-        mask = mask_law.sample(1, shape, g)
-        masks.append(mask * (torch.rand(mask.shape, generator=g) >= delta))
-    return torch.cat(masks)
+    generators = _mask_generators(generator)
+    masks = mask_law.from_randoms(mask_law.row_randoms(shape, generators), shape)
+    drops = torch.cat([torch.rand(mask_law.mask_shape(1, shape), generator=g) for g in generators])
+    return masks * (drops >= delta)
 
 
 def net_ambient_denoiser(net, operator, class_labels=None):
@@ -560,8 +588,8 @@ def net_ambient_denoiser(net, operator, class_labels=None):
 
     def denoise(s, mask, sigma):
         sigma_in = torch.full((s.shape[0],), float(sigma), dtype=torch.float32, device=s.device)
-        _, x0_hat = partial_denoise(net, operator, mask, s, sigma_in, class_labels)
-        return operator.A(x0_hat.to(torch.float64)).to(s.dtype)
+        _, x0_hat = partial_denoise(net, operator, mask, s.to(_single_dtype(s)), sigma_in, class_labels)
+        return operator.A(x0_hat).to(s.dtype)
 
     return denoise
 

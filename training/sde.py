@@ -1,6 +1,7 @@
 """Score-based solvers on a noise-level grid (SEED_METHODS.md sections 2-3): annealed Langevin dynamics (ALD, the
 Aali/Tamir pipeline and Jalal et al. 2021), the Euler-Maruyama predictor, the Langevin corrector with Song et al.'s
-snr step rule, predictor-corrector, the probability-flow ODE in both directions, and warm starts.
+snr step rule, predictor-corrector, the probability-flow ODE in both directions, warm starts, and PaDIS's
+DPS-Langevin solver (SEED_METHODS.md 4.4).
 
 Conventions shared by every solver here:
 - The noise model is EDM's VE one, x_sigma = x_0 + sigma n, and every solver takes and returns states in it.
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from dnnlib import UserError
-from training.samplers import check_sigmas, ode_step
+from training.posterior import dps_gradient
+from training.samplers import check_sigmas, ode_step, rho_schedule
 
 SDE_KINDS = ("ve", "vp")
 ALD_INITS = ("noise", "uniform", "adjoint")
@@ -269,3 +271,79 @@ def probability_flow(denoiser, x: torch.Tensor, sigmas, conditioning=None, solve
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = ode_step(conditioned, x, sigma, sigma_next, solver)
     return x
+
+
+# ----------------------------------------------------------------------------
+# PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4; PADIS inverse_nodist.py `dps`).
+
+PADIS_INITS = ("adjoint", "noise")
+
+
+def padis_sigmas(num_steps: int = 100, sigma_min: float = 0.003, sigma_max: float = 10.0, rho: float = 7.0):
+    """EDM's rho schedule without its trailing 0 (`samplers.rho_schedule`): PaDIS's levels, float64 (num_steps,).
+    The defaults are PaDIS's README (100 steps from 10 to 0.003, rho 7)."""
+    if not (isinstance(num_steps, int) and num_steps >= 2):
+        raise UserError(f"--padis-steps must be an integer >= 2, got {num_steps!r}.")
+    if not 0 < sigma_min < sigma_max:
+        raise UserError(f"PaDIS's schedule needs 0 < --padis-sigma-min < --padis-sigma-max, got {sigma_min} and "
+                        f"{sigma_max}.")
+    return rho_schedule(num_steps, sigma_min, sigma_max, rho)[:-1]
+
+
+def check_padis_options(zeta: float, inner_steps: int, alpha_factor: float):
+    if not zeta >= 0:
+        raise UserError(f"--padis-zeta (the DPS step) must be >= 0, got {zeta}.")
+    if not (isinstance(inner_steps, int) and inner_steps >= 1):
+        raise UserError(f"--inner-steps must be an integer >= 1, got {inner_steps!r}.")
+    if not alpha_factor > 0:
+        raise UserError(f"--alpha-factor must be > 0, got {alpha_factor}.")
+
+
+def padis_level(denoiser, x: torch.Tensor, generator, sigma: float, inner_steps: int, operator, y: torch.Tensor,
+                mask: torch.Tensor | None = None, *, zeta: float, alpha_factor: float = 0.5,
+                noise: bool = True) -> torch.Tensor:
+    """`inner_steps` PaDIS iterations at the fixed level sigma, each with one evaluation of D (and its backward pass):
+        g = grad_x ||M (y - A D(x; sigma))||      (`posterior.dps_gradient`, the unsquared norm),
+        s = (D(x; sigma) - x) / sigma^2           (the prior score at the iterate before the DPS step, as PaDIS),
+        x <- x - zeta g + (alpha / 2) s + sqrt(alpha) z,   alpha = alpha_factor sigma^2,   z ~ N(0, I)
+    (z left out with noise=False). With zeta = 0 this is unadjusted Langevin on the prior at level sigma with step
+    alpha / 2: for N(mu, C) data it leaves N(mu, (P - alpha P^2 / 4)^-1), P = (C + sigma^2 I)^-1, invariant, i.e.
+    the noised prior N(mu, C + sigma^2 I) up to O(alpha)."""
+    alpha = alpha_factor * sigma**2
+    x = x.to(torch.float64)
+    for _ in range(inner_steps):
+        grad, x0 = dps_gradient(denoiser, x, sigma, operator, y, mask)
+        x = x - zeta * grad + (alpha / 2) * (x0 - x) / sigma**2
+        if noise:
+            x = x + math.sqrt(alpha) * generator.randn_like(x).to(torch.float64)
+    return x
+
+
+def padis_dps_langevin(denoiser, x: torch.Tensor, generator, sigmas: torch.Tensor, operator, y: torch.Tensor,
+                       mask: torch.Tensor | None = None, *, zeta: float, inner_steps: int = 10,
+                       alpha_factor: float = 0.5) -> torch.Tensor:
+    """PaDIS's inverse solver: `padis_level` at every level of `sigmas` (`padis_sigmas`), inner_steps iterations
+    each, without noise at the last level; returns the last iterate (no final denoising, as PaDIS).
+
+    x is the starting state (float64): PaDIS's code starts from the FBP / A^+ y image itself at sigma_max (its line
+    that draws sigma_max noise is overwritten), although its paper starts from noise; `padis_initial_state` builds
+    either. The denoiser is any D(x, sigma) (a network, the MSM aggregate, the stitched patch denoiser, whose fresh
+    random tile shift per call is drawn from `generator` too), operator A, y and mask M as in `dps_gradient`.
+    inner_steps * len(sigmas) evaluations of D, each with its backward pass. Per-example norms, so a sample depends
+    only on its seed (PaDIS takes the norm over its batch of one)."""
+    check_padis_options(zeta, inner_steps, alpha_factor)
+    levels = check_sigmas(sigmas).tolist()
+    for k, sigma in enumerate(levels):
+        x = padis_level(denoiser, x, generator, sigma, inner_steps, operator, y, mask, zeta=zeta,
+                        alpha_factor=alpha_factor, noise=k < len(levels) - 1)
+    return x
+
+
+def padis_initial_state(init: str, estimate: torch.Tensor, generator, sigma: float) -> torch.Tensor:
+    """PaDIS's starting state at level sigma (float64): 'adjoint' the classical estimate itself (A^+ y, FBP for CT),
+    without noise, as PaDIS's code does; 'noise' sigma z, as its paper. PaDIS also clamps its FBP to its [0, 1]
+    data range; the estimate is used here as it is (A^+ y stays in range for the image tasks)."""
+    if init not in PADIS_INITS:
+        raise UserError(f"--padis-init must be one of {', '.join(PADIS_INITS)}, got {init!r}.")
+    estimate = estimate.to(torch.float64)
+    return estimate.clone() if init == "adjoint" else generator.randn_like(estimate).to(torch.float64) * float(sigma)

@@ -30,6 +30,7 @@ from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
+from training.patches import WithPositions, crop_batch, from_patch_config
 
 # What an options dict may name in its 'class_name' entries (training_options.json records these names); objects are
 # built from these tables, never by looking a dotted name up.
@@ -177,6 +178,7 @@ def snapshot_config(c: EasyDict, dataset) -> dict:
         "dataset": dataset.describe(),
         "loss": c.loss_kwargs,
         "measurement": c.get("measurement"),
+        **({"patches": c.patches} if c.get("patches") else {}),
         "training": {k: c[k] for k in ("batch_size", "total_kimg", "seed", "precision") if k in c},
     }
 
@@ -230,8 +232,17 @@ def training_loop(
             f"{len(dataset)} examples of shape {desc.get('image_shape') or desc.get('shape')}; device {device}, "
             f"{world} rank(s), {rounds} accumulation round(s) of {c.batch_gpu}, precision {c.precision}")
 
+    # Patch training (training/patches.py): one patch size per step, drawn from (seed, step); cur_nimg counts the
+    # examples trained on (patches), data_nimg the images read from the data stream (the two differ when a step crops
+    # several patches per image).
+    geometry, patch_law = from_patch_config(c.patches) if c.get("patches") else (None, None)
+    if rank == 0 and patch_law is not None:
+        log(f"Patch training on {geometry.describe()}: sizes {patch_law.sizes} with probabilities "
+            f"{[round(p, 4) for p in patch_law.probs]} and {patch_law.muls} crops per image (mean "
+            f"{patch_law.mean_multiplier():.3g}); kimg, --duration, EMA and lr ramp-up count the patches trained on.")
     total_nimg = int(round(c.total_kimg * 1000))
     cur_nimg, cur_tick = 0, 0
+    data_nimg = 0
     if resume_state is not None:
         state = checkpoint.load_training_state(resume_state)
         net.load_state_dict(state["net"])
@@ -240,6 +251,7 @@ def training_loop(
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         cur_nimg, cur_tick = state["progress"]["cur_nimg"], state["progress"]["cur_tick"]
+        data_nimg = state["progress"].get("data_nimg", cur_nimg)
         if len(state["rng"]) == world:
             _set_rng_state(state["rng"][rank], loss_gen)
         elif rank == 0:
@@ -259,7 +271,7 @@ def training_loop(
     ddp = dist.data_parallel(net, device)
 
     class_of = [int(dataset.get_label(i).argmax()) for i in range(len(dataset))] if c.get("balanced") else None
-    sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=cur_nimg,
+    sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=data_nimg,
                             with_position=getattr(dataset, "uses_stream_position", False), class_of=class_of)
     validation = None
     if c.get("val_dataset_kwargs"):
@@ -283,18 +295,24 @@ def training_loop(
         # One optimizer step over the global batch: per-rank gradients of (sum of losses) / (batch / world), summed
         # over rounds locally and averaged over ranks by DDP in the last round's backward pass.
         optimizer.zero_grad(set_to_none=True)
+        patch_size, mul = (patch_law.step_choice(c.seed, data_nimg // c.batch_size) if patch_law is not None
+                           else (None, 1))
         for round_idx in range(rounds):
             last_round = round_idx == rounds - 1
             with nullcontext() if last_round else dist.no_sync(ddp):
                 batch = _to_device(next(data_iter), device)
+                step_net = ddp
+                if patch_size is not None:
+                    batch, positions = crop_batch(batch, geometry, patch_size, mul, loss_gen)
+                    step_net = WithPositions(ddp, positions)
                 if "image" in batch:
                     batch["image"] = batch["image"].contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = loss_fn(net=ddp, batch=batch, generator=loss_gen)
+                    loss = loss_fn(net=step_net, batch=batch, generator=loss_gen)
                 tick_loss += torch.tensor([loss.detach().double().sum().item(), loss.shape[0]], dtype=torch.float64)
                 if last_round:  # a rank that hangs before the reduction is named here, not left to stall the others
                     dist.barrier(f"the gradient reduction of the step at {cur_nimg / 1000:.3f} kimg")
-                scaler.scale(loss.sum() / (c.batch_size // world)).backward()
+                scaler.scale(loss.sum() / (c.batch_size // world * mul)).backward()
         scaler.unscale_(optimizer)  # the overflow check sees the reduced gradients: the same decision on every rank
         _finite_grads_(params)
         lr = c.optimizer_kwargs["lr"] * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1)
@@ -307,14 +325,15 @@ def training_loop(
         ema_halflife_nimg = c.ema_halflife_kimg * 1000
         if c.ema_rampup_ratio is not None:
             ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * c.ema_rampup_ratio)
-        ema_beta = 0.5 ** (c.batch_size / max(ema_halflife_nimg, 1e-8))
+        ema_beta = 0.5 ** (c.batch_size * mul / max(ema_halflife_nimg, 1e-8))
         with torch.no_grad():
             for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
             for b_ema, b_net in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
 
-        cur_nimg += c.batch_size
+        cur_nimg += c.batch_size * mul
+        data_nimg += c.batch_size
         done = cur_nimg >= total_nimg
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + c.kimg_per_tick * 1000:
             continue
@@ -364,7 +383,8 @@ def training_loop(
                     os.path.join(run_dir, checkpoint.progress_file_name("training-state", cur_nimg)), config,
                     {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(),
-                     "progress": {"cur_nimg": cur_nimg, "cur_tick": cur_tick, "total_kimg": c.total_kimg},
+                     "progress": {"cur_nimg": cur_nimg, "cur_tick": cur_tick, "total_kimg": c.total_kimg,
+                                  "data_nimg": data_nimg},
                      "rng": rng_states})
         dist.barrier(f"the end of the tick at {cur_nimg / 1000:.3f} kimg")
 

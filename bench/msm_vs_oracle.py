@@ -1,0 +1,383 @@
+"""MSM against the clean-data oracle on phantom MRI at R = 4: posterior quality per training image and per network
+evaluation (issue 14), with classical CS on the same measurements.
+
+    python bench/msm_vs_oracle.py --out out/msm-vs-oracle --data out/quickstart/mri-train \\
+        --test-data out/quickstart/mri-test --test-measurements out/quickstart/measurements-r4 \\
+        --run msm-image=out/quickstart/runs/00000-mri-train-uncond-ddpmpp-edm-gpus1-batch32-fp32-msm-r4 \\
+        --run oracle=out/quickstart/runs/00001-mri-train-uncond-ddpmpp-edm-gpus1-batch32-fp32-oracle \\
+        --kimg 10,20,30 --lock /tmp/heavy.lock
+    python bench/msm_vs_oracle.py --out /tmp/mvo --quick       # tiny end-to-end run (tests/test_msm_vs_oracle.py)
+
+Every step is skipped when its output exists, so a re-run continues, and a larger --kimg only adds what is missing.
+1. Data (unless given): random-ellipse phantoms, simulated 8-coil MRI (the quickstart's recipe): a training set and
+   a held-out set.
+2. Measurements, made once (reconstruct.py --save-measurements) so every row sees identical data: the test set is
+   held-out slices 0..n-1 (or --test-measurements, e.g. the quickstart's), the validation set slices n..2n-1 of the
+   same held-out data. Settings (K, levels, dc-step, the skip space) are chosen on validation only; the test
+   measurements only ever appear in the table.
+3. Training, three models with the quickstart's network, optimiser and schedule on the same training slices:
+   'msm-image' (MSM loss, the reference's image-space skip), 'msm-measurement' (MSM loss, --skip-space measurement)
+   and 'oracle' (EDM loss on the clean images). Budgets: EDM's learning rate is constant after its ramp-up (1 kimg
+   here) and the EMA half-life is fixed, so one run evaluated at its snapshots after 10, 20, 30 ... kimg is the
+   same as separate runs of those lengths; each model is trained once to the largest budget (a given --run is
+   continued with train.py --resume when it is shorter).
+4. Evaluation at every budget on test and validation: reconstruct.py's MSM posterior sampler with its defaults
+   (K 3 for MSM models, 1 for the oracle; the VP-200 grid; dc-step 2; eta 0.85), and zero-filled, cs-tv and cs-l1
+   on the same measurements (the horizontal lines of the plot).
+5. Quality per network evaluation, on validation, for the best MSM model and the oracle at the largest budget:
+   levels x K of the MSM posterior sampler (the oracle: K 1 on the respaced DDPM grid), and the dc-step.
+6. results.md (the table, with each row's settings and the commands), results.json, psnr_vs_kimg.png and
+   psnr_vs_nfe.png in --out.
+
+Each train.py / reconstruct.py call runs as its own process, under `flock --lock` when given, so other heavy jobs
+interleave between calls.
+"""
+
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import click
+import PIL.Image
+import PIL.ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("msm-image", "msm-measurement", "oracle")
+MODEL_OPTIONS = {"msm-image": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--desc", "r4"],
+                 "msm-measurement": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--skip-space",
+                                     "measurement", "--desc", "r4-consistent"],
+                 "oracle": ["--loss", "edm", "--desc", "oracle"]}
+BASELINES = ("zero-filled", "cs-tv", "cs-l1")
+DEFAULT_SUBSETS, DEFAULT_DC_STEP = 3, 2.0  # reconstruct.py's MRI defaults, so those sweep points reuse the main rows
+FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
+            nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3), dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
+            network=["--arch", "ddpmpp", "--cbase", "32", "--cres", "1,2,2", "--blocks", "2", "--attn", "16",
+                     "--batch", "32", "--lr", "2e-3", "--lr-rampup", "0.001", "--ema", "0.002", "--dropout", "0",
+                     "--channels-last"])
+QUICK = dict(num=48, held_out=4, resolution=16, kimg="0.064,0.128", tick=0.032, snap=2, steps=4, nfe_levels=(2, 4),
+             nfe_subsets=(1, 2), dc_steps=(1.0, 2.0), cs_iters=20,
+             network=["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,2", "--blocks", "1", "--attn", "",
+                      "--batch", "8", "--lr", "2e-3", "--lr-rampup", "0.00002", "--ema", "0.0001", "--dropout", "0",
+                      "--workers", "0"])
+COLOURS = {"msm-image": (200, 70, 80), "msm-measurement": (60, 140, 200), "oracle": (40, 40, 40),
+           "cs-tv": (60, 170, 110), "cs-l1": (220, 140, 40), "zero-filled": (150, 150, 150)}
+
+
+class Bench:
+    def __init__(self, out: str, lock: str | None, log):
+        self.out, self.lock, self.log, self.commands = out, lock, log, []
+
+    def run(self, script: str, args: list, heavy: bool = True):
+        """python script args, in the repository, under flock when a lock is given; stops the bench on failure."""
+        cmd = [sys.executable, script, *[str(a) for a in args]]
+        if heavy and self.lock:
+            cmd = ["flock", self.lock, *cmd]
+        line = " ".join(shlex.quote(c) for c in cmd)
+        self.commands.append(line)
+        self.log(f"$ {line}")
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise click.ClickException(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                                       f"{proc.stderr[-2000:]}")
+
+
+def snapshots(run_dir: str) -> dict[float, str]:
+    """kimg -> network snapshot path of a run directory."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "network-snapshot-*.pt")):
+        match = re.search(r"network-snapshot-(\d+\.\d+)\.pt$", path)
+        if match:
+            found[float(match.group(1))] = path
+    return found
+
+
+def snapshot_for(run_dir: str, budget: float, tick: float) -> str | None:
+    """The snapshot written at `budget` kimg: the first tick end at or after it (within one tick)."""
+    near = [k for k in snapshots(run_dir) if budget - 1e-9 <= k < budget + tick]
+    return snapshots(run_dir)[min(near)] if near else None
+
+
+def newest_run(outdir: str, desc_suffix: str) -> str | None:
+    runs = sorted(glob.glob(os.path.join(glob.escape(outdir), f"[0-9][0-9][0-9][0-9][0-9]-*-{desc_suffix}")))
+    return runs[-1] if runs else None
+
+
+def training_loss(run_dir: str, kimg: float) -> float | None:
+    """The logged training loss of the tick that ended at `kimg` (stats.jsonl), or None."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if abs(r["kimg"] - kimg) < 1e-6]
+    return rows[-1]["loss"] if rows else None
+
+
+def summary_of(folder: str) -> dict:
+    with open(os.path.join(folder, "summary.json")) as f:
+        return json.load(f)
+
+
+def method_row(folder: str, method: str) -> dict:
+    summary = summary_of(folder)
+    s = summary["methods"][method]
+    return {"psnr": s["psnr_mean"], "psnr_std": s["psnr_std"], "ssim": s["ssim_mean"], "ssim_std": s["ssim_std"],
+            "nfe": s["nfe_mean"], "seconds": s["seconds_mean"], "settings": summary["settings"].get(method) or {},
+            "hash": summary["measurements"]["hash"]}
+
+
+def line_plot(path: str, title: str, xlabel: str, series: dict, hlines: dict, log_x: bool = False):
+    """PSNR curves (name -> [(x, y)]) and horizontal reference lines (name -> y), drawn with PIL (no plotting
+    library needed)."""
+    import math
+
+    width, height, left, right, top, bottom = 900, 520, 70, 190, 40, 60
+    img = PIL.Image.new("RGB", (width, height), "white")
+    draw = PIL.ImageDraw.Draw(img)
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points] + list(hlines.values())
+    fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    x_lo, x_hi = fx(min(xs)), fx(max(xs))
+    x_lo, x_hi = (x_lo - 0.5, x_hi + 0.5) if x_hi == x_lo else (x_lo, x_hi)
+    y_lo, y_hi = math.floor(min(ys)) - 1, math.ceil(max(ys)) + 1
+
+    def point(x, y):
+        px = left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
+        return px, top + (y_hi - y) / (y_hi - y_lo) * (height - top - bottom)
+
+    step = max(1, round((y_hi - y_lo) / 8))
+    for y in range(int(y_lo), int(y_hi) + 1, step):
+        _, py = point(min(xs), y)
+        draw.line([(left, py), (width - right, py)], fill=(230, 230, 230))
+        draw.text((left - 30, py - 6), f"{y}", fill="black")
+    for x in sorted(set(xs)):
+        px, _ = point(x, y_lo)
+        draw.text((px - 10, height - bottom + 8), f"{x:g}", fill="black")
+    draw.text((width / 2 - 40, height - 25), xlabel, fill="black")
+    draw.text((8, top - 25), "PSNR (dB)", fill="black")
+    draw.text((left, 8), title, fill="black")
+    legend_y = top
+    for name, y in hlines.items():
+        colour = COLOURS.get(name, (120, 120, 120))
+        _, py = point(min(xs), y)
+        for x0 in range(left, width - right, 12):
+            draw.line([(x0, py), (min(x0 + 6, width - right), py)], fill=colour, width=2)
+        draw.text((width - right + 10, legend_y), f"-- {name} {y:.2f}", fill=colour)
+        legend_y += 18
+    for name, points in series.items():
+        colour = COLOURS.get(name.split(" ")[0], (100, 100, 100))
+        pts = [point(x, y) for x, y in sorted(points)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((width - right + 10, legend_y), name, fill=colour)
+        legend_y += 18
+    img.save(path)
+
+
+@click.command()
+@click.option("--out", required=True, help="Output folder (data, runs, measurements, evaluations, results)")
+@click.option("--quick", is_flag=True, help="A tiny end-to-end configuration (16 px, a few steps; for the test)")
+@click.option("--data", default=None, help="MRI training records [default: simulated in --out]")
+@click.option("--test-data", default=None, help="Held-out MRI records [default: simulated in --out]")
+@click.option("--test-measurements", default=None, help="Saved test measurements [default: made from --test-data]")
+@click.option("--run", "runs", multiple=True, metavar="MODEL=RUN_DIR",
+              help=f"An existing run of a model ({', '.join(MODELS)}) to evaluate and continue")
+@click.option("--kimg", default=None, help="Budgets in kimg, multiples of the snapshot interval  [default: 10,20,30]")
+@click.option("--extend", default="", help="Comma list of models trained and evaluated on to --extend-kimg as well")
+@click.option("--extend-kimg", default="", help="Further budgets for the --extend models, e.g. 40,50,60")
+@click.option("--val-kimg", default=None, help="Budgets evaluated on validation too  [default: all]")
+@click.option("--num", "num_slices", type=click.IntRange(min=1), default=None,
+              help="Slices per split (test and validation)  [default: 8]")
+@click.option("--lock", default=None, help="Run each heavy call under `flock LOCK`")
+@click.option("--no-nfe", is_flag=True, help="Skip the quality-per-NFE and dc-step sweeps")
+def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg, num_slices, lock,
+         no_nfe):
+    p = dict(QUICK if quick else FULL)
+    num_slices = num_slices or (2 if quick else 8)
+    budgets = [float(b) for b in (kimg or p["kimg"]).split(",")]
+    extended = [m for m in extend.split(",") if m]
+    if set(extended) - set(MODELS):
+        raise click.BadParameter(f"expected models among {', '.join(MODELS)}, got {extend}", param_hint="--extend")
+    val_budgets = None if val_kimg is None else [float(b) for b in val_kimg.split(",")]
+    model_budgets = {m: budgets + ([float(b) for b in extend_kimg.split(",") if b] if m in extended else [])
+                     for m in MODELS}
+    os.makedirs(out, exist_ok=True)
+    log_file = open(os.path.join(out, "bench.log"), "a")
+
+    def log(msg: str):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    bench = Bench(out, lock, log)
+    given = dict(r.split("=", 1) for r in runs)
+    unknown = set(given) - set(MODELS)
+    if unknown:
+        raise click.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}; expected {', '.join(MODELS)}",
+                                 param_hint="--run")
+
+    # 1. Data.
+    if data is None or test_data is None:
+        for split, count, seed in (("train", p["num"], 0), ("test", p["held_out"], 1)):
+            zip_path, mri_path = os.path.join(out, f"phantoms-{split}.zip"), os.path.join(out, f"mri-{split}")
+            if not os.path.exists(zip_path):
+                bench.run("dataset_tool.py", ["phantoms", "--dest", zip_path, "--num", count, "--resolution",
+                                              p["resolution"], "--seed", seed], heavy=False)
+            if not os.path.exists(mri_path):
+                bench.run("dataset_tool.py", ["simulate-mri", "--source", zip_path, "--dest", mri_path, "--coils", 8,
+                                              "--seed", seed], heavy=False)
+        data = data or os.path.join(out, "mri-train")
+        test_data = test_data or os.path.join(out, "mri-test")
+
+    # 2. Measurements (test and validation), and the baselines on them.
+    splits = {"test": test_measurements or os.path.join(out, "measurements-test"),
+              "val": os.path.join(out, "measurements-val")}
+    first = {"test": 0, "val": num_slices}
+    cs = ["--cs-tv-iters", p["cs_iters"], "--cs-l1-iters", p["cs_iters"]] if p["cs_iters"] else []
+    for split, path in splits.items():
+        folder = os.path.join(out, "eval", split, "baselines")
+        if not os.path.exists(os.path.join(path, "measurements.json")):
+            bench.run("reconstruct.py", ["--data", test_data, "--task", "mri", "--first", first[split], "--num",
+                                         num_slices, "--accel", 4, "--mask-seed", 1, "--save-measurements", path,
+                                         "--outdir", folder, "--methods", ",".join(BASELINES), *cs])
+        elif not os.path.exists(os.path.join(folder, "summary.json")):
+            bench.run("reconstruct.py", ["--measurements", path, "--outdir", folder, "--methods",
+                                         ",".join(BASELINES), *cs])
+
+    # 3. Training, one run per model to the largest budget.
+    run_dirs = {}
+    for model in MODELS:
+        run_dir = given.get(model) or newest_run(os.path.join(out, "runs"), MODEL_OPTIONS[model][-1])
+        model_top = max(model_budgets[model])
+        if run_dir is None or snapshot_for(run_dir, model_top, p["tick"]) is None:
+            args = ["--outdir", os.path.join(out, "runs"), "--data", data, *p["network"], *MODEL_OPTIONS[model],
+                    "--duration", model_top / 1000, "--tick", p["tick"], "--snap", p["snap"], "--dump", p["snap"]]
+            bench.run("train.py", args + (["--resume", run_dir] if run_dir else []))
+            run_dir = run_dir or newest_run(os.path.join(out, "runs"), MODEL_OPTIONS[model][-1])
+        run_dirs[model] = run_dir
+
+    # 4. Posterior quality per budget, on test and validation.
+    def evaluate(split: str, name: str, snapshot: str, extra: list) -> str:
+        """reconstruct.py's MSM posterior sampler (its defaults, --steps from the configuration, then `extra`) into
+        eval/SPLIT/NAME, unless that folder already holds a summary."""
+        folder = os.path.join(out, "eval", split, name)
+        if not os.path.exists(os.path.join(folder, "summary.json")):
+            bench.run("reconstruct.py", ["--network", snapshot, "--measurements", splits[split], "--outdir", folder,
+                                         "--methods", "msm", "--steps", p["steps"], *extra])
+        return folder
+
+    results = {"budgets": model_budgets, "runs": run_dirs, "rows": [], "nfe": [], "dc_step": [], "baselines": {}}
+    for split in splits:
+        folder = os.path.join(out, "eval", split, "baselines")
+        results["baselines"][split] = {m: method_row(folder, m) for m in BASELINES}
+        for model in MODELS:
+            for budget in model_budgets[model]:
+                if split == "val" and val_budgets is not None and budget not in val_budgets:
+                    continue
+                snapshot = snapshot_for(run_dirs[model], budget, p["tick"])
+                if snapshot is None:
+                    raise click.ClickException(f"{run_dirs[model]} has no snapshot at {budget:g} kimg (snapshots: "
+                                               f"{sorted(snapshots(run_dirs[model]))}).")
+                folder = evaluate(split, f"{model}-{budget:g}", snapshot, [])
+                results["rows"].append({"split": split, "model": model, "kimg": budget, "snapshot": snapshot,
+                                        "train_loss": training_loss(run_dirs[model], float(
+                                            re.search(r"(\d+\.\d+)\.pt$", snapshot).group(1))),
+                                        **method_row(folder, "msm")})
+
+    for split in splits:
+        hashes = {r["hash"] for r in results["rows"] if r["split"] == split}
+        hashes |= {r["hash"] for r in results["baselines"][split].values()}
+        if len(hashes) != 1:
+            raise click.ClickException(f"The {split} rows reconstructed different measurement sets ({hashes}).")
+
+    # 5. Quality per NFE and the dc-step, on validation, at the largest budget.
+    def best_msm() -> str:
+        """The MSM model with the best validation PSNR at the largest budget validated for both MSM models."""
+        rows = [r for r in results["rows"] if r["split"] == "val" and r["model"] != "oracle"]
+        shared = max(k for k in {r["kimg"] for r in rows} if sum(r["kimg"] == k for r in rows) == 2)
+        return max((r for r in rows if r["kimg"] == shared), key=lambda r: r["psnr"])["model"]
+
+    if not no_nfe:
+        best = best_msm()
+        for model in (best, "oracle"):
+            model_top = max(model_budgets[model])
+            snapshot = snapshot_for(run_dirs[model], model_top, p["tick"])
+            default_subsets = 1 if model == "oracle" else DEFAULT_SUBSETS
+            for subsets in p["nfe_subsets"] if model != "oracle" else (1,):
+                for levels in p["nfe_levels"]:
+                    name = (f"{model}-{model_top:g}" if (levels, subsets) == (p["steps"], default_subsets) else
+                            f"nfe-{model}-{model_top:g}-L{levels}-K{subsets}")
+                    folder = evaluate("val", name, snapshot, ["--steps", levels, "--subsets", subsets])
+                    results["nfe"].append({"model": model, "kimg": model_top, "levels": levels, "K": subsets,
+                                           **method_row(folder, "msm")})
+            for dc_step in p["dc_steps"]:
+                name = (f"{model}-{model_top:g}" if dc_step == DEFAULT_DC_STEP else
+                        f"dc-{model}-{model_top:g}-{dc_step:g}")
+                folder = evaluate("val", name, snapshot, ["--dc-step", dc_step])
+                results["dc_step"].append({"model": model, "kimg": model_top, "dc_step": dc_step,
+                                           **method_row(folder, "msm")})
+
+    # 6. Table, JSON and plots.
+    results["commands"] = bench.commands
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report(results, run_dirs))
+    for split in splits:
+        series = {m: [(r["kimg"], r["psnr"]) for r in results["rows"] if r["split"] == split and r["model"] == m]
+                  for m in MODELS}
+        hlines = {m: results["baselines"][split][m]["psnr"] for m in ("cs-tv", "cs-l1")}
+        line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs training images, phantom MRI "
+                  f"R = 4, {split} slices (MSM posterior sampler)", "kimg", series, hlines)
+    if results["nfe"]:
+        series = {}
+        for r in results["nfe"]:
+            series.setdefault(f"{r['model']} K{r['K']}", []).append((r["nfe"], r["psnr"]))
+        hlines = {m: results["baselines"]["val"][m]["psnr"] for m in ("cs-tv", "cs-l1")}
+        line_plot(os.path.join(out, "psnr_vs_nfe.png"), "Posterior PSNR vs network evaluations at the largest budget, "
+                  "validation slices (levels x K)", "NFE per example (log)", series, hlines, log_x=True)
+    log(f"Wrote {os.path.join(out, 'results.md')} and the plots.")
+
+
+def report(results: dict, run_dirs: dict) -> str:
+    lines = ["| split | prior | kimg | PSNR (dB) | SSIM | NFE | train loss | settings |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        loss = f"{r['train_loss']:.0f}" if r["train_loss"] is not None else ""
+        lines.append(f"| {r['split']} | {r['model']} | {r['kimg']:g} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
+                     f"{r['ssim']:.3f} | {r['nfe']:.0f} | {loss} | {settings_text(r['settings'])} |")
+    for split, rows in results["baselines"].items():
+        for method, r in rows.items():
+            lines.append(f"| {split} | {method} | | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | {r['ssim']:.3f} | 0 | | "
+                         f"{settings_text(r['settings'])} |")
+    text = "\n".join(lines) + "\n"
+    if results["nfe"]:
+        text += "\nQuality per NFE (validation):\n\n| prior | levels | K | NFE | PSNR (dB) | SSIM | s / example |\n"
+        text += "|---|---|---|---|---|---|---|\n"
+        for r in results["nfe"]:
+            text += (f"| {r['model']} | {r['levels']} | {r['K']} | {r['nfe']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} "
+                     f"| {r['seconds']:.1f} |\n")
+        text += "\ndc-step (validation, default levels and K):\n\n| prior | dc-step | PSNR (dB) | SSIM |\n"
+        text += "|---|---|---|---|\n"
+        for r in results["dc_step"]:
+            text += f"| {r['model']} | {r['dc_step']:g} | {r['psnr']:.2f} | {r['ssim']:.3f} |\n"
+    text += "\nRuns:\n\n" + "\n".join(f"- {m}: {d}" for m, d in run_dirs.items()) + "\n"
+    text += ("\nTraining loss: the logged loss of the tick that ended at the snapshot. The measurement-space skip's "
+             "loss carries a constant the network cannot change (noise outside range(P T)), so it is not comparable "
+             "with the image-space loss.\n")
+    return text
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items()
+                     if k != "schedule")
+
+
+if __name__ == "__main__":
+    main()

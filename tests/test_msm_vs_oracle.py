@@ -1,0 +1,33 @@
+"""bench/msm_vs_oracle.py end to end at a tiny budget: data, measurements, three trainings, evaluations at two
+budgets on test and validation, the NFE and dc-step sweeps, the table and the plots."""
+
+import json
+import os
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+@pytest.mark.slow
+def test_msm_vs_oracle_quick(tmp_path):
+    out = tmp_path / "mvo"
+    run_cli(["bench/msm_vs_oracle.py", "--out", str(out), "--quick"], timeout=1800)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    rows = {(r["split"], r["model"], r["kimg"]) for r in results["rows"]}
+    assert rows == {(s, m, k) for s in ("test", "val") for m in ("msm-image", "msm-measurement", "oracle")
+                    for k in (0.064, 0.128)}
+    for split in ("test", "val"):  # every row of a split saw the same measurements
+        assert len({r["hash"] for r in results["rows"] if r["split"] == split}) == 1
+        assert set(results["baselines"][split]) == {"zero-filled", "cs-tv", "cs-l1"}
+    assert {r["model"] for r in results["nfe"]} >= {"oracle"} and len(results["nfe"]) == 2 * 2 + 2
+    assert [r["settings"]["skip_space"] for r in results["rows"] if r["model"] == "msm-measurement"] == \
+        ["measurement"] * 4
+    for name in ("results.md", "psnr_vs_kimg_test.png", "psnr_vs_kimg_val.png", "psnr_vs_nfe.png"):
+        assert os.path.getsize(out / name) > 0
+    # A second call finds everything done and runs nothing heavy again.
+    before = len(results["commands"])
+    run_cli(["bench/msm_vs_oracle.py", "--out", str(out), "--quick"], timeout=600)
+    with open(out / "results.json") as f:
+        assert json.load(f)["commands"] == [] and before > 0
