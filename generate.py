@@ -38,6 +38,7 @@ import dnnlib
 from dnnlib import UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators, image_grid, parse_seeds, save_image, to_uint8_images
 from training.classifier import is_classifier
 from training.guidance import CFG_CONVENTIONS, POTENTIALS
@@ -410,11 +411,13 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
 @click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,
               help="Patch prior: non-overlapping tiles on a grid shifted at random per call, or a fixed grid of "
               "stride p/2 averaged  [default: tile]")
+@click.option("--compile", "compile_net", is_flag=True,
+              help="torch.compile the network (pays off for many seeds; the first batch includes the compilation)")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifier_path, guidance_kinds,
          guidance_scales, guidance_sigma_range, cfg_scale, cfg_convention, bridge_source, source_label, target_label,
          num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, sampler, num_subsets, schedule,
-         variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, device):
+         variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, compile_net, device):
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
     seeds = parse_seeds(seeds)
@@ -427,6 +430,8 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     if is_classifier(config):
         raise UserError(f"--network {network_path} is a classifier snapshot; generate.py needs a diffusion model "
                         "(a classifier goes to --classifier).")
+    if compile_net:  # the samplers call the compiled network; its attributes read through to the module
+        net = compile_network(net, device.type)
     net = patch_prior(net, config, patch_size, patch_batch, assembly)  # a patch prior as a whole-image network
     if bridge_source is not None and config.get("patches"):
         raise UserError("--bridge-source inverts the probability-flow ODE, which needs a deterministic denoiser; a "

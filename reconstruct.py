@@ -100,6 +100,7 @@ import dnnlib
 from dnnlib import UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators, parse_seeds
 from training.classifier import is_classifier
 from training.conditioning import dds, dps, jalal, jalal_normalized, projection
@@ -180,12 +181,15 @@ class Model:
     loss_config: dict | None  # the snapshot's loss (its noise-level distribution bounds the sampling grids)
 
 
-def load_model(network_path: str | None, device, patch_size=None, patch_batch=None, assembly=None) -> Model | None:
+def load_model(network_path: str | None, device, patch_size=None, patch_batch=None, assembly=None,
+               compile_net: bool = False) -> Model | None:
     """The --network snapshot; a patch prior becomes its stitched whole-image network (training/patches.py), so
-    every method drives it as any other network."""
+    every method drives it as any other network. compile_net: every method calls the torch.compile'd network."""
     if network_path is None:
         if patch_size is not None or patch_batch is not None or assembly is not None:
             raise UserError("--patch-size, --patch-batch and --assembly apply to a patch prior given with --network.")
+        if compile_net:
+            raise UserError("--compile applies to a network given with --network.")
         return None
     net, config = checkpoint.load_snapshot(network_path, device=device)
     if is_classifier(config):
@@ -198,6 +202,8 @@ def load_model(network_path: str | None, device, patch_size=None, patch_batch=No
     else:
         kind = "mri" if dataset_kind == "mri" else "image"
         law = FullMask()
+    if compile_net:
+        net = compile_network(net, torch.device(device).type)
     net = patch_prior(net, config, patch_size, patch_batch, assembly)
     return Model(net=CountingNetwork(net), kind=kind, mask_law=law, loss_config=config.get("loss"))
 
@@ -1129,6 +1135,8 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,
               help="Patch prior: non-overlapping tiles on a grid shifted at random per call, or a fixed grid of "
               "stride p/2 averaged  [default: tile]")
+@click.option("--compile", "compile_net", is_flag=True,
+              help="torch.compile the network (pays off for many examples; the first batch includes the compilation)")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, data_path, measurements_path, save_path, task, outdir, methods, indices, first, num, seeds,
          max_batch, mask_kind, accel, acs, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise, snr_db, views,
@@ -1136,7 +1144,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
          num_subsets, num_steps, dc_step, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
-         cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, device):
+         cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
     device = dist.init(device)
@@ -1166,7 +1174,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     if save_path is not None and os.path.exists(save_path):
         raise UserError(f"--save-measurements {save_path} already exists; measurement sets are never overwritten.")
     seeds = parse_seeds(seeds)
-    model = load_model(network_path, device, patch_size, patch_batch, assembly)
+    model = load_model(network_path, device, patch_size, patch_batch, assembly, compile_net)
     if measurements_path is not None:
         if data_path is not None:
             raise UserError("--data and --measurements exclude each other: the measurement set holds its data.")

@@ -23,12 +23,14 @@ import dnnlib
 from dnnlib import EasyDict, UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from torch_utils.compiling import check_compiler
 from torch_utils.misc import parse_int_list
 
 # Options that may change between the start of a run and its continuation without changing what is computed
 # (or that only extend it).
 RESUME_MAY_DIFFER = {
     "total_kimg", "kimg_per_tick", "snapshot_ticks", "state_dump_ticks", "workers", "batch_gpu", "desc", "world_size",
+    "compile",
 }
 
 
@@ -170,6 +172,10 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.seed, c.precision, c.channels_last = opts.seed, opts.precision, opts.channels_last
     c.workers = opts.workers
+    c.compile = opts.compile
+    if opts.compile:
+        check_compiler("cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
     c.transfer = opts.transfer
     c.world_size = world_size
     if opts.precision == "fp16" and not torch.cuda.is_available():
@@ -369,6 +375,9 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the network for the training steps (snapshots are the same plain network; may be "
+                   "switched on or off when a run is continued)")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Data-loader processes")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds a rank waits for the others before the job fails, naming the missing ranks  "

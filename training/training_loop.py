@@ -28,6 +28,7 @@ import torch
 from dnnlib import EasyDict, UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from torch_utils.loss_curves import SIGMA_BAND_EDGES, band_stats, band_totals, write_loss_plot
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
 from training.patches import WithPositions, crop_batch, from_patch_config
@@ -102,6 +103,44 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+class SigmaRecorder:
+    """Keeps the noise levels the loss drew in its last call, for the per-band loss statistics (loss_curves.py).
+
+    Every diffusion loss draws its per-example training sigma through its `sample_sigma(n, generator, device)` once
+    per call (patch training: once per patch); wrapping that method on the loss object reads the draw without
+    changing what the loss computes or draws. A loss without `sample_sigma` (ClassifierLoss) has no bands:
+    `active` is then False."""
+
+    def __init__(self, loss_fn):
+        self.last = None
+        draw = getattr(loss_fn, "sample_sigma", None)
+        self.active = draw is not None
+        if self.active:
+            def recording_draw(n, generator, device):
+                self.last = draw(n, generator, device)
+                return self.last
+
+            loss_fn.sample_sigma = recording_draw
+
+    def take(self) -> torch.Tensor:
+        """The sigma of the last loss call, once (a loss that did not draw raises, not reuse an old draw)."""
+        if self.last is None:
+            raise RuntimeError("the loss returned without drawing its noise levels through sample_sigma")
+        sigma, self.last = self.last, None
+        return sigma
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> '2d 03h 04m', '3h 04m', '4m 05s' or '5s' for the tick line's ETA."""
+    s = int(round(max(seconds, 0)))
+    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
+    if d:
+        return f"{d}d {h:02d}h {m:02d}m"
+    if h:
+        return f"{h}h {m:02d}m"
+    return f"{m}m {s % 60:02d}s" if m else f"{s}s"
+
+
 def _rng_state(loss_gen: torch.Generator) -> dict:
     state = {"loss": loss_gen.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -160,6 +199,15 @@ def _truncate_stats(path: str, nimg: int) -> int:
             f.write("".join(line + "\n" for line in keep))
         os.replace(f"{path}.tmp", path)
     return len(lines) - len(keep)
+
+
+def _write_loss_plot(stats_path: str, log):
+    """loss.png beside stats.jsonl (loss_curves.write_loss_plot); a plot that cannot be drawn costs a log line, never
+    the run."""
+    try:
+        write_loss_plot(stats_path)
+    except (OSError, ValueError) as e:
+        log(f"Warning: could not draw {os.path.join(os.path.dirname(stats_path), 'loss.png')}: {e}")
 
 
 def parameter_hash(net: torch.nn.Module) -> str:
@@ -269,6 +317,12 @@ def training_loop(
     if rank == 0 and (redone := _truncate_stats(stats_path, cur_nimg)):
         log(f"Removed {redone} line(s) of stats.jsonl past {cur_nimg / 1000:.3f} kimg (those ticks are redone).")
     ddp = dist.data_parallel(net, device)
+    # --compile: the loss calls a torch.compile'd wrapper of the (DDP-wrapped) network; `net` itself stays the plain
+    # module, so the EMA, the snapshots and the training states keep its state_dict keys (no `_orig_mod.` prefix),
+    # and a run may switch compile on or off between resumes.
+    loss_net = torch.compile(ddp) if c.get("compile") else ddp
+    if rank == 0 and c.get("compile"):
+        log("Compiling the network with torch.compile: the first steps include the compilation (minutes on a CPU).")
 
     class_of = [int(dataset.get_label(i).argmax()) for i in range(len(dataset))] if c.get("balanced") else None
     sampler = StreamSampler(len(dataset), rank, world, c.batch_gpu, rounds, c.seed, start_pos=data_nimg,
@@ -287,7 +341,11 @@ def training_loop(
     data_iter = iter(loader)
 
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    tick_loss = torch.zeros(2, dtype=torch.float64)  # (sum of per-example losses, count) on this rank
+    # On this rank, on the device (no host synchronisation per round): the sum of the per-example losses and their
+    # count, then per sigma band (loss_curves.band_totals) the sums and the counts; reduced over ranks at each tick.
+    sigma_recorder = SigmaRecorder(loss_fn)
+    num_bands = len(SIGMA_BAND_EDGES) + 1 if sigma_recorder.active else 0
+    tick_totals = torch.zeros(2 + 2 * num_bands, dtype=torch.float64, device=device)
     config = snapshot_config(c, dataset)
     done = cur_nimg >= total_nimg
 
@@ -301,15 +359,18 @@ def training_loop(
             last_round = round_idx == rounds - 1
             with nullcontext() if last_round else dist.no_sync(ddp):
                 batch = _to_device(next(data_iter), device)
-                step_net = ddp
+                step_net = loss_net
                 if patch_size is not None:
                     batch, positions = crop_batch(batch, geometry, patch_size, mul, loss_gen)
-                    step_net = WithPositions(ddp, positions)
+                    step_net = WithPositions(loss_net, positions)
                 if "image" in batch:
                     batch["image"] = batch["image"].contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = loss_fn(net=step_net, batch=batch, generator=loss_gen)
-                tick_loss += torch.tensor([loss.detach().double().sum().item(), loss.shape[0]], dtype=torch.float64)
+                tick_totals[0] += loss.detach().double().sum()
+                tick_totals[1] += loss.shape[0]
+                if num_bands:
+                    tick_totals[2:] += band_totals(sigma_recorder.take(), loss).flatten()
                 if last_round:  # a rank that hangs before the reduction is named here, not left to stall the others
                     dist.barrier(f"the gradient reduction of the step at {cur_nimg / 1000:.3f} kimg")
                 scaler.scale(loss.sum() / (c.batch_size // world * mul)).backward()
@@ -340,27 +401,31 @@ def training_loop(
 
         # Tick: status line, stats, snapshot, training state.
         dist.barrier(f"the tick at {cur_nimg / 1000:.3f} kimg")
-        dist.all_reduce_(tick_loss)
+        totals = dist.all_reduce_(tick_totals.clone()).cpu()
+        tick_totals.zero_()
         tick_end_time = time.time()
         tick_nimg = cur_nimg - tick_start_nimg
+        # ETA from this tick's rate (the first tick's includes start-up, and compilation with --compile).
+        eta_sec = (total_nimg - cur_nimg) * (tick_end_time - tick_start_time) / max(tick_nimg, 1)
         stats = {
-            "kimg": cur_nimg / 1000, "tick": cur_tick, "loss": (tick_loss[0] / tick_loss[1].clamp(min=1)).item(),
+            "kimg": cur_nimg / 1000, "tick": cur_tick, "loss": (totals[0] / totals[1].clamp(min=1)).item(),
             "sec_per_tick": tick_end_time - tick_start_time,
             "sec_per_kimg": (tick_end_time - tick_start_time) / max(tick_nimg / 1000, 1e-8),
             "images_per_sec": tick_nimg / max(tick_end_time - tick_start_time, 1e-8), "lr": lr,
             "ema_halflife_kimg": ema_halflife_nimg / 1000, "total_sec": tick_end_time - start_time,
             "cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+            "eta_sec": eta_sec,
+            **(band_stats(totals[2:].reshape(2, num_bands)) if num_bands else {}),
         }
-        tick_loss.zero_()
         if validation is not None and rank == 0:
             stats.update(validation(ema, device))
         if rank == 0:
             log(f"tick {cur_tick:<5d} kimg {stats['kimg']:<9.3f} loss {stats['loss']:<8.4f} "
                 f"time {stats['total_sec']:<8.1f} sec/tick {stats['sec_per_tick']:<7.1f} "
                 f"img/s {stats['images_per_sec']:<7.1f} lr {lr:.2e} cpumem {stats['cpu_mem_gb']:.2f} "
-                f"gpumem {stats['gpu_mem_gb']:.2f}" + "".join(f" {k} {v:.3f}" for k, v in stats.items()
-                                                              if k.startswith("val_")))
+                f"gpumem {stats['gpu_mem_gb']:.2f} eta {format_duration(eta_sec)}"
+                + "".join(f" {k} {v:.3f}" for k, v in stats.items() if k.startswith("val_")))
             with open(stats_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
 
@@ -371,6 +436,7 @@ def training_loop(
         if write_snapshot and rank == 0:
             checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", cur_nimg)),
                                      config, ema)
+            _write_loss_plot(stats_path, log)
         if write_state:
             hashes = dist.all_gather_object(parameter_hash(net))
             if len(set(hashes)) != 1:
@@ -392,6 +458,8 @@ def training_loop(
     if rank == 0 and not os.path.exists(final_snapshot):  # a run resumed past its new duration
         checkpoint.save_snapshot(final_snapshot, config, ema)
         log(f"Wrote the final snapshot {os.path.basename(final_snapshot)}.")
+        if os.path.exists(stats_path):
+            _write_loss_plot(stats_path, log)
     if rank == 0:
         log(f"Done: {cur_nimg / 1000:.3f} kimg in {time.time() - start_time:.1f} s.")
     return net, ema
