@@ -64,6 +64,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.msm_sampler import timed  # noqa: E402 (the same wall-clock rule as the sampler benchmark)
 from torch_utils import checkpoint  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
 from training.loss import EDMLoss  # noqa: E402
@@ -232,16 +233,6 @@ def measure_memory(resolution: int, size: int | None, batch: int, steps: int, de
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {cmd} failed:\n{proc.stderr[-3000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def training_cost(settings: dict, device, log) -> dict:

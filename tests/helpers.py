@@ -1,5 +1,6 @@
 """Shared helpers for the tests: running the CLIs in subprocesses, small datasets."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -99,3 +100,14 @@ def assert_same_training_state(a: dict, b: dict, rtol: float = 1e-5, atol: float
     for i in sa:
         for k in sa[i]:
             torch.testing.assert_close(sa[i][k], sb[i][k], rtol=rtol, atol=atol)
+
+
+def train_in_process(outdir, data: str, images: int, capsys, options) -> str:
+    """train.py in this process for `images` images with the given options; returns the run directory."""
+    import train
+
+    code, err = run_in_process(train.main, ["--outdir", str(outdir), "--data", data, "--duration", images / 1e6,
+                                            *options], capsys)
+    assert code == 0, err
+    (run_dir,) = glob.glob(os.path.join(str(outdir), "0*"))
+    return run_dir

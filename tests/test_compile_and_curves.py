@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import make_phantoms, run_cli, run_in_process
+from tests.helpers import make_phantoms, run_cli, run_in_process, train_in_process
 from torch_utils import checkpoint
 from torch_utils.loss_curves import (
     band_names,
@@ -53,11 +53,7 @@ def data(tmp_path_factory):
 
 
 def _train_in_process(outdir, data, images, capsys, extra=()):
-    code, err = run_in_process(train.main, ["--outdir", outdir, "--data", data, "--duration", images / 1e6, *TINY,
-                                            *extra], capsys)
-    assert code == 0, err
-    (run_dir,) = glob.glob(os.path.join(str(outdir), "0*"))
-    return run_dir
+    return train_in_process(outdir, data, images, capsys, [*TINY, *extra])
 
 
 def _assert_bands_add_up(stats: list[dict], images_per_tick: list[int]):

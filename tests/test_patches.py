@@ -18,7 +18,7 @@ import generate
 import reconstruct
 import train
 from dnnlib import ConfigError, UserError
-from tests.helpers import HANG_GUARD_S, REPO, file_tree, make_phantoms, run_cli, run_in_process
+from tests.helpers import HANG_GUARD_S, REPO, file_tree, make_phantoms, run_cli, run_in_process, train_in_process
 from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
 from training.loss import EDMLoss
@@ -302,11 +302,7 @@ def data(tmp_path_factory):
 
 
 def _train_in_process(outdir, data, images, capsys, extra=()):
-    code, err = run_in_process(train.main, ["--outdir", outdir, "--data", data, "--duration", images / 1e6, *TINY,
-                                            *extra], capsys)
-    assert code == 0, err
-    (run_dir,) = glob.glob(os.path.join(str(outdir), "0*"))
-    return run_dir
+    return train_in_process(outdir, data, images, capsys, [*TINY, *extra])
 
 
 def test_kimg_count_the_patches_actually_trained_on(tmp_path, data, monkeypatch, capsys):
