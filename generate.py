@@ -405,7 +405,7 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
 @click.option("--subdirs", is_flag=True, help="Save images in subdirectories of 1000")
 @click.option("--grid", "grid_path", default=None, help="Grid image of the first 64 seeds [default: OUTDIR-grid.png]")
 @click.option("--patch-size", type=click.IntRange(min=1), default=None,
-              help="Patch prior: tile size [default: the largest training size that tiles the canvas]")
+              help="Patch prior: tile size [default: the largest training size whose tile grid can shift]")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None,
               help="Patch prior: tiles per network call  [default: 256]")
 @click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,

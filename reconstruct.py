@@ -1129,7 +1129,7 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--cs-l1-iters", type=click.IntRange(min=1), default=None, help="cs-l1 iterations [default: "
               f"{CS_DEFAULTS['l1-wavelet']['max_iter']}]")
 @click.option("--patch-size", type=click.IntRange(min=1), default=None,
-              help="Patch prior: tile size [default: the largest training size that tiles the canvas]")
+              help="Patch prior: tile size [default: the largest training size whose tile grid can shift]")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None,
               help="Patch prior: tiles per network call  [default: 256]")
 @click.option("--assembly", type=click.Choice(["tile", "overlap"]), default=None,

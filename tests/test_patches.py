@@ -341,7 +341,8 @@ def test_patch_training_resumes_exactly_after_sigkill(tmp_path, data):
     cmd = [sys.executable, "train.py", "--outdir", str(outdir), "--data", data, "--duration", str(n / 1e6), *TINY]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.monotonic()
-    while proc.poll() is None and not glob.glob(str(outdir / "*" / "training-state-*.pt")):
+    # Killed after a few states, so that steps with several crops per image (data_nimg < cur_nimg) came before it.
+    while proc.poll() is None and len(glob.glob(str(outdir / "*" / "training-state-*.pt"))) < 3:
         assert time.monotonic() - started < HANG_GUARD_S, "no training state appeared (hang guard)"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -368,7 +369,8 @@ def test_a_patch_prior_drives_generate_and_reconstruct(tmp_path, data, loss):
     assert config["patches"]["pad_width"] == 4 and config["network"]["kwargs"]["position_channels"] == 2
     gen = run_cli(["generate.py", "--network", run_dir, "--outdir", str(tmp_path / "gen"), "--seeds", "0-2",
                    "--steps", "3", "--patch-batch", "5"])
-    assert "patch prior stitched from 16 px tiles (tile, K = 1" in gen.stdout
+    # The default tile: of 4, 8, 16 only 4 px tiles give a grid that can shift (K = 5 covers 20 = W + P).
+    assert "patch prior stitched from 4 px tiles (tile, K = 5, shifts 0..4" in gen.stdout
     assert len(glob.glob(str(tmp_path / "gen" / "*.png"))) == 3
     run_cli(["generate.py", "--network", run_dir, "--outdir", str(tmp_path / "gen8"), "--seeds", "0-1",
              "--steps", "3", "--patch-size", "8", "--assembly", "overlap"])
@@ -378,7 +380,7 @@ def test_a_patch_prior_drives_generate_and_reconstruct(tmp_path, data, loss):
                    "--patch-size", "8"])
     summary = json.load(open(tmp_path / "rec" / "summary.json"))
     assert {"msm", "dps", "pc-dps"} <= set(summary["methods"]) and "example 1 seed 1" in rec.stdout
-    assert all(math.isfinite(summary["methods"][m]["psnr"]["mean"]) for m in ("msm", "dps", "pc-dps"))
+    assert all(math.isfinite(summary["methods"][m]["psnr_mean"]) for m in ("msm", "dps", "pc-dps"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -432,3 +434,19 @@ def test_bad_patch_input_is_refused_in_one_sentence_leaving_nothing(tmp_path, da
     for word in words:
         assert word in err, err
     assert (file_tree(tmp_path), file_tree(os.path.dirname(network))) == before
+
+
+def test_the_default_tile_size_prefers_a_grid_that_can_shift():
+    """64 px padded by 8: of the training sizes 16, 24, 32, 64 only 24 (K = 3, shifts 0..8) gives a grid that moves;
+    the others tile with one fixed grid. Without any shifting size the largest that tiles is taken."""
+    from training.patches import PatchLaw, patch_config, patch_prior
+
+    geometry = CanvasGeometry(64, 8)
+    net = EDMPrecond(img_resolution=64, in_channels=1, position_channels=2, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    network = {"kwargs": {"channel_mult": [1]}}
+    law = PatchLaw([16, 24, 32, 64], [0.25] * 4, [1] * 4)
+    stitched = patch_prior(net, {"patches": patch_config(geometry, law), "network": network})
+    assert stitched.patch_size == 24 and stitched.grid == (3, 0, 8)
+    law = PatchLaw([16, 32, 64], [1 / 3] * 3, [1] * 3)
+    assert patch_prior(net, {"patches": patch_config(geometry, law), "network": network}).patch_size == 64

@@ -418,8 +418,8 @@ def unet_divisor(network_config: dict) -> int:
 def patch_prior(net, config: dict, patch_size: int | None = None, patch_batch: int | None = None,
                 assembly: str | None = None):
     """The network of a snapshot as a whole-image network: a StitchedNetwork for a patch prior (config section
-    'patches'; patch_size None: the largest training size the cover condition allows), the network itself otherwise
-    (refusing the patch options, which would then do nothing)."""
+    'patches'; patch_size None: the largest training size whose tile grid can shift, else the largest that tiles),
+    the network itself otherwise (refusing the patch options, which would then do nothing)."""
     if config.get("patches") is None:
         given = [flag for flag, value in (("--patch-size", patch_size), ("--patch-batch", patch_batch),
                                           ("--assembly", assembly)) if value is not None]
@@ -434,10 +434,18 @@ def patch_prior(net, config: dict, patch_size: int | None = None, patch_batch: i
         if not usable:
             raise UserError(f"None of the training patch sizes {law.sizes} tiles {geometry.describe()} "
                             "(non-overlapping tiles need W <= K p <= W + 2P for an integer K); give --patch-size.")
-        patch_size = usable[0]
+        # Prefer a size whose grid can shift: a fixed grid puts every seam at the same place at every call, which is
+        # what the random shift exists to avoid (PaDIS).
+        shifting = [p for p in usable if assembly == "overlap" or _shift_range(geometry, p) > 0]
+        patch_size = (shifting or usable)[0]
     elif patch_size % divisor:
         raise UserError(f"--patch-size {patch_size} is not divisible by {divisor}, which the network's levels need.")
     return StitchedNetwork(net, geometry, patch_size, 256 if patch_batch is None else patch_batch, assembly)
+
+
+def _shift_range(geometry: CanvasGeometry, p: int) -> int:
+    _, low, high = tile_grid(geometry, p)
+    return high - low
 
 
 def _tiles(geometry: CanvasGeometry, p: int, assembly: str) -> bool:
