@@ -12,7 +12,10 @@ seeds, each case times per image:
 - K calls of B: levels x K network calls on batches of B, what evaluating the subsets one after another costs (as the
   reference variant must);
 - msm reference: the reference variant (sequential write-back);
-- mask draws: the coverage-aware per-seed mask draws of one run alone (CPU).
+- mask draws: the coverage-aware per-seed mask draws of one run alone (CPU);
+- outside (stub): the batched sampler with the network swapped for one that costs nothing (it returns half its
+  input), i.e. everything outside the network measured directly. "batched / floor" is a ratio of two noisy times of
+  which the network is nearly all; 1 + stub / floor estimates the same ratio with the noise of the small part only.
 
 Honest timing on a shared machine: every timed item (case x K x column) runs once per round, in an order shuffled
 anew each round, so slow phases of the machine spread over all columns instead of falling on one of them. Each cell is
@@ -50,7 +53,18 @@ from training.samplers import (  # noqa: E402
 
 # name -> (network channels, resolution, coils or 0 for images)
 CASES = {"gray32": (1, 32, 0), "gray64": (1, 64, 0), "rgb64": (3, 64, 0), "mri64": (2, 64, 8)}
-COLUMNS = ("msm batched", "floor", "K calls of B", "msm reference", "mask draws")
+COLUMNS = ("msm batched", "floor", "K calls of B", "msm reference", "mask draws", "outside (stub)")
+
+
+class StubNetwork(torch.nn.Module):
+    """A "network" that costs nothing beside the sampler: the preconditioned interface, output = input / 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.in_channels = self.out_channels = channels
+
+    def forward(self, x, sigma, class_labels=None):
+        return x * 0.5
 
 
 class Case:
@@ -76,6 +90,7 @@ class Case:
             self.law = BoxMaskLaw(0.4)
             self.latent_template = torch.empty([batch, *self.image_shape], dtype=torch.float32)
         self.partial = net_partial_denoiser(self.net, self.operator)
+        self.stub_partial = net_partial_denoiser(StubNetwork(channels).to(device), self.operator)
 
     def describe(self) -> str:
         c, r, _ = self.image_shape
@@ -83,11 +98,11 @@ class Case:
         return f"{self.name}: {kind}, network input {c}x{r}x{r}"
 
     def run(self, column: str, k: int, sigmas: torch.Tensor):
-        if column in ("msm batched", "msm reference"):
+        if column in ("msm batched", "msm reference", "outside (stub)"):
             gen = SeedGenerators(self.seeds, device=self.device)
             latents = seed_measurement_randn(gen, self.latent_template).to(self.device)
-            msm_sampler(self.partial, latents, self.law, gen, num_subsets=k, sigmas=sigmas,
-                        variant="batched" if column == "msm batched" else "reference")
+            msm_sampler(self.stub_partial if column == "outside (stub)" else self.partial, latents, self.law, gen,
+                        num_subsets=k, sigmas=sigmas, variant="reference" if column == "msm reference" else "batched")
         elif column in ("floor", "K calls of B"):
             calls, size = (len(sigmas), k * self.batch) if column == "floor" else (len(sigmas) * k, self.batch)
             x = torch.randn(size, *self.image_shape, device=self.device)

@@ -129,15 +129,18 @@ def test_peak_memory_sees_a_temporary_allocation_and_not_a_no_op():
 def test_acceptance_checks_the_issue_targets_at_batch_8():
     run = load_run()
 
-    def row(case, batch, k, ratio):
-        return {"case": case, "batch": batch, "K": k, "msm_over_floor": {"median": ratio}}
+    def row(case, batch, k, ratio, stub):
+        return {"case": case, "batch": batch, "K": k, "msm_over_floor": {"median": ratio}, "stub_estimate": stub}
 
-    rows = [row("gray64", 1, 1, 1.5), row("gray64", 8, 1, 1.01), row("rgb64", 8, 2, 1.04), row("mri64", 8, 1, 1.049),
-            row("mri64", 8, 2, 1.3), row("mri64", 64, 1, 2.0)]  # batch 64 (CUDA runs) is not the issue's batch
+    rows = [row("gray64", 1, 1, 1.5, 1.2), row("gray64", 8, 1, 1.01, 1.02), row("rgb64", 8, 2, 1.04, 1.005),
+            row("mri64", 8, 1, 1.049, 1.06), row("mri64", 8, 2, 1.3, 1.0),
+            row("mri64", 64, 1, 2.0, 2.0)]  # batch 64 (CUDA runs) is not the issue's batch
     a = run.acceptance(rows)
     assert a["batch"] == 8
     assert a["mri_K1"]["ratio"] == 1.049 and a["mri_K1"]["met"]
+    assert a["mri_K1"]["stub_estimate"] == 1.06 and not a["mri_K1"]["stub_met"]
     assert a["images_worst"]["case"] == "rgb64" and not a["images_worst"]["met"]
+    assert a["images_worst"]["stub_case"] == "gray64" and a["images_worst"]["stub_met"]
 
 
 def test_bad_options_get_one_line_and_write_nothing(tmp_path):
@@ -167,6 +170,7 @@ def test_quick_run_writes_json_tables_and_plots(tmp_path):
                                                                for k in (1, 2)}
     assert all(r["msm_over_floor"]["min"] <= r["msm_over_floor"]["median"] <= r["msm_over_floor"]["max"]
                for r in rows)
+    assert all(r["outside_ms_per_step"] > 0 and r["stub_estimate"] > 1 for r in rows)
     assert {"mri_K1", "images_worst"} <= set(results["sampler"]["acceptance"])
     assert {r["loss"] for r in results["training"]["rows"]} == {"EDM (clean)", "MSM eta=0", "MSM eta=0.01 (SURE)",
                                                                 "Ambient"}

@@ -238,7 +238,7 @@ def test_sampler_projection_removes_what_the_skip_leaves_outside_range_t():
                                                 generator=torch.Generator().manual_seed(5)))
     sigmas = torch.tensor([20.0, 5.0, 1.0, 0.2, 0.02], dtype=torch.float64)
     run = {name: msm_sampler(fn, latents, FullMask(), SeedGenerators([0, 1, 2]), num_subsets=1, sigmas=sigmas,
-                             project=project)
+                             project=project, precision="double")
            for name, fn, project in (("exact", exact, None),
                                      ("projected", with_skip_noise, aggregate_projection("measurement", operator)),
                                      ("raw", with_skip_noise, None))}

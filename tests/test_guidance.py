@@ -286,8 +286,9 @@ def test_guided_msm_sampler_with_full_coverage_equals_the_guided_ancestral_sampl
 
     latents = SeedGenerators(range(100, 100 + n)).randn([n, *SHAPE], dtype=torch.float64)
     msm = msm_sampler(partial, latents, FullMask(), SeedGenerators(range(n)), num_subsets=2, sigmas=sigmas,
-                      guidance=lambda z, sigma: correction(terms, z, sigma))
-    ancestral = ancestral_sampler(guided(base, terms), latents, SeedGenerators(range(n)), sigmas=sigmas)
+                      guidance=lambda z, sigma: correction(terms, z, sigma), precision="double")
+    ancestral = ancestral_sampler(guided(base, terms), latents, SeedGenerators(range(n)), sigmas=sigmas,
+                                  precision="double")
     unguided = ancestral_sampler(base, latents, SeedGenerators(range(n)), sigmas=sigmas)
     assert (msm - ancestral).abs().max().item() < 1e-10
     assert (msm - unguided).abs().max().item() > 0.1

@@ -136,7 +136,7 @@ def _msm_samples_chunk(cov, shape, law, seeds, sigmas, num_subsets, variant):
     gen = SeedGenerators(seeds)
     latents = gen.randn([len(seeds), *shape], dtype=torch.float64)
     out = msm_sampler(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=num_subsets, sigmas=sigmas,
-                      variant=variant)
+                      variant=variant, precision="double")  # exact identities below compare to 1e-12
     return out.reshape(len(seeds), -1)
 
 
@@ -159,7 +159,8 @@ def ancestral_samples(cov, shape, seeds, sigmas):
     seeds = list(seeds)
     gen = SeedGenerators(seeds)
     latents = gen.randn([len(seeds), *shape], dtype=torch.float64)
-    return ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas).reshape(len(seeds), -1)
+    return ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas,
+                             precision="double").reshape(len(seeds), -1)
 
 
 def covariance_table(cov, shape, law, num_samples, sigmas, ks=(1, 2, 4, 8), variants=("reference", "batched"),
@@ -214,10 +215,11 @@ def test_full_coverage_reduces_to_the_ancestral_sampler(law):
         for outer, eta in (("ddim", 1.0), ("ddim", 0.5), ("ddnm", 0.85)):
             gen = SeedGenerators(seeds)
             latents = gen.randn([6, *shape], dtype=torch.float64)
-            expected = ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas, eta=eta, outer=outer)
+            expected = ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas, eta=eta, outer=outer,
+                                         precision="double")
             gen = SeedGenerators(seeds)
             out = msm_sampler(gaussian_partial_denoiser(cov), gen.randn([6, *shape], dtype=torch.float64), law, gen,
-                              num_subsets=num_subsets, sigmas=sigmas, eta=eta, outer=outer)
+                              num_subsets=num_subsets, sigmas=sigmas, eta=eta, outer=outer, precision="double")
             assert (out - expected).abs().max() < 1e-12, (num_subsets, outer)
 
 

@@ -219,11 +219,18 @@ def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, c
         raise UserError(f"The skip space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
     u = operator.AH(s)
     x0_hat = net(network_input(u.to(torch.float32), mask, net.in_channels), sigma, class_labels)
-    s_hat = operator.A(x0_hat.to(u.dtype)) * mask
+    s_hat = _masked_forward(operator, x0_hat.to(u.dtype), mask)
     if skip_space == "measurement":
         c_skip = skip_coefficient(net, sigma).to(device=s.device, dtype=u.dtype)
-        s_hat = s_hat + c_skip * (s - operator.A(u) * mask)
+        s_hat = s_hat + c_skip * (s - _masked_forward(operator, u, mask))
     return s_hat, x0_hat
+
+
+def _masked_forward(operator, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """P T x; MultiCoilMRI folds P into its k-space sign (one pass fewer on the largest tensor of a step)."""
+    if isinstance(operator, MultiCoilMRI):
+        return operator.A(x, mask)
+    return operator.A(x) * mask
 
 
 def aggregate_projection(skip_space: str, operator):

@@ -299,12 +299,16 @@ class MultiCoilMRI:
                 f"{tuple(y.shape)}."
             )
 
-    def A(self, x: torch.Tensor) -> torch.Tensor:
+    def A(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """T x, or P T x when a k-space mask P (broadcastable to the k-space) is given: with the checkerboard the mask
+        is folded into the output sign, so the masked forward costs no pass more than the plain one."""
         self._check_image(x)
         image = channels_to_complex(x).to(self.maps.dtype)[:, None]  # (N, 1, H, W)
         if self.use_checkerboard:
-            return torch.fft.fft2(self._modulated_maps * image, norm="ortho") * self._kspace_sign
-        return fft2c(self.maps * image, use_checkerboard=False)
+            sign = self._kspace_sign if mask is None else self._kspace_sign * mask.to(self._kspace_sign.dtype)
+            return torch.fft.fft2(self._modulated_maps * image, norm="ortho") * sign
+        kspace = fft2c(self.maps * image, use_checkerboard=False)
+        return kspace if mask is None else kspace * mask
 
     def AH(self, y: torch.Tensor) -> torch.Tensor:
         self._check_kspace(y)
