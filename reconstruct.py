@@ -33,7 +33,8 @@ function and one entry; nothing else in the script changes.
                oracle model trained on clean data, one network call per level) and a data-consistency step of size
                --dc-step; MRI: on every partial k-space estimate (default lambda 2, K 3), images: on the aggregate
                (default lambda 1.75, K 2); outer update --outer (default 'ddnm') with --eta (default 0.85), --steps
-               levels of the VP-200 grid.
+               levels of the VP-200 grid. --sample-accel R: an MRI line-law model's masks at another R while
+               sampling (the reference code samples with denser masks than it trains with; measured worse here).
   dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
                (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial
@@ -567,6 +568,7 @@ class MethodOptions:
     cs: dict  # regulariser -> {'lamda': ..., 'max_iter': ...}
     family: FamilyOptions = FamilyOptions()
     padis: PadisOptions = PadisOptions()
+    sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
 
 
 @dataclass
@@ -584,6 +586,18 @@ class Run:
 def stack(examples: list[Example], field: str, device):
     values = [getattr(e, field) for e in examples]
     return None if values[0] is None else torch.cat(values).to(device)
+
+
+def sampling_law(run: Run):
+    """The mask law an MSM model's partial estimates are drawn from: its training law, or with --sample-accel the
+    same line law at another acceleration R (the MSM reference code samples MRI with denser masks than it trains
+    with; MSM.md section 5). A partial denoiser then sees more lines than any training input had, an extrapolation
+    that costs here: the quickstart's MSM model (R = 4, 30 kimg) on 8 validation slices gives 21.56 dB at R = 4,
+    19.24 at R = 2 and 8.51 at R = 1 (bench/msm_vs_oracle.py's validation set). An option, not the default."""
+    law, accel = run.model.mask_law, run.options.sample_accel
+    if accel is None or law.kind == "full":
+        return law
+    return mask_law_from_config({**law.to_config(), "R": accel})
 
 
 def msm_sigmas(run: Run) -> tuple[torch.Tensor, str]:
@@ -609,11 +623,11 @@ def run_msm(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor
             latents = torch.view_as_complex(gen.randn([*y.shape, 2], dtype=torch.float64))
             skip_space = skip_space_of(run.model.loss_config)
             z_hat = msm_posterior_sampler(net_partial_denoiser(net, operator, skip_space=skip_space), latents,
-                                          run.model.mask_law, gen, y, placement="partial", mask=mask,
+                                          sampling_law(run), gen, y, placement="partial", mask=mask,
                                           project=aggregate_projection(skip_space, operator), **common)
             return operator.pinv(z_hat.to(torch.complex64))
         latents = gen.randn([len(seeds), net.out_channels, resolution, resolution], dtype=torch.float64)
-        return msm_posterior_sampler(net_partial_denoiser(net, Identity()), latents, run.model.mask_law, gen, y,
+        return msm_posterior_sampler(net_partial_denoiser(net, Identity()), latents, sampling_law(run), gen, y,
                                      placement="aggregate", operator=operator, **common)
 
 
@@ -623,7 +637,7 @@ def prior_denoiser(run: Run, operator, gen: SeedGenerators):
     K = --subsets partial estimates under its training law (training/samplers.py `msm_aggregate_denoiser`: one
     batched call on K copies of the batch), in the model's measurement space (MRI: the task's T = F S; images: T = I).
     """
-    net, law = run.model.net, run.model.mask_law
+    net, law = run.model.net, sampling_law(run)
     if law.kind == "full":
         return image_denoiser(net)
     measurement_operator = operator if run.model.kind == "mri" else Identity()
@@ -634,7 +648,7 @@ def prior_denoiser(run: Run, operator, gen: SeedGenerators):
 def prior_denoiser_settings(run: Run) -> dict:
     if run.model.mask_law.kind == "full":
         return {"denoiser": "full"}
-    return {"denoiser": "msm-aggregate", "K": run.options.num_subsets, "mask_law": run.model.mask_law.to_config()}
+    return {"denoiser": "msm-aggregate", "K": run.options.num_subsets, "mask_law": sampling_law(run).to_config()}
 
 
 def run_dps(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
@@ -795,9 +809,12 @@ class Method:
 
 def msm_settings(run: Run) -> dict:
     o, (sigmas, note) = run.options, msm_sigmas(run)
-    return {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
-            "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
-            "skip_space": skip_space_of(run.model.loss_config)}
+    settings = {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
+                "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
+                "skip_space": skip_space_of(run.model.loss_config)}
+    if o.sample_accel is not None and run.model.mask_law.kind != "full":
+        settings["sample_R"] = o.sample_accel
+    return settings
 
 
 def dps_settings(run: Run) -> dict:
@@ -1114,6 +1131,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               help="MSM: levels of the VP-200 grid (those above the model's training range are dropped)")
 @click.option("--dc-step", type=float, default=None, help="MSM: data-consistency lambda [default: 2 MRI, 1.75 "
               "images]")
+@click.option("--sample-accel", type=click.FloatRange(min=1), default=None,
+              help="MSM model on MRI lines: acceleration R of the masks its partial estimates use at sampling "
+                   "[default: the training law's]")
 @click.option("--eta", type=click.FloatRange(min=0, max=1), default=0.85, show_default=True, help="MSM: outer eta")
 @click.option("--outer", type=click.Choice(OUTER_UPDATES), default="ddnm", show_default=True,
               help="MSM: outer update")
@@ -1143,7 +1163,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
-         num_subsets, num_steps, dc_step, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
+         num_subsets, num_steps, dc_step, sample_accel, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
          cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
@@ -1175,6 +1195,9 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         raise UserError(f"--save-measurements {save_path} already exists; measurement sets are never overwritten.")
     seeds = parse_seeds(seeds)
     model = load_model(network_path, device, patch_size, patch_batch, assembly, compile_net)
+    if sample_accel is not None and (model is None or not model.mask_law.kind.startswith("lines")):
+        law = "no --network" if model is None else f"{network_path}, trained with the {model.mask_law.kind} mask law"
+        raise UserError(f"--sample-accel applies to MSM models trained on MRI line masks, got {law}.")
     if measurements_path is not None:
         if data_path is not None:
             raise UserError("--data and --measurements exclude each other: the measurement set holds its data.")
@@ -1214,7 +1237,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     check_dc_step(dc_step)
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
-                                   cs=cs, family=family, padis=padis)
+                                   cs=cs, family=family, padis=padis, sample_accel=sample_accel)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples
     stored = any(e.reference is None for e in examples.values())

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from tests.gaussian import gaussian_denoiser
 from tests.helpers import make_phantoms, run_cli
 from torch_utils import checkpoint
-from training.masks import FullMask
+from training.masks import FullMask, RandomLineMaskLaw
 from training.measurements import MeasurementConfig
 from training.mri import MRIDataset
 from training.networks import network_kwargs_for
@@ -116,6 +117,27 @@ def test_mri_all_methods_metrics_and_rank_independence(tmp_path, files):
     assert len(set(zero_filled.values())) == 2  # deterministic per example, different across examples
 
 
+def test_sample_accel_changes_only_the_sampling_masks(tmp_path, files):
+    """--sample-accel draws the MSM sampler's masks from the training line law at another R (same kind and ACS),
+    records it, and changes the samples; without it the training law is used as is."""
+    common = ["reconstruct.py", "--network", files["mri_model"], "--data", files["mri"], "--task", "mri",
+              "--indices", "0", "--steps", "3", "--methods", "msm"]
+    run_cli([*common, "--outdir", str(tmp_path / "train-law")])
+    run_cli([*common, "--outdir", str(tmp_path / "denser"), "--sample-accel", "1.5"])
+    settings = {name: json.load(open(tmp_path / name / "summary.json"))["settings"]["msm"]
+                for name in ("train-law", "denser")}
+    assert "sample_R" not in settings["train-law"] and settings["denser"]["sample_R"] == 1.5
+    assert read_rows(tmp_path / "train-law")[0]["psnr"] != read_rows(tmp_path / "denser")[0]["psnr"]
+
+    import reconstruct
+
+    law = RandomLineMaskLaw(2, 4)
+    run = SimpleNamespace(model=SimpleNamespace(mask_law=law), options=SimpleNamespace(sample_accel=None))
+    assert reconstruct.sampling_law(run) is law
+    run.options.sample_accel = 4.0
+    assert reconstruct.sampling_law(run).to_config() == {"kind": "lines-random", "R": 4.0, "acs": 4}
+
+
 @pytest.mark.parametrize("task", ["sr", "box", "pixel"])
 def test_image_tasks_run_end_to_end(tmp_path, files, task):
     run_cli(["reconstruct.py", "--network", files["image_model"], "--data", files["phantoms"], "--task", task,
@@ -161,6 +183,8 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, files):
         "--accel does not apply to stored": ["--data", files["stored"], "--task", "mri", "--accel", "8"],
         "not a measurement set": ["--measurements", files["phantoms"]],
         "already exists": ["--data", files["mri"], "--task", "mri", "--save-measurements", files["stored"]],
+        "--sample-accel applies to MSM models trained on MRI line masks": [
+            "--network", files["image_model"], "--data", files["phantoms"], "--task", "box", "--sample-accel", "2"],
     }
     for k, (expected, args) in enumerate(cases.items()):
         outdir = tmp_path / f"out{k}"
