@@ -36,7 +36,6 @@ interleave between calls.
 import glob
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -46,6 +45,10 @@ import PIL.Image
 import PIL.ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from torch_utils import checkpoint  # noqa: E402
+
 MODELS = ("msm-image", "msm-measurement", "oracle")
 MODEL_OPTIONS = {"msm-image": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--desc", "r4"],
                  "msm-measurement": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--skip-space",
@@ -54,7 +57,7 @@ MODEL_OPTIONS = {"msm-image": ["--loss", "msm", "--mask", "lines-random", "--acc
 BASELINES = ("zero-filled", "cs-tv", "cs-l1")
 DEFAULT_SUBSETS, DEFAULT_DC_STEP = 3, 2.0  # reconstruct.py's MRI defaults, so those sweep points reuse the main rows
 FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
-            nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3), dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
+            nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
             network=["--arch", "ddpmpp", "--cbase", "32", "--cres", "1,2,2", "--blocks", "2", "--attn", "16",
                      "--batch", "32", "--lr", "2e-3", "--lr-rampup", "0.001", "--ema", "0.002", "--dropout", "0",
                      "--channels-last"])
@@ -89,9 +92,9 @@ def snapshots(run_dir: str) -> dict[float, str]:
     """kimg -> network snapshot path of a run directory."""
     found = {}
     for path in glob.glob(os.path.join(glob.escape(run_dir), "network-snapshot-*.pt")):
-        match = re.search(r"network-snapshot-(\d+\.\d+)\.pt$", path)
-        if match:
-            found[float(match.group(1))] = path
+        nimg = checkpoint.progress_of(path, "network-snapshot")  # -000060.pt at whole kimg, -000010.112.pt else
+        if nimg is not None:
+            found[nimg / 1000] = path
     return found
 
 
@@ -286,8 +289,8 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
                                                f"{sorted(snapshots(run_dirs[model]))}).")
                 folder = evaluate(split, f"{model}-{budget:g}", snapshot, [])
                 results["rows"].append({"split": split, "model": model, "kimg": budget, "snapshot": snapshot,
-                                        "train_loss": training_loss(run_dirs[model], float(
-                                            re.search(r"(\d+\.\d+)\.pt$", snapshot).group(1))),
+                                        "train_loss": training_loss(run_dirs[model], checkpoint.progress_of(
+                                            snapshot, "network-snapshot") / 1000),
                                         **method_row(folder, "msm")})
 
     for split in splits:

@@ -31,3 +31,20 @@ def test_msm_vs_oracle_quick(tmp_path):
     run_cli(["bench/msm_vs_oracle.py", "--out", str(out), "--quick"], timeout=600)
     with open(out / "results.json") as f:
         assert json.load(f)["commands"] == [] and before > 0
+
+
+def test_snapshots_are_found_at_whole_and_fractional_kimg(tmp_path):
+    """Training writes -000060.pt at a whole number of kimg (EDM's names) and -000010.112.pt otherwise: the bench
+    must find both (it once matched only the second form and missed the end of every run at a whole kimg)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("msm_vs_oracle", os.path.join("bench", "msm_vs_oracle.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in ("network-snapshot-000010.112.pt", "network-snapshot-000060.pt", "training-state-000060.pt",
+                 "network-snapshot-final.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(bench.snapshots(str(tmp_path))) == [10.112, 60.0]
+    assert bench.snapshot_for(str(tmp_path), 10, 2.0).endswith("-000010.112.pt")
+    assert bench.snapshot_for(str(tmp_path), 60, 2.0).endswith("-000060.pt")
+    assert bench.snapshot_for(str(tmp_path), 30, 2.0) is None

@@ -238,12 +238,17 @@ def progress_file_name(prefix: str, nimg: int) -> str:
     return f"{prefix}-{kimg:06d}.pt" if rest == 0 else f"{prefix}-{kimg:06d}.{rest:03d}.pt"
 
 
+def progress_of(path: str, prefix: str) -> int | None:
+    """The training images of a `progress_file_name` path of `prefix` (either form), or None for another name."""
+    m = re.fullmatch(rf"{re.escape(prefix)}-(\d+)(?:\.(\d{{3}}))?\.pt", os.path.basename(path))
+    return int(m.group(1)) * 1000 + int(m.group(2) or 0) if m else None
+
+
 def latest_file(run_dir: str, prefix: str) -> str | None:
     """The `progress_file_name` file of `prefix` furthest into training in run_dir (by images, not by name), or None."""
     best, best_nimg = None, -1
     for p in glob.glob(os.path.join(run_dir, f"{prefix}-*.pt")):
-        m = re.fullmatch(rf"{re.escape(prefix)}-(\d+)(?:\.(\d{{3}}))?\.pt", os.path.basename(p))
-        nimg = int(m.group(1)) * 1000 + int(m.group(2) or 0) if m else -1
-        if nimg > best_nimg:
+        nimg = progress_of(p, prefix)
+        if nimg is not None and nimg > best_nimg:
             best, best_nimg = p, nimg
     return best
