@@ -199,8 +199,10 @@ def line_plot(path: str, title: str, xlabel: str, series: dict, hlines: dict, lo
               help="Slices per split (test and validation)  [default: 8]")
 @click.option("--lock", default=None, help="Run each heavy call under `flock LOCK`")
 @click.option("--no-nfe", is_flag=True, help="Skip the quality-per-NFE and dc-step sweeps")
+@click.option("--nfe-kimg", type=float, default=None,
+              help="Budget of the NFE and dc-step sweeps  [default: the largest of --kimg]")
 def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg, num_slices, lock,
-         no_nfe):
+         no_nfe, nfe_kimg):
     p = dict(QUICK if quick else FULL)
     num_slices = num_slices or (2 if quick else 8)
     budgets = [float(b) for b in (kimg or p["kimg"]).split(",")]
@@ -300,16 +302,22 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
             raise click.ClickException(f"The {split} rows reconstructed different measurement sets ({hashes}).")
 
     # 5. Quality per NFE and the dc-step, on validation, at the largest budget.
-    def best_msm() -> str:
-        """The MSM model with the best validation PSNR at the largest budget validated for both MSM models."""
+    def best_msm(budget: float) -> str:
+        """The MSM model with the best validation PSNR at `budget`, or if that was not validated for both, at the
+        largest budget validated for both MSM models."""
         rows = [r for r in results["rows"] if r["split"] == "val" and r["model"] != "oracle"]
-        shared = max(k for k in {r["kimg"] for r in rows} if sum(r["kimg"] == k for r in rows) == 2)
-        return max((r for r in rows if r["kimg"] == shared), key=lambda r: r["psnr"])["model"]
+        shared = [k for k in {r["kimg"] for r in rows} if sum(r["kimg"] == k for r in rows) == 2]
+        at = budget if budget in shared else max(shared)
+        return max((r for r in rows if r["kimg"] == at), key=lambda r: r["psnr"])["model"]
 
     if not no_nfe:
-        best = best_msm()
+        sweep_kimg = max(budgets) if nfe_kimg is None else nfe_kimg
+        if sweep_kimg not in budgets:
+            raise click.BadParameter(f"expected one of the --kimg budgets {budgets}, got {nfe_kimg:g}",
+                                     param_hint="--nfe-kimg")
+        best = best_msm(sweep_kimg)
         for model in (best, "oracle"):
-            model_top = max(model_budgets[model])
+            model_top = sweep_kimg
             snapshot = snapshot_for(run_dirs[model], model_top, p["tick"])
             default_subsets = 1 if model == "oracle" else DEFAULT_SUBSETS
             for subsets in p["nfe_subsets"] if model != "oracle" else (1,):
