@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dnnlib import UserError  # noqa: E402
+from dnnlib import UserError, run_cli  # noqa: E402
 from torch_utils.checkpoint import load_snapshot  # noqa: E402
-from torch_utils.misc import SeedGenerators  # noqa: E402
+from torch_utils.misc import SeedGenerators, parse_int_list  # noqa: E402
 from training.dataset import open_dataset  # noqa: E402
 from training.masks import mask_law_from_config  # noqa: E402
 from training.measurements import skip_space_of  # noqa: E402
@@ -31,22 +31,14 @@ from training.operators import Identity, MultiCoilMRI  # noqa: E402
 from training.samplers import msm_aggregate_denoiser, net_partial_denoiser  # noqa: E402
 
 
-def parse_list(text: str, kind, option: str) -> list:
+def parse_sigmas(text: str) -> list[float]:
     try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values:
-        raise click.BadParameter(f"expected a comma list of numbers, got {text!r}", param_hint=option)
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"expected a comma list of positive noise levels, got {text!r}", param_hint="--sigmas")
     return values
-
-
-def parse_indices(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def denoiser_errors(net, config: dict, images: torch.Tensor, maps: torch.Tensor | None, seeds: list[int],
@@ -83,7 +75,7 @@ def denoiser_errors(net, config: dict, images: torch.Tensor, maps: torch.Tensor 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise")
 @click.option("--out", default=None, help="Also write the table (Markdown) here")
 def main(data, indices, snapshots, subsets, sigmas, seed, out):
-    sigmas, subsets = parse_list(sigmas, float, "--sigmas"), parse_list(subsets, int, "--subsets")
+    sigmas, subsets = parse_sigmas(sigmas), parse_int_list(subsets, "--subsets", minimum=1)
     named = []
     for item in snapshots:
         name, sep, path = item.partition("=")
@@ -91,7 +83,7 @@ def main(data, indices, snapshots, subsets, sigmas, seed, out):
             raise click.BadParameter(f"expected NAME=PATH of a snapshot file, got {item!r}", param_hint="--snapshot")
         named.append((name, path))
     dataset = open_dataset(data)
-    chosen = parse_indices(indices)
+    chosen = parse_int_list(indices, "--indices")
     if max(chosen) >= len(dataset):
         raise UserError(f"--indices {indices} goes past the {len(dataset)} examples of {data}.")
     records = [dataset[i] for i in chosen]
@@ -114,4 +106,4 @@ def main(data, indices, snapshots, subsets, sigmas, seed, out):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -41,13 +41,12 @@ import subprocess
 import sys
 
 import click
-import PIL.Image
-import PIL.ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from torch_utils import checkpoint  # noqa: E402
+from torch_utils.plot import line_plot  # noqa: E402
 
 MODELS = ("msm-image", "msm-measurement", "oracle")
 MODEL_OPTIONS = {"msm-image": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--desc", "r4"],
@@ -66,8 +65,6 @@ QUICK = dict(num=48, held_out=4, resolution=16, kimg="0.064,0.128", tick=0.032, 
              network=["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,2", "--blocks", "1", "--attn", "",
                       "--batch", "8", "--lr", "2e-3", "--lr-rampup", "0.00002", "--ema", "0.0001", "--dropout", "0",
                       "--workers", "0"])
-COLOURS = {"msm-image": (200, 70, 80), "msm-measurement": (60, 140, 200), "oracle": (40, 40, 40),
-           "cs-tv": (60, 170, 110), "cs-l1": (220, 140, 40), "zero-filled": (150, 150, 150)}
 
 
 class Bench:
@@ -131,56 +128,6 @@ def method_row(folder: str, method: str) -> dict:
     return {"psnr": s["psnr_mean"], "psnr_std": s["psnr_std"], "ssim": s["ssim_mean"], "ssim_std": s["ssim_std"],
             "nfe": s["nfe_mean"], "seconds": s["seconds_mean"], "settings": summary["settings"].get(method) or {},
             "hash": summary["measurements"]["hash"]}
-
-
-def line_plot(path: str, title: str, xlabel: str, series: dict, hlines: dict, log_x: bool = False):
-    """PSNR curves (name -> [(x, y)]) and horizontal reference lines (name -> y), drawn with PIL (no plotting
-    library needed)."""
-    import math
-
-    width, height, left, right, top, bottom = 900, 520, 70, 190, 40, 60
-    img = PIL.Image.new("RGB", (width, height), "white")
-    draw = PIL.ImageDraw.Draw(img)
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points] + list(hlines.values())
-    fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    x_lo, x_hi = fx(min(xs)), fx(max(xs))
-    x_lo, x_hi = (x_lo - 0.5, x_hi + 0.5) if x_hi == x_lo else (x_lo, x_hi)
-    y_lo, y_hi = math.floor(min(ys)) - 1, math.ceil(max(ys)) + 1
-
-    def point(x, y):
-        px = left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
-        return px, top + (y_hi - y) / (y_hi - y_lo) * (height - top - bottom)
-
-    step = max(1, round((y_hi - y_lo) / 8))
-    for y in range(int(y_lo), int(y_hi) + 1, step):
-        _, py = point(min(xs), y)
-        draw.line([(left, py), (width - right, py)], fill=(230, 230, 230))
-        draw.text((left - 30, py - 6), f"{y}", fill="black")
-    for x in sorted(set(xs)):
-        px, _ = point(x, y_lo)
-        draw.text((px - 10, height - bottom + 8), f"{x:g}", fill="black")
-    draw.text((width / 2 - 40, height - 25), xlabel, fill="black")
-    draw.text((8, top - 25), "PSNR (dB)", fill="black")
-    draw.text((left, 8), title, fill="black")
-    legend_y = top
-    for name, y in hlines.items():
-        colour = COLOURS.get(name, (120, 120, 120))
-        _, py = point(min(xs), y)
-        for x0 in range(left, width - right, 12):
-            draw.line([(x0, py), (min(x0 + 6, width - right), py)], fill=colour, width=2)
-        draw.text((width - right + 10, legend_y), f"-- {name} {y:.2f}", fill=colour)
-        legend_y += 18
-    for name, points in series.items():
-        colour = COLOURS.get(name.split(" ")[0], (100, 100, 100))
-        pts = [point(x, y) for x, y in sorted(points)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        draw.text((width - right + 10, legend_y), name, fill=colour)
-        legend_y += 18
-    img.save(path)
 
 
 @click.command()
@@ -345,14 +292,14 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
                   for m in MODELS}
         hlines = {m: results["baselines"][split][m]["psnr"] for m in ("cs-tv", "cs-l1")}
         line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs training images, phantom MRI "
-                  f"R = 4, {split} slices (MSM posterior sampler)", "kimg", series, hlines)
+                  f"R = 4, {split} slices (MSM posterior sampler)", "kimg", "PSNR (dB)", series, hlines)
     if results["nfe"]:
         series = {}
         for r in results["nfe"]:
             series.setdefault(f"{r['model']} K{r['K']}", []).append((r["nfe"], r["psnr"]))
         hlines = {m: results["baselines"]["val"][m]["psnr"] for m in ("cs-tv", "cs-l1")}
         line_plot(os.path.join(out, "psnr_vs_nfe.png"), "Posterior PSNR vs network evaluations at the largest budget, "
-                  "validation slices (levels x K)", "NFE per example (log)", series, hlines, log_x=True)
+                  "validation slices (levels x K)", "NFE per example (log)", "PSNR (dB)", series, hlines, log_x=True)
     log(f"Wrote {os.path.join(out, 'results.md')} and the plots.")
 
 

@@ -183,7 +183,7 @@ def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, c
     """The partial denoiser s_hat ~ E[P z | s] and the network's image output D: (s_hat, x0_hat).
 
     `s` is a noisy partial measurement (zero off the mask), `mask` P broadcastable to it, `sigma` a float or a
-    per-example tensor (N,) / (N,1,1,1). Works for any operator with A / AH (Identity, MultiCoilMRI). With
+    per-example tensor (N,) / (N,1,1,1). Works for any operator with A(x, mask) / AH (Identity, MultiCoilMRI). With
     A = P T (the partial operator), u = T^H s = A^H s (s = P s) and D(u) = c_skip u + c_out F(c_in u) the network:
 
     skip_space 'image' (the reference's): s_hat = A D(u) = c_skip A A^H s + c_out A F.
@@ -219,18 +219,11 @@ def partial_denoise(net, operator, mask: torch.Tensor, s: torch.Tensor, sigma, c
         raise UserError(f"The skip space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
     u = operator.AH(s)
     x0_hat = net(network_input(u.to(torch.float32), mask, net.in_channels), sigma, class_labels)
-    s_hat = _masked_forward(operator, x0_hat.to(u.dtype), mask)
+    s_hat = operator.A(x0_hat.to(u.dtype), mask)  # P T x0_hat: MultiCoilMRI folds P into its k-space sign
     if skip_space == "measurement":
         c_skip = skip_coefficient(net, sigma).to(device=s.device, dtype=u.dtype)
-        s_hat = s_hat + c_skip * (s - _masked_forward(operator, u, mask))
+        s_hat = s_hat + c_skip * (s - operator.A(u, mask))
     return s_hat, x0_hat
-
-
-def _masked_forward(operator, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """P T x; MultiCoilMRI folds P into its k-space sign (one pass fewer on the largest tensor of a step)."""
-    if isinstance(operator, MultiCoilMRI):
-        return operator.A(x, mask)
-    return operator.A(x) * mask
 
 
 def aggregate_projection(skip_space: str, operator):

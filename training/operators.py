@@ -129,8 +129,9 @@ def ifft2c(y: torch.Tensor, use_checkerboard: bool | None = None) -> torch.Tenso
 class Identity:
     """T = I (natural images, MSM.md section 1): the measurement is the image itself."""
 
-    def A(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def A(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x, or P x with a mask (the measurement operators of MSM's partial denoisers take P with T)."""
+        return x if mask is None else x * mask
 
     def AH(self, y: torch.Tensor) -> torch.Tensor:
         return y
