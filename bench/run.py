@@ -24,7 +24,9 @@ Sections (each timed in interleaved rounds, see below):
 Honest timing on a shared machine: every timed item runs once per round, in an order shuffled anew each round, so slow
 phases of the machine spread over all items instead of falling on one; cells are medians over rounds, and every ratio
 is taken within each round (the two items ran seconds apart) and reported as median (min-max over rounds), the range
-being that figure's noise. Compare ratios, not absolute times, across machines.
+being that figure's noise. The sampler and its floor, whose ratio the issue's targets name, are one item timed back to
+back in the order sampler, floor, floor, sampler (`abba`), so the machine's drift within a round cancels in their ratio.
+Compare ratios, not absolute times, across machines.
 
 Writes OUT/results.json (machine, settings, every figure and the raw per-round values), OUT/results.md (one table per
 section, the settings next to it) and PNGs: the sampler's ratio against K per case and its time per image against the
@@ -79,6 +81,7 @@ throughput_bench = _load_bench("train_throughput")
 # bench/msm_sampler.py's columns timed here: the default sampler, its floor, and the reference variant (one subset at a
 # time, the MSM reference code's order), whose cost against the batched one the issue quotes.
 SAMPLER_COLUMNS = ("msm batched", "floor", "msm reference", "outside (stub)")
+PAIRED = ("msm batched", "floor")  # timed back to back (`abba`): their ratio is the figure the issue's targets name
 TARGETS = {"images": 1.03, "mri": 1.05}  # issue 15: every image case within 1.03x of its floor, MRI K = 1 within 1.05x
 FULL = dict(cases="gray64,rgb64,mri64", batches="1,8", subsets="1,2,3,4", levels=3, rounds=5,
             train_resolution=32, train_batch=8, train_steps=3, loader_slices=128, loader_resolution=64, workers=2,
@@ -123,6 +126,20 @@ def interleaved(items: dict, rounds: int, warmup: bool = True, memory: dict | No
 def seconds(fn, device):
     """A function returning the wall time of one call of fn (synchronising the GPU around it on CUDA)."""
     return lambda: sampler_bench.timed(fn, device)
+
+
+def abba(fn_a, fn_b, device):
+    """One measurement of two items timed back to back in the order a, b, b, a: (mean time of a, mean time of b).
+    A ratio of two items timed at different moments of a round carries the machine's drift between them (on a shared
+    2-core VM, +-10% between rounds); in this order any drift linear over the four calls cancels in the ratio."""
+    def measure():
+        a1 = sampler_bench.timed(fn_a, device)
+        b1 = sampler_bench.timed(fn_b, device)
+        b2 = sampler_bench.timed(fn_b, device)
+        a2 = sampler_bench.timed(fn_a, device)
+        return (a1 + a2) / 2, (b1 + b2) / 2
+
+    return measure
 
 
 def spread(values: list) -> dict:
@@ -244,15 +261,24 @@ def bench_sampler(p: dict, device, log) -> dict:
     items = {}
     for (name, b), case in cases.items():
         for k in ks:
+            run = {column: (lambda c=case, k=k, col=column: c.run(col, k, sigmas)) for column in SAMPLER_COLUMNS}
+            items[f"{name}/B={b}/K={k}/{' | '.join(PAIRED)}"] = abba(*(run[column] for column in PAIRED), device)
             for column in SAMPLER_COLUMNS:
-                items[f"{name}/B={b}/K={k}/{column}"] = seconds(
-                    lambda c=case, k=k, col=column: c.run(col, k, sigmas), device)
+                if column not in PAIRED:
+                    items[f"{name}/B={b}/K={k}/{column}"] = seconds(run[column], device)
     b, k = max(batches), max(ks)
-    memory = {f"{name}/B={b}/K={k}/{column}": f"{name} {column}, B = {b}, K = {k}"
-              for name in names for column in ("msm batched", "floor")}
+    memory = {}
     log(f"sampler: {len(items)} items x {p['rounds']} rounds")
     with torch.no_grad():
-        raw, memory = interleaved(items, p["rounds"], memory=memory, device=device)
+        for name in names:  # peak memory of one call each, before the rounds (it also warms these items up)
+            for column in PAIRED:
+                memory[f"{name} {column}, B = {b}, K = {k}"] = peak_memory_mib(
+                    lambda c=cases[name, b], col=column: c.run(col, k, sigmas), device)
+        raw, _ = interleaved(items, p["rounds"], device=device)
+    for key in [key for key in raw if key.endswith(" | ".join(PAIRED))]:  # split the pairs into one list per column
+        pairs = raw.pop(key)
+        for i, column in enumerate(PAIRED):
+            raw[key.replace(" | ".join(PAIRED), column)] = [pair[i] for pair in pairs]
     rows = []
     for (name, b), case in cases.items():
         for k in ks:
