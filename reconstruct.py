@@ -35,6 +35,8 @@ function and one entry; nothing else in the script changes.
                (default lambda 1.75, K 2); outer update --outer (default 'ddnm') with --eta (default 0.85), --steps
                levels of the VP-200 grid. --sample-accel R: an MRI line-law model's masks at another R while
                sampling (the reference code samples with denser masks than it trains with; measured worse here).
+               --msm-solver heun: EDM's deterministic Heun sampler instead (--steps levels of its rho grid, 2 --steps
+               - 1 evaluations of the K-subset aggregate, the same data-consistency step at each).
   dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
                (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial
@@ -127,11 +129,13 @@ from training.posterior import (
     zero_filled,
 )
 from training.samplers import (
+    EDM_SIGMA_MAX,
     OUTER_UPDATES,
     CountingNetwork,
     msm_aggregate_denoiser,
     net_partial_denoiser,
     sigmas_in_training_range,
+    training_sigma_max,
 )
 from training.sde import (
     ALD_INITS,
@@ -569,6 +573,7 @@ class MethodOptions:
     family: FamilyOptions = FamilyOptions()
     padis: PadisOptions = PadisOptions()
     sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
+    msm_solver: str = "ancestral"  # 'ancestral' (msm_sampler on the VP-200 levels) or 'heun' (EDM's rho grid, ODE)
 
 
 @dataclass
@@ -604,6 +609,24 @@ def msm_sigmas(run: Run) -> tuple[torch.Tensor, str]:
     return sigmas_in_training_range(respaced_sigmas(run.options.msm_steps), run.model.loss_config)
 
 
+HEUN_SIGMA_MIN, HEUN_RHO = 0.002, 7.0  # EDM's rho grid (Karras et al. 2022, Table 1)
+
+
+def msm_heun_grid(run: Run) -> dict:
+    """--msm-solver heun: EDM's rho grid of --steps Heun steps from the top of the model's training range (at most
+    EDM's 80) to 0.002; 2 --steps - 1 aggregate evaluations (the last step, to sigma 0, is an Euler step)."""
+    top, _ = training_sigma_max(run.model.loss_config)
+    return dict(num_steps=run.options.msm_steps, sigma_min=HEUN_SIGMA_MIN, sigma_max=min(EDM_SIGMA_MAX, top),
+                rho=HEUN_RHO)
+
+
+def msm_network_calls(run: Run) -> int:
+    """Batched network calls of one MSM posterior run (each evaluates the K subsets together)."""
+    if run.options.msm_solver == "heun":
+        return 2 * run.options.msm_steps - 1
+    return len(msm_sigmas(run)[0])
+
+
 def dps_levels(run: Run) -> tuple[torch.Tensor, str]:
     return sigmas_in_training_range(ddpm_sigmas(run.options.dps_steps), run.model.loss_config)
 
@@ -615,8 +638,11 @@ def run_msm(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor
     resolution = net.img_resolution
     gen = SeedGenerators(seeds, device=device)
     operator = task_operator(run.task, resolution, mask, maps, device)
-    common = dict(sigmas=msm_sigmas(run)[0].to(device), eta=o.eta, outer=o.outer, num_subsets=o.num_subsets,
-                  dc_step=o.dc_step)
+    if o.msm_solver == "heun":
+        common = dict(solver="heun", num_subsets=o.num_subsets, dc_step=o.dc_step, **msm_heun_grid(run))
+    else:
+        common = dict(sigmas=msm_sigmas(run)[0].to(device), eta=o.eta, outer=o.outer, num_subsets=o.num_subsets,
+                      dc_step=o.dc_step)
     with torch.no_grad():
         if run.task.task == "mri":
             # Measurement-space state: complex k-space with N(0, 1) real and imaginary parts (MSM.md section 1).
@@ -812,6 +838,12 @@ def msm_settings(run: Run) -> dict:
     settings = {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
                 "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
                 "skip_space": skip_space_of(run.model.loss_config)}
+    if o.msm_solver == "heun":
+        grid = msm_heun_grid(run)
+        settings = {"K": settings["K"], "dc_step": o.dc_step, "solver": "heun", "steps": grid["num_steps"],
+                    "sigma_max": grid["sigma_max"], "schedule": f"EDM rho {grid['rho']:g} grid, {grid['num_steps']} "
+                    f"Heun steps from sigma {grid['sigma_max']:.3g} to {grid['sigma_min']:g}, no churn",
+                    "skip_space": settings["skip_space"]}
     if o.sample_accel is not None and run.model.mask_law.kind != "full":
         settings["sample_R"] = o.sample_accel
     return settings
@@ -825,7 +857,7 @@ def dps_settings(run: Run) -> dict:
 
 METHODS = {
     "msm": Method(run_msm, IMAGE_OPERATOR_TASKS, needs_model=True, seeded=True, settings=msm_settings,
-                  network_calls=lambda run: len(msm_sigmas(run)[0])),
+                  network_calls=msm_network_calls),
     "dps": Method(run_dps, TASKS, needs_model=True, seeded=True, settings=dps_settings,
                   network_calls=lambda run: len(dps_levels(run)[0])),
     **{name: Method(family_method(name), tasks, needs_model=True, seeded=True,
@@ -1134,6 +1166,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--sample-accel", type=click.FloatRange(min=1), default=None,
               help="MSM model on MRI lines: acceleration R of the masks its partial estimates use at sampling "
                    "[default: the training law's]")
+@click.option("--msm-solver", type=click.Choice(["ancestral", "heun"]), default="ancestral", show_default=True,
+              help="MSM: the MSM sampler on --steps VP-200 levels, or EDM's Heun ODE sampler on --steps levels of "
+                   "its rho grid (2 --steps - 1 evaluations, each of K subsets)")
 @click.option("--eta", type=click.FloatRange(min=0, max=1), default=0.85, show_default=True, help="MSM: outer eta")
 @click.option("--outer", type=click.Choice(OUTER_UPDATES), default="ddnm", show_default=True,
               help="MSM: outer update")
@@ -1163,8 +1198,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
-         num_subsets, num_steps, dc_step, sample_accel, eta, outer, dps_steps, dps_step, cs_tv_lambda, cs_tv_iters,
-         cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
+         num_subsets, num_steps, dc_step, sample_accel, msm_solver, eta, outer, dps_steps, dps_step, cs_tv_lambda,
+         cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
     device = dist.init(device)
@@ -1237,7 +1272,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     check_dc_step(dc_step)
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
-                                   cs=cs, family=family, padis=padis, sample_accel=sample_accel)
+                                   cs=cs, family=family, padis=padis, sample_accel=sample_accel,
+                                   msm_solver=msm_solver)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples
     stored = any(e.reference is None for e in examples.values())

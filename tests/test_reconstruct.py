@@ -117,6 +117,20 @@ def test_mri_all_methods_metrics_and_rank_independence(tmp_path, files):
     assert len(set(zero_filled.values())) == 2  # deterministic per example, different across examples
 
 
+def test_msm_heun_solver_runs_edm_heun_on_its_grid(tmp_path, files):
+    """--msm-solver heun: EDM's rho grid of --steps Heun steps from min(80, the training top) (this snapshot names
+    no sigma range, so 80), 2 N - 1 aggregate evaluations of K = 3 subsets each, recorded beside the rows."""
+    common = ["reconstruct.py", "--network", files["mri_model"], "--data", files["mri"], "--task", "mri",
+              "--indices", "0", "--steps", "3", "--methods", "msm"]
+    run_cli([*common, "--outdir", str(tmp_path / "ancestral")])
+    run_cli([*common, "--outdir", str(tmp_path / "heun"), "--msm-solver", "heun"])
+    settings = json.load(open(tmp_path / "heun" / "summary.json"))["settings"]["msm"]
+    assert (settings["solver"], settings["steps"], settings["K"], settings["sigma_max"]) == ("heun", 3, 3, 80.0)
+    heun, ancestral = read_rows(tmp_path / "heun")[0], read_rows(tmp_path / "ancestral")[0]
+    assert float(heun["nfe"]) == 3 * (2 * 3 - 1) and float(ancestral["nfe"]) == 3 * 3
+    assert heun["psnr"] != ancestral["psnr"]
+
+
 def test_sample_accel_changes_only_the_sampling_masks(tmp_path, files):
     """--sample-accel draws the MSM sampler's masks from the training line law at another R (same kind and ACS),
     records it, and changes the samples; without it the training law is used as is."""

@@ -35,7 +35,7 @@ from dnnlib import UserError
 from training.measurements import network_input
 from training.networks import vp_grid_sigmas
 from training.operators import channels_to_complex, complex_to_channels
-from training.samplers import check_sigmas, msm_sampler, outer_step, vp200_sigmas
+from training.samplers import check_sigmas, msm_heun_sampler, msm_sampler, outer_step, vp200_sigmas
 
 
 def check_dc_step(dc_step: float):
@@ -90,17 +90,22 @@ def aggregate_data_consistency(operator, y_obs: torch.Tensor, dc_step: float):
 
 def msm_posterior_sampler(partial_denoiser, latents: torch.Tensor, mask_law, generator, y_obs: torch.Tensor, *,
                           placement: str, dc_step: float, mask: torch.Tensor | None = None, operator=None,
-                          **sampler_kwargs) -> torch.Tensor:
-    """`msm_sampler` with a data-consistency step (module docstring).
+                          solver: str = "ancestral", **sampler_kwargs) -> torch.Tensor:
+    """`msm_sampler` with a data-consistency step (module docstring), or with solver 'heun' `msm_heun_sampler` (EDM's
+    deterministic Heun sampler on its rho grid, the aggregate as the denoiser) with the same step applied wherever
+    the aggregate is formed, i.e. at each of its 2 N - 1 denoiser evaluations.
 
     placement 'partial': y_obs and `mask` (M) live in the sampler's measurement space (MRI k-space; the sampler's
         T is the task operator), the step acts on every partial estimate inside the K loop.
     placement 'aggregate': `operator` (the task operator A, with pinv) maps the sampler's state (T = I, so the image)
         to y_obs; the step acts on the aggregate.
     sampler_kwargs: num_subsets, sigmas, eta, outer, variant, project of `msm_sampler` (project: for a network with
-    the measurement-space skip, training.measurements.aggregate_projection, applied before the aggregate DC step).
+    the measurement-space skip, training.measurements.aggregate_projection, applied before the aggregate DC step);
+    with solver 'heun': num_subsets, num_steps, sigma_min, sigma_max, rho, project of `msm_heun_sampler`.
     Returns the last aggregate z_hat.
     """
+    if solver not in ("ancestral", "heun"):
+        raise ValueError(f"solver must be 'ancestral' or 'heun', got {solver!r}")
     if placement == "partial":
         if mask is None:
             raise ValueError("the partial data-consistency step needs the measurement mask")
@@ -109,7 +114,8 @@ def msm_posterior_sampler(partial_denoiser, latents: torch.Tensor, mask_law, gen
         hooks = {"dc_aggregate": aggregate_data_consistency(operator, y_obs, dc_step)}
     else:
         raise ValueError(f"placement must be 'partial' or 'aggregate', got {placement!r}")
-    return msm_sampler(partial_denoiser, latents, mask_law, generator, **hooks, **sampler_kwargs)
+    sampler = msm_heun_sampler if solver == "heun" else msm_sampler
+    return sampler(partial_denoiser, latents, mask_law, generator, **hooks, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------
