@@ -1,11 +1,13 @@
-"""MSM against the clean-data oracle on phantom MRI at R = 4: posterior quality per training image and per network
-evaluation (issue 14), with classical CS on the same measurements.
+"""MSM against the clean-data oracle: posterior quality per training image and per network evaluation (issue 14), on
+phantom MRI at R = 4 with classical CS on the same measurements (--task mri), or on phantom images with MSM trained on
+box-masked images and the posterior filling a centred box hole (--task box).
 
     python bench/msm_vs_oracle.py --out out/msm-vs-oracle --data out/quickstart/mri-train \\
         --test-data out/quickstart/mri-test --test-measurements out/quickstart/measurements-r4 \\
         --run msm-image=out/quickstart/runs/00000-mri-train-uncond-ddpmpp-edm-gpus1-batch32-fp32-msm-r4 \\
         --run oracle=out/quickstart/runs/00001-mri-train-uncond-ddpmpp-edm-gpus1-batch32-fp32-oracle \\
         --kimg 10,20,30 --lock /tmp/heavy.lock
+    python bench/msm_vs_oracle.py --out out/mvo-box --task box --kimg 10,20,30
     python bench/msm_vs_oracle.py --out /tmp/mvo --quick       # tiny end-to-end run (tests/test_msm_vs_oracle.py)
 
 Every step is skipped when its output exists, so a re-run continues, and a larger --kimg only adds what is missing.
@@ -15,17 +17,20 @@ Every step is skipped when its output exists, so a re-run continues, and a large
    held-out slices 0..n-1 (or --test-measurements, e.g. the quickstart's), the validation set slices n..2n-1 of the
    same held-out data. Settings (K, levels, dc-step, the skip space) are chosen on validation only; the test
    measurements only ever appear in the table.
-3. Training, three models with the quickstart's network, optimiser and schedule on the same training slices:
-   'msm-image' (MSM loss, the reference's image-space skip), 'msm-measurement' (MSM loss, --skip-space measurement)
-   and 'oracle' (EDM loss on the clean images). Budgets: EDM's learning rate is constant after its ramp-up (1 kimg
+3. Training, the --models with the quickstart's network, optimiser and schedule on the same training data. MRI:
+   'msm-image' (MSM loss, the reference's image-space skip), 'msm-measurement' (MSM loss, --skip-space measurement),
+   'msm-vp200' (MSM loss, the reference's VP-200 training sigmas: not trained by default) and 'oracle' (EDM loss on
+   the clean images). Box: 'msm' (MSM loss, box law p 0.4, fixed masks), 'msm-mask-channel' (the same with the mask
+   as an input channel), 'msm-vp200' and 'oracle'. Budgets: EDM's learning rate is constant after its ramp-up (1 kimg
    here) and the EMA half-life is fixed, so one run evaluated at its snapshots after 10, 20, 30 ... kimg is the
    same as separate runs of those lengths; each model is trained once to the largest budget (a given --run is
    continued with train.py --resume when it is shorter).
 4. Evaluation at every budget on test and validation: reconstruct.py's MSM posterior sampler with its defaults
-   (K 3 for MSM models, 1 for the oracle; the VP-200 grid; dc-step 2; eta 0.85), and zero-filled, cs-tv and cs-l1
-   on the same measurements (the horizontal lines of the plot).
+   (MRI: K 3 for MSM models, dc-step 2; box: K 2, dc-step 1.75; K 1 for the oracle; the VP-200 grid; eta 0.85), and
+   zero-filled (and for MRI cs-tv and cs-l1) on the same measurements (the horizontal lines of the plot).
 5. Quality per network evaluation, on validation, for the best MSM model and the oracle at the largest budget:
-   levels x K of the MSM posterior sampler (the oracle: K 1 on the respaced DDPM grid), and the dc-step.
+   levels x K of the MSM posterior sampler (the oracle: K 1 on the respaced DDPM grid), its Heun variant
+   (--msm-solver heun: EDM's rho grid, 2 N - 1 evaluations of K subsets), and the dc-step.
 6. results.md (the table, with each row's settings and the commands), results.json, psnr_vs_kimg.png and
    psnr_vs_nfe.png in --out.
 
@@ -48,20 +53,35 @@ sys.path.insert(0, ROOT)
 from torch_utils import checkpoint  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
 
-MODELS = ("msm-image", "msm-measurement", "oracle")
-MODEL_OPTIONS = {"msm-image": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--desc", "r4"],
-                 "msm-measurement": ["--loss", "msm", "--mask", "lines-random", "--accel", "4", "--skip-space",
-                                     "measurement", "--desc", "r4-consistent"],
-                 "oracle": ["--loss", "edm", "--desc", "oracle"]}
-BASELINES = ("zero-filled", "cs-tv", "cs-l1")
-DEFAULT_SUBSETS, DEFAULT_DC_STEP = 3, 2.0  # reconstruct.py's MRI defaults, so those sweep points reuse the main rows
+LINES_R4 = ["--loss", "msm", "--mask", "lines-random", "--accel", "4"]
+BOX = ["--loss", "msm", "--mask", "box", "--p", "0.4"]
+# Per task: the models (train.py options; the last is --desc, which names the run), those trained by default, how the
+# held-out measurements are made, the classical baselines (and which are the plot's horizontal lines), and
+# reconstruct.py's defaults of K and the dc-step for the task (so those sweep points reuse the main rows).
+TASKS = {
+    "mri": dict(models={"msm-image": [*LINES_R4, "--desc", "r4"],
+                        "msm-measurement": [*LINES_R4, "--skip-space", "measurement", "--desc", "r4-consistent"],
+                        "msm-vp200": [*LINES_R4, "--sigma-dist", "vp200", "--desc", "r4-vp200"],
+                        "oracle": ["--loss", "edm", "--desc", "oracle"]},
+                default_models=("msm-image", "msm-measurement", "oracle"),
+                measure=["--task", "mri", "--accel", 4, "--mask-seed", 1], baselines=("zero-filled", "cs-tv", "cs-l1"),
+                hlines=("cs-tv", "cs-l1"), subsets=3, dc_step=2.0, title="phantom MRI R = 4"),
+    "box": dict(models={"msm": [*BOX, "--desc", "box"],
+                        "msm-mask-channel": [*BOX, "--mask-channel", "--desc", "box-mc"],
+                        "msm-vp200": [*BOX, "--sigma-dist", "vp200", "--desc", "box-vp200"],
+                        "oracle": ["--loss", "edm", "--desc", "oracle"]},
+                default_models=("msm", "msm-mask-channel", "oracle"),
+                measure=["--task", "box", "--mask-seed", 1], baselines=("zero-filled",), hlines=("zero-filled",),
+                subsets=2, dc_step=1.75, title="phantom box inpainting (centred 16 px hole)"),
+}
 FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
-            nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
+            nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), heun_steps=(10, 25, 50, 100),
+            dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
             network=["--arch", "ddpmpp", "--cbase", "32", "--cres", "1,2,2", "--blocks", "2", "--attn", "16",
                      "--batch", "32", "--lr", "2e-3", "--lr-rampup", "0.001", "--ema", "0.002", "--dropout", "0",
                      "--channels-last"])
 QUICK = dict(num=48, held_out=4, resolution=16, kimg="0.064,0.128", tick=0.032, snap=2, steps=4, nfe_levels=(2, 4),
-             nfe_subsets=(1, 2), dc_steps=(1.0, 2.0), cs_iters=20,
+             nfe_subsets=(1, 2), heun_steps=(2,), dc_steps=(1.0, 2.0), cs_iters=20,
              network=["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,2", "--blocks", "1", "--attn", "",
                       "--batch", "8", "--lr", "2e-3", "--lr-rampup", "0.00002", "--ema", "0.0001", "--dropout", "0",
                       "--workers", "0"])
@@ -133,11 +153,18 @@ def method_row(folder: str, method: str) -> dict:
 @click.command()
 @click.option("--out", required=True, help="Output folder (data, runs, measurements, evaluations, results)")
 @click.option("--quick", is_flag=True, help="A tiny end-to-end configuration (16 px, a few steps; for the test)")
-@click.option("--data", default=None, help="MRI training records [default: simulated in --out]")
-@click.option("--test-data", default=None, help="Held-out MRI records [default: simulated in --out]")
+@click.option("--task", type=click.Choice(list(TASKS)), default="mri", show_default=True,
+              help="mri: multi-coil phantom MRI at R = 4; box: phantom images, MSM trained on box-masked images, "
+                   "posterior on a centred box hole")
+@click.option("--models", "model_list", default=None,
+              help="Comma list of the task's models to train and evaluate  [default: mri "
+                   f"{','.join(TASKS['mri']['default_models'])}; box {','.join(TASKS['box']['default_models'])}; "
+                   "also msm-vp200 (the reference's VP-200 training sigmas)]")
+@click.option("--data", default=None, help="Training records (MRI records / image zip) [default: simulated in --out]")
+@click.option("--test-data", default=None, help="Held-out records [default: simulated in --out]")
 @click.option("--test-measurements", default=None, help="Saved test measurements [default: made from --test-data]")
 @click.option("--run", "runs", multiple=True, metavar="MODEL=RUN_DIR",
-              help=f"An existing run of a model ({', '.join(MODELS)}) to evaluate and continue")
+              help="An existing run of a model to evaluate and continue")
 @click.option("--kimg", default=None, help="Budgets in kimg, multiples of the snapshot interval  [default: 10,20,30]")
 @click.option("--extend", default="", help="Comma list of models trained and evaluated on to --extend-kimg as well")
 @click.option("--extend-kimg", default="", help="Further budgets for the --extend models, e.g. 40,50,60")
@@ -148,17 +175,24 @@ def method_row(folder: str, method: str) -> dict:
 @click.option("--no-nfe", is_flag=True, help="Skip the quality-per-NFE and dc-step sweeps")
 @click.option("--nfe-kimg", type=float, default=None,
               help="Budget of the NFE and dc-step sweeps  [default: the largest of --kimg]")
-def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg, num_slices, lock,
-         no_nfe, nfe_kimg):
-    p = dict(QUICK if quick else FULL)
+def main(out, quick, task, model_list, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg,
+         num_slices, lock, no_nfe, nfe_kimg):
+    p, t = dict(QUICK if quick else FULL), TASKS[task]
+    models = tuple(m for m in (model_list or ",".join(t["default_models"])).split(",") if m)
+    if set(models) - set(t["models"]) or "oracle" not in models or len(models) < 2:
+        msm_models = ", ".join(m for m in t["models"] if m != "oracle")
+        raise click.BadParameter(f"expected 'oracle' and at least one of {msm_models} for --task {task}, got "
+                                 f"{model_list}", param_hint="--models")
+    model_options, baselines = t["models"], t["baselines"]
+    task_subsets, task_dc_step = t["subsets"], t["dc_step"]
     num_slices = num_slices or (2 if quick else 8)
     budgets = [float(b) for b in (kimg or p["kimg"]).split(",")]
     extended = [m for m in extend.split(",") if m]
-    if set(extended) - set(MODELS):
-        raise click.BadParameter(f"expected models among {', '.join(MODELS)}, got {extend}", param_hint="--extend")
+    if set(extended) - set(models):
+        raise click.BadParameter(f"expected models among {', '.join(models)}, got {extend}", param_hint="--extend")
     val_budgets = None if val_kimg is None else [float(b) for b in val_kimg.split(",")]
     model_budgets = {m: budgets + ([float(b) for b in extend_kimg.split(",") if b] if m in extended else [])
-                     for m in MODELS}
+                     for m in models}
     os.makedirs(out, exist_ok=True)
     log_file = open(os.path.join(out, "bench.log"), "a")
 
@@ -169,9 +203,9 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
 
     bench = Bench(out, lock, log)
     given = dict(r.split("=", 1) for r in runs)
-    unknown = set(given) - set(MODELS)
+    unknown = set(given) - set(models)
     if unknown:
-        raise click.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}; expected {', '.join(MODELS)}",
+        raise click.BadParameter(f"unknown model(s) {', '.join(sorted(unknown))}; expected {', '.join(models)}",
                                  param_hint="--run")
 
     # 1. Data.
@@ -181,37 +215,39 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
             if not os.path.exists(zip_path):
                 bench.run("dataset_tool.py", ["phantoms", "--dest", zip_path, "--num", count, "--resolution",
                                               p["resolution"], "--seed", seed], heavy=False)
-            if not os.path.exists(mri_path):
+            if task == "mri" and not os.path.exists(mri_path):
                 bench.run("dataset_tool.py", ["simulate-mri", "--source", zip_path, "--dest", mri_path, "--coils", 8,
                                               "--seed", seed], heavy=False)
-        data = data or os.path.join(out, "mri-train")
-        test_data = test_data or os.path.join(out, "mri-test")
+        prefix = "mri-" if task == "mri" else "phantoms-"
+        suffix = "" if task == "mri" else ".zip"
+        data = data or os.path.join(out, f"{prefix}train{suffix}")
+        test_data = test_data or os.path.join(out, f"{prefix}test{suffix}")
 
     # 2. Measurements (test and validation), and the baselines on them.
     splits = {"test": test_measurements or os.path.join(out, "measurements-test"),
               "val": os.path.join(out, "measurements-val")}
     first = {"test": 0, "val": num_slices}
-    cs = ["--cs-tv-iters", p["cs_iters"], "--cs-l1-iters", p["cs_iters"]] if p["cs_iters"] else []
+    cs = ["--cs-tv-iters", p["cs_iters"], "--cs-l1-iters", p["cs_iters"]] if p["cs_iters"] and task == "mri" else []
     for split, path in splits.items():
         folder = os.path.join(out, "eval", split, "baselines")
         if not os.path.exists(os.path.join(path, "measurements.json")):
-            bench.run("reconstruct.py", ["--data", test_data, "--task", "mri", "--first", first[split], "--num",
-                                         num_slices, "--accel", 4, "--mask-seed", 1, "--save-measurements", path,
-                                         "--outdir", folder, "--methods", ",".join(BASELINES), *cs])
+            bench.run("reconstruct.py", ["--data", test_data, *t["measure"], "--first", first[split], "--num",
+                                         num_slices, "--save-measurements", path,
+                                         "--outdir", folder, "--methods", ",".join(baselines), *cs])
         elif not os.path.exists(os.path.join(folder, "summary.json")):
             bench.run("reconstruct.py", ["--measurements", path, "--outdir", folder, "--methods",
-                                         ",".join(BASELINES), *cs])
+                                         ",".join(baselines), *cs])
 
     # 3. Training, one run per model to the largest budget.
     run_dirs = {}
-    for model in MODELS:
-        run_dir = given.get(model) or newest_run(os.path.join(out, "runs"), MODEL_OPTIONS[model][-1])
+    for model in models:
+        run_dir = given.get(model) or newest_run(os.path.join(out, "runs"), model_options[model][-1])
         model_top = max(model_budgets[model])
         if run_dir is None or snapshot_for(run_dir, model_top, p["tick"]) is None:
-            args = ["--outdir", os.path.join(out, "runs"), "--data", data, *p["network"], *MODEL_OPTIONS[model],
+            args = ["--outdir", os.path.join(out, "runs"), "--data", data, *p["network"], *model_options[model],
                     "--duration", model_top / 1000, "--tick", p["tick"], "--snap", p["snap"], "--dump", p["snap"]]
             bench.run("train.py", args + (["--resume", run_dir] if run_dir else []))
-            run_dir = run_dir or newest_run(os.path.join(out, "runs"), MODEL_OPTIONS[model][-1])
+            run_dir = run_dir or newest_run(os.path.join(out, "runs"), model_options[model][-1])
         run_dirs[model] = run_dir
 
     # 4. Posterior quality per budget, on test and validation.
@@ -224,11 +260,12 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
                                          "--methods", "msm", "--steps", p["steps"], *extra])
         return folder
 
-    results = {"budgets": model_budgets, "runs": run_dirs, "rows": [], "nfe": [], "dc_step": [], "baselines": {}}
+    results = {"task": task, "models": models, "budgets": model_budgets, "runs": run_dirs, "rows": [], "nfe": [],
+               "heun": [], "dc_step": [], "baselines": {}}
     for split in splits:
         folder = os.path.join(out, "eval", split, "baselines")
-        results["baselines"][split] = {m: method_row(folder, m) for m in BASELINES}
-        for model in MODELS:
+        results["baselines"][split] = {m: method_row(folder, m) for m in baselines}
+        for model in models:
             for budget in model_budgets[model]:
                 if split == "val" and val_budgets is not None and budget not in val_budgets:
                     continue
@@ -253,7 +290,7 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
         """The MSM model with the best validation PSNR at `budget`, or if that was not validated for both, at the
         largest budget validated for both MSM models."""
         rows = [r for r in results["rows"] if r["split"] == "val" and r["model"] != "oracle"]
-        shared = [k for k in {r["kimg"] for r in rows} if sum(r["kimg"] == k for r in rows) == 2]
+        shared = [k for k in {r["kimg"] for r in rows} if sum(r["kimg"] == k for r in rows) == len(models) - 1]
         at = budget if budget in shared else max(shared)
         return max((r for r in rows if r["kimg"] == at), key=lambda r: r["psnr"])["model"]
 
@@ -266,7 +303,7 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
         for model in (best, "oracle"):
             model_top = sweep_kimg
             snapshot = snapshot_for(run_dirs[model], model_top, p["tick"])
-            default_subsets = 1 if model == "oracle" else DEFAULT_SUBSETS
+            default_subsets = 1 if model == "oracle" else task_subsets
             for subsets in p["nfe_subsets"] if model != "oracle" else (1,):
                 for levels in p["nfe_levels"]:
                     name = (f"{model}-{model_top:g}" if (levels, subsets) == (p["steps"], default_subsets) else
@@ -274,8 +311,13 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
                     folder = evaluate("val", name, snapshot, ["--steps", levels, "--subsets", subsets])
                     results["nfe"].append({"model": model, "kimg": model_top, "levels": levels, "K": subsets,
                                            **method_row(folder, "msm")})
+            for steps in p["heun_steps"]:  # EDM's Heun ODE sampler on its rho grid, the default K
+                folder = evaluate("val", f"heun-{model}-{model_top:g}-N{steps}", snapshot,
+                                  ["--msm-solver", "heun", "--steps", steps])
+                results["heun"].append({"model": model, "kimg": model_top, "steps": steps, "K": default_subsets,
+                                        **method_row(folder, "msm")})
             for dc_step in p["dc_steps"]:
-                name = (f"{model}-{model_top:g}" if dc_step == DEFAULT_DC_STEP else
+                name = (f"{model}-{model_top:g}" if dc_step == task_dc_step else
                         f"dc-{model}-{model_top:g}-{dc_step:g}")
                 folder = evaluate("val", name, snapshot, ["--dc-step", dc_step])
                 results["dc_step"].append({"model": model, "kimg": model_top, "dc_step": dc_step,
@@ -289,15 +331,17 @@ def main(out, quick, data, test_data, test_measurements, runs, kimg, extend, ext
         f.write(report(results, run_dirs))
     for split in splits:
         series = {m: [(r["kimg"], r["psnr"]) for r in results["rows"] if r["split"] == split and r["model"] == m]
-                  for m in MODELS}
-        hlines = {m: results["baselines"][split][m]["psnr"] for m in ("cs-tv", "cs-l1")}
-        line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs training images, phantom MRI "
-                  f"R = 4, {split} slices (MSM posterior sampler)", "kimg", "PSNR (dB)", series, hlines)
+                  for m in models}
+        hlines = {m: results["baselines"][split][m]["psnr"] for m in t["hlines"]}
+        line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs training images, {t['title']}, "
+                  f"{split} examples (MSM posterior sampler)", "kimg", "PSNR (dB)", series, hlines)
     if results["nfe"]:
         series = {}
         for r in results["nfe"]:
             series.setdefault(f"{r['model']} K{r['K']}", []).append((r["nfe"], r["psnr"]))
-        hlines = {m: results["baselines"]["val"][m]["psnr"] for m in ("cs-tv", "cs-l1")}
+        for r in results["heun"]:
+            series.setdefault(f"{r['model']} Heun K{r['K']}", []).append((r["nfe"], r["psnr"]))
+        hlines = {m: results["baselines"]["val"][m]["psnr"] for m in t["hlines"]}
         line_plot(os.path.join(out, "psnr_vs_nfe.png"), "Posterior PSNR vs network evaluations at the largest budget, "
                   "validation slices (levels x K)", "NFE per example (log)", "PSNR (dB)", series, hlines, log_x=True)
     log(f"Wrote {os.path.join(out, 'results.md')} and the plots.")
@@ -321,6 +365,13 @@ def report(results: dict, run_dirs: dict) -> str:
         for r in results["nfe"]:
             text += (f"| {r['model']} | {r['levels']} | {r['K']} | {r['nfe']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} "
                      f"| {r['seconds']:.1f} |\n")
+        if results["heun"]:
+            text += ("\nHeun variant (validation; EDM's rho grid, --msm-solver heun, 2 N - 1 evaluations of K "
+                     "subsets):\n\n| prior | Heun steps N | K | NFE | PSNR (dB) | SSIM | s / example |\n")
+            text += "|---|---|---|---|---|---|---|\n"
+            for r in results["heun"]:
+                text += (f"| {r['model']} | {r['steps']} | {r['K']} | {r['nfe']:.0f} | {r['psnr']:.2f} | "
+                         f"{r['ssim']:.3f} | {r['seconds']:.1f} |\n")
         text += "\ndc-step (validation, default levels and K):\n\n| prior | dc-step | PSNR (dB) | SSIM |\n"
         text += "|---|---|---|---|\n"
         for r in results["dc_step"]:

@@ -22,6 +22,9 @@ def test_msm_vs_oracle_quick(tmp_path):
         assert len({r["hash"] for r in results["rows"] if r["split"] == split}) == 1
         assert set(results["baselines"][split]) == {"zero-filled", "cs-tv", "cs-l1"}
     assert {r["model"] for r in results["nfe"]} >= {"oracle"} and len(results["nfe"]) == 2 * 2 + 2
+    heun = {r["model"]: r for r in results["heun"]}  # one Heun point per model: N = 2, so 3 evaluations of K subsets
+    assert len(results["heun"]) == 2 and heun["oracle"]["nfe"] == 3 and heun["oracle"]["settings"]["solver"] == "heun"
+    assert [r["nfe"] for m, r in heun.items() if m != "oracle"] == [3 * 3]
     assert [r["settings"]["skip_space"] for r in results["rows"] if r["model"] == "msm-measurement"] == \
         ["measurement"] * 4
     for name in ("results.md", "psnr_vs_kimg_test.png", "psnr_vs_kimg_val.png", "psnr_vs_nfe.png"):
@@ -48,3 +51,21 @@ def test_snapshots_are_found_at_whole_and_fractional_kimg(tmp_path):
     assert bench.snapshot_for(str(tmp_path), 10, 2.0).endswith("-000010.112.pt")
     assert bench.snapshot_for(str(tmp_path), 60, 2.0).endswith("-000060.pt")
     assert bench.snapshot_for(str(tmp_path), 30, 2.0) is None
+
+
+@pytest.mark.slow
+def test_msm_vs_oracle_box_task_quick(tmp_path):
+    """The image task: phantom images, MSM trained on box-masked images with and without the mask channel, the
+    posterior filling a centred hole; zero-filled is the only baseline."""
+    out = tmp_path / "mvo-box"
+    run_cli(["bench/msm_vs_oracle.py", "--out", str(out), "--quick", "--task", "box", "--kimg", "0.064", "--no-nfe"],
+            timeout=1800)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert {(r["split"], r["model"]) for r in results["rows"]} == {
+        (s, m) for s in ("test", "val") for m in ("msm", "msm-mask-channel", "oracle")}
+    assert set(results["baselines"]["test"]) == {"zero-filled"}
+    settings = {r["model"]: r["settings"] for r in results["rows"] if r["split"] == "test"}
+    assert settings["msm"]["K"] == 2 and settings["msm"]["dc_step"] == 1.75 and settings["oracle"]["K"] == 1
+    assert any(run.endswith("-box-mc") for run in results["runs"].values())
+    assert os.path.getsize(out / "psnr_vs_kimg_test.png") > 0
