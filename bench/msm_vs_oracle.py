@@ -316,7 +316,7 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                                   ["--msm-solver", "heun", "--steps", steps])
                 results["heun"].append({"model": model, "kimg": model_top, "steps": steps, "K": default_subsets,
                                         **method_row(folder, "msm")})
-            for dc_step in p["dc_steps"]:
+            for dc_step in sorted(set(p["dc_steps"]) | {task_dc_step}):  # the task default among them
                 name = (f"{model}-{model_top:g}" if dc_step == task_dc_step else
                         f"dc-{model}-{model_top:g}-{dc_step:g}")
                 folder = evaluate("val", name, snapshot, ["--dc-step", dc_step])
