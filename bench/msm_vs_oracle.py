@@ -50,7 +50,9 @@ import click
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dnnlib import UserError  # noqa: E402
 from torch_utils import checkpoint  # noqa: E402
+from torch_utils.misc import parse_int_list  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
 
 LINES_R4 = ["--loss", "msm", "--mask", "lines-random", "--accel", "4"]
@@ -173,11 +175,17 @@ def method_row(folder: str, method: str) -> dict:
               help="Slices per split (test and validation)  [default: 8]")
 @click.option("--lock", default=None, help="Run each heavy call under `flock LOCK`")
 @click.option("--no-nfe", is_flag=True, help="Skip the quality-per-NFE and dc-step sweeps")
+@click.option("--nfe-subsets", default=None, help="K values of the levels x K sweep  [default: 1,2,3,4,6,8]")
 @click.option("--nfe-kimg", type=float, default=None,
               help="Budget of the NFE and dc-step sweeps  [default: the largest of --kimg]")
 def main(out, quick, task, model_list, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg,
-         num_slices, lock, no_nfe, nfe_kimg):
+         num_slices, lock, no_nfe, nfe_subsets, nfe_kimg):
     p, t = dict(QUICK if quick else FULL), TASKS[task]
+    if nfe_subsets is not None:
+        try:
+            p["nfe_subsets"] = tuple(parse_int_list(nfe_subsets, "--nfe-subsets", minimum=1))
+        except UserError as e:
+            raise click.UsageError(str(e)) from None
     models = tuple(m for m in (model_list or ",".join(t["default_models"])).split(",") if m)
     if set(models) - set(t["models"]) or "oracle" not in models or len(models) < 2:
         msm_models = ", ".join(m for m in t["models"] if m != "oracle")
