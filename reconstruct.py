@@ -36,7 +36,8 @@ function and one entry; nothing else in the script changes.
                levels of the VP-200 grid. --sample-accel R: an MRI line-law model's masks at another R while
                sampling (the reference code samples with denser masks than it trains with; measured worse here).
                --msm-solver heun: EDM's deterministic Heun sampler instead (--steps levels of its rho grid, 2 --steps
-               - 1 evaluations of the K-subset aggregate, the same data-consistency step at each).
+               - 1 evaluations of the K-subset aggregate, the same data-consistency step at each; on MRI lambda 2
+               oscillates below 25 steps, so give --dc-step 1 there). Measured worse than the default sampler.
   dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
                (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial

@@ -74,7 +74,7 @@ TASKS = {
                         "oracle": ["--loss", "edm", "--desc", "oracle"]},
                 default_models=("msm", "msm-mask-channel", "oracle"),
                 measure=["--task", "box", "--mask-seed", 1], baselines=("zero-filled",), hlines=("zero-filled",),
-                subsets=2, dc_step=1.75, title="phantom box inpainting (centred 16 px hole)"),
+                subsets=2, dc_step=1.75, title="box inpainting, 16 px hole"),
 }
 FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
             nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), heun_steps=(10, 25, 50, 100),
@@ -341,8 +341,8 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
         series = {m: [(r["kimg"], r["psnr"]) for r in results["rows"] if r["split"] == split and r["model"] == m]
                   for m in models}
         hlines = {m: results["baselines"][split][m]["psnr"] for m in t["hlines"]}
-        line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs training images, {t['title']}, "
-                  f"{split} examples (MSM posterior sampler)", "kimg", "PSNR (dB)", series, hlines)
+        line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs kimg, {t['title']} ({split})",
+                  "kimg", "PSNR (dB)", series, hlines)
     if results["nfe"]:
         series = {}
         for r in results["nfe"]:
@@ -350,8 +350,8 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
         for r in results["heun"]:
             series.setdefault(f"{r['model']} Heun K{r['K']}", []).append((r["nfe"], r["psnr"]))
         hlines = {m: results["baselines"]["val"][m]["psnr"] for m in t["hlines"]}
-        line_plot(os.path.join(out, "psnr_vs_nfe.png"), "Posterior PSNR vs network evaluations at the largest budget, "
-                  "validation slices (levels x K)", "NFE per example (log)", "PSNR (dB)", series, hlines, log_x=True)
+        line_plot(os.path.join(out, "psnr_vs_nfe.png"), f"Posterior PSNR vs NFE, {t['title']} (val)",
+                  "NFE per example (log)", "PSNR (dB)", series, hlines, log_x=True)
     log(f"Wrote {os.path.join(out, 'results.md')} and the plots.")
 
 
