@@ -425,8 +425,8 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
-    settings = {k: v for k, v in locals().items() if k not in ("outdir", "max_batch", "compile_net", "device")}
-    settings.update(network_path=os.path.abspath(checkpoint.resolve_snapshot_path(network_path)),
+    recorded = {k: v for k, v in locals().items() if k not in ("outdir", "max_batch", "compile_net", "device")}
+    recorded.update(network_path=os.path.abspath(checkpoint.resolve_snapshot_path(network_path)),
                     grid_path=os.path.abspath(grid_path or os.path.normpath(outdir) + "-grid.png"),
                     **{k: os.path.abspath(v) for k, v in (("classifier_path", classifier_path),
                                                           ("bridge_source", bridge_source), ("maps_path", maps_path))
@@ -434,7 +434,7 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     seeds = parse_seeds(seeds)
     grid_path = grid_path or os.path.normpath(outdir) + "-grid.png"
     dnnlib.check_outdir(outdir)
-    dnnlib.check_outdir_settings(outdir, settings)
+    dnnlib.check_outdir_settings(outdir, recorded)
     dnnlib.check_outdir(os.path.dirname(os.path.abspath(grid_path)), "--grid folder")
     device = dist.init(device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -507,7 +507,7 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
         settings += (f", guidance {' + '.join(f'{s:g} {k}' for k, s in zip(guide.kinds, guide.scales)) or 'none'}, "
                      f"cfg {cfg_scale:g} ({cfg_convention})")
     if rank == 0:  # everything is checked: record the settings before the first output
-        dnnlib.write_outdir_settings(outdir, settings)
+        dnnlib.write_outdir_settings(outdir, recorded)
     if bridge_source is not None:
         dist.print0(f"Dual bridge of {bridge_source} through {checkpoint.resolve_snapshot_path(network_path)} "
                     f"({num_steps} Heun steps each way; {settings}) on {world} rank(s) to {outdir}")

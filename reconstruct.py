@@ -1280,10 +1280,10 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
     paths = {"network_path": network_path and checkpoint.resolve_snapshot_path(network_path), "data_path": data_path,
              "measurements_path": measurements_path}
-    settings = {**{k: v for k, v in options.items() if k not in ("outdir", "max_batch", "compile_net", "save_path")},
+    recorded = {**{k: v for k, v in options.items() if k not in ("outdir", "max_batch", "compile_net", "save_path")},
                 **{k: os.path.abspath(v) for k, v in paths.items() if v is not None}}
     dnnlib.check_outdir(outdir)
-    dnnlib.check_outdir_settings(outdir, settings)
+    dnnlib.check_outdir_settings(outdir, recorded)
     device = dist.init(device)
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -1365,7 +1365,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         report["snr_sweep"] = {f"{level:g}": m.describe() for level, m in sets}
 
     if rank == 0:
-        dnnlib.write_outdir_settings(outdir, settings)  # everything is checked: record before the first output
+        dnnlib.write_outdir_settings(outdir, recorded)  # everything is checked: record before the first output
         if save_path is not None:
             save_measurements(save_path, measurements)
         for sub in ("panels", "reconstructions"):

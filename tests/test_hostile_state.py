@@ -407,3 +407,67 @@ def test_hostile_input_is_refused_in_one_sentence_leaving_nothing(fx, tmp_path, 
     for word in words:
         assert word in err, err
     assert (file_tree(tmp_path), file_tree(fx["root"])) == before
+
+
+# ----------------------------------------------------------------------------
+# What the checks must still let through.
+
+
+def test_an_honest_copy_of_a_run_continues_implicitly_and_with_resume(fx, tmp_path, capsys):
+    """The state checks accept what the loop writes: the copied run trains on from its state, by rerunning the
+    command and by --resume STATE, to the same network."""
+    results = []
+    for name, resume in (("implicit", False), ("explicit", True)):
+        outdir, state = copied_run(fx, str(tmp_path / name))
+        code, err = run_in_process(train.main, train_args(fx, outdir, *(["--resume", state] if resume else [])),
+                                   capsys)
+        assert code == 0, err
+        final = checkpoint.latest_file(os.path.dirname(state), "training-state")
+        assert checkpoint.progress_of(final, "training-state") == 8
+        results.append(checkpoint.load_training_state(final))
+    for key in results[0]["net"]:
+        torch.testing.assert_close(results[0]["net"][key], results[1]["net"][key], rtol=0, atol=0)
+
+
+def test_a_rerun_may_overwrite_its_own_outputs_but_not_mix_in_another_runs(fx, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    command = ["--network", fx["snapshot"], "--outdir", out, *GENERATE]
+    for _ in range(2):  # the same command twice: the second overwrites the first's outputs
+        code, err = run_in_process(generate.main, command, capsys)
+        assert code == 0, err
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f)["network_path"] == os.path.abspath(fx["snapshot"])
+    before = file_tree(tmp_path)
+    code, err = run_in_process(generate.main, [*command, "--seeds", "1"], capsys)
+    assert code == 1 and "seeds" in err and "give a new --outdir" in err, err
+    assert file_tree(tmp_path) == before
+    recon = ["--measurements", fx["set-sr"], "--methods", "zero-filled", "--device", "cpu", "--outdir",
+             str(tmp_path / "recon")]
+    for _ in range(2):
+        code, err = run_in_process(reconstruct.main, recon, capsys)
+        assert code == 0, err
+
+
+def test_symlinks_that_stay_inside_the_dataset_folder_are_read(tmp_path):
+    """The confinement rule (docs/security.md) is about where a record resolves, not about symlinks as such: a
+    slice linked to another file of the folder, and a dataset folder that is itself a link, are fine."""
+    from training.mri import MRIDataset
+
+    path = write_mri_records(str(tmp_path / "real"), [_mri_arrays(), _mri_arrays()])
+    os.replace(os.path.join(path, "slices", "000001.npz"), os.path.join(path, "kept.npz"))
+    os.symlink(os.path.join(path, "kept.npz"), os.path.join(path, "slices", "000001.npz"))
+    os.symlink(path, tmp_path / "linked")
+    assert len(MRIDataset(str(tmp_path / "linked"))) == 2
+
+
+def test_a_snapshot_may_name_records_outside_its_run_folder_for_reading_only(fx, tmp_path, capsys):
+    """A snapshot's dataset.path (coil maps for generate.py) may point anywhere, relative paths from the snapshot's
+    folder: train.py records the absolute path of the training data, which lies outside the run folder. It is only
+    ever opened as an MRI record folder (checked as any dataset), and nothing is written there."""
+    records = write_mri_records(str(tmp_path / "data" / "records"), [_mri_arrays(), _mri_arrays()])
+    snapshot = mri_snapshot(tmp_path / "runs", "../../data/records")
+    before = file_tree(records)
+    code, err = run_in_process(generate.main, ["--network", snapshot, "--outdir", tmp_path / "out", "--schedule",
+                                               "rho", *GENERATE], capsys)
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / "out" / "000000.png") and file_tree(records) == before
