@@ -172,6 +172,13 @@ def truncated_png(fx, inp):
     return train.main, ["--outdir", os.path.join(inp, "runs"), "--data", folder, *TRAIN, "--duration", 8e-6]
 
 
+def linked_png(fx, inp):
+    folder = _images(os.path.join(inp, "img"))
+    os.replace(os.path.join(folder, "3.png"), os.path.join(inp, "elsewhere.png"))
+    os.symlink(os.path.join(inp, "elsewhere.png"), os.path.join(folder, "3.png"))
+    return train.main, ["--outdir", os.path.join(inp, "runs"), "--data", folder, *TRAIN, "--duration", 8e-6]
+
+
 def oversized_transfer(fx, inp):
     """A snapshot whose weights fit the run's network but whose own config describes another, larger one: it used to
     pass --transfer's check and be refused by the training loop, after the run folder existed."""
@@ -349,6 +356,7 @@ TABLE = [
     # Inputs checked before any run folder exists.
     ("transfer-other-own-config", oversized_transfer, ["--transfer", "does not fit"]),
     ("png-truncated", truncated_png, ["3.png", "not a readable image"]),
+    ("png-symlinked-outside", linked_png, ["3.png", "outside the dataset folder"]),
     ("labels-negative", labelled([0, 1, -1, 0]), ["dataset.json", "-1"]),
     ("labels-fraction", labelled([0, 1.5, 1, 0]), ["dataset.json", "1.5"]),
     ("labels-bool", labelled([0, True, 1, 0]), ["dataset.json", "True"]),

@@ -35,6 +35,14 @@ class _FileSource:
                 for root, _dirs, files in os.walk(path)
                 for f in files
             )
+            # Files are read only inside the folder once symlinks are resolved (docs/security.md): a link to a file
+            # elsewhere is refused; the folder itself may be a link.
+            real = os.path.realpath(path)
+            outside = next((n for n in self.names if os.path.commonpath(
+                [real, os.path.realpath(os.path.join(real, n))]) != real), None)
+            if outside is not None:
+                raise UserError(f"Dataset {path}: {outside} links to a file outside the dataset folder; copy the file "
+                                "in, or link the whole folder instead.")
         elif os.path.isfile(path):
             if not zipfile.is_zipfile(path):
                 raise UserError(f"Dataset file {path} is not a valid zip archive (expected a zip or a folder).")
