@@ -307,7 +307,7 @@ def _check_optimizer(state, net: torch.nn.Module, optimizer_kwargs: dict, max_st
     """Adam's state dict as the training loop saves it: one parameter group over the network's parameters with the
     run's hyperparameters (load_state_dict would otherwise take betas, eps, weight decay or `maximize` from the file),
     and per parameter a step count in [0, optimizer steps so far] and finite moments of the parameter's shape."""
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = list(net.parameters())  # the loop trains all of them (requires_grad_(True))
     kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "class_name"}
     reference = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], **kwargs).state_dict()["param_groups"][0]
     groups = state.get("param_groups") if isinstance(state, dict) else None
