@@ -5,8 +5,9 @@
     torchrun --standalone --nproc_per_node=2 generate.py --network RUN_DIR --outdir out/samples --seeds 0-49999
 
 Everything about the model (architecture, preconditioning, data shape, labels, measurement operator and mask law)
-comes from the snapshot. Each seed has its own random stream, so an image depends only on its seed, not on --batch or
-the number of ranks.
+comes from the snapshot. OUTDIR/settings.json records the options the images depend on: rerunning the same command
+may overwrite its images, another command is refused before anything is written (dnnlib.util.check_outdir_settings).
+Each seed has its own random stream, so an image depends only on its seed, not on --batch or the number of ranks.
 
 Samplers: `edm` (EDM's Heun/Euler on the image, for models trained on clean data), `msm` (MSM's stochastic
 partial-score sampler in measurement space, training/samplers.py; the default for models trained on measurements)

@@ -78,7 +78,9 @@ learned method), reconstructions/{example:05d}-{seed:06d}.npz (each method's ima
 [-1, 1] pixels for images), metrics.csv (one row per example x seed x method with PSNR, SSIM, NMSE, network
 evaluations and seconds per example; the conventions and the measurement hash in its header), summary.json (mean and
 std per method over those rows, each method's settings, the measurement set) and the same table printed. Stored
-measurements have no reference: no metrics, no error map.
+measurements have no reference: no metrics, no error map. settings.json records the options the outputs depend on
+(dnnlib.util.check_outdir_settings): rerunning the same command may overwrite them, another one is refused before
+anything is written, so no --outdir mixes two runs' results.
 """
 
 import csv
