@@ -172,7 +172,7 @@ def read_index(path: str, what: str, torchscript: bool = False) -> ArchiveIndex:
                                 "read.")
             problem = _member_names_problem(list(members), prefix, torchscript)
             if problem:
-                raise UserError(f"{what} is refused: it holds {problem}, which a torch weights archive does not.")
+                raise UserError(f"{what} holds {problem}, which a torch weights archive does not.")
             if pkl.file_size > MAX_PICKLE_BYTES:
                 raise UserError(f"{what} has a data.pkl of {pkl.file_size} bytes, more than the "
                                 f"{MAX_PICKLE_BYTES >> 20} MiB a weights file needs.")
