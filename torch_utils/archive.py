@@ -119,7 +119,7 @@ class _IndexUnpickler(pickle.Unpickler):
         declared = numel * dtype.itemsize
         if member is None or member.file_size != declared:
             found = "no such member" if member is None else f"{member.file_size} bytes"
-            raise UserError(f"{self.what} declares a storage data/{key!r:.40} of {declared} bytes, but the archive "
+            raise UserError(f"{self.what} declares a storage {key!r:.40} of {declared} bytes, but the archive "
                             f"holds {found}.")
         self.storages[key] = (dtype, numel)
         return key

@@ -80,6 +80,8 @@ class _FileSource:
 
 def _reason(error: Exception) -> str:
     """The first line of an image reading error, for one-sentence messages."""
+    if isinstance(error, PIL.UnidentifiedImageError):  # its text names an in-memory buffer, not the file
+        return "PIL recognises no image format in it"
     return (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
