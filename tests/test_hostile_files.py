@@ -211,6 +211,9 @@ def fx(tmp_path_factory):
                                      {**weights, first: ZeroTensor(weights[first].shape, stored=16)})
     out["snap-beyond-storage"] = _snapshot(root / "s4" / "snap.pt", config,
                                            {**weights, first: ZeroTensor((10**6,), numel=4)})
+    looped = dict(weights)
+    looped["self"] = looped
+    out["snap-loop"] = _snapshot(root / "s7" / "snap.pt", config, looped)
     out["snap-os-system"] = _snapshot(root / "s5" / "snap.pt", config, weights, extra=_Touch(canary))
     out["snap-member-outside"] = write_archive(root / "s6" / "snap.pt", {"format": checkpoint.SNAPSHOT_FORMAT},
                                                extra_members=["elsewhere/payload"])
@@ -238,7 +241,10 @@ def fx(tmp_path_factory):
     torch.save({"fc.weight": _Touch(canary)}, root / "det-code.pth")
     out["det-code"] = str(root / "det-code.pth")
     out["det-2gib"] = write_archive(root / "det-2gib.pth", {"fc.weight": ZeroTensor((GIB // 2,))})
-    for name in ("det-canary", "det-code", "det-2gib"):
+    loop = {"fc.weight": torch.zeros(2)}
+    loop["Mixed_5b"] = loop  # a container holding itself, as pickle's memo allows
+    out["det-loop"] = write_archive(root / "det-loop.pt", loop, extra_members=["archive/constants.pkl"])
+    for name in ("det-canary", "det-code", "det-2gib", "det-loop"):
         out[f"{name}-sha"] = file_sha256(out[name])
 
     # Datasets.
@@ -299,6 +305,8 @@ CASES = [
      ["{snap-beyond-storage}", "beyond its storage of 4 elements"]),
     ("generate-pickled-os-system", generate.main, [*GENERATE, "{snap-os-system}"],
      ["{snap-os-system}", "refers to posix.system, which a weights file never holds"]),
+    ("generate-ema-holding-itself", generate.main, [*GENERATE, "{snap-loop}"],
+     ["{snap-loop}", "does not hold a state dict of tensors"]),
     ("generate-member-outside-folder", generate.main, [*GENERATE, "{snap-member-outside}"],
      ["{snap-member-outside}", "outside its folder archive/"]),
     ("generate-data-pkl-80mib", generate.main, [*GENERATE, "{snap-big-pickle}"],
@@ -327,6 +335,8 @@ CASES = [
      ["{det-code}", "which a weights file never holds"]),
     ("fid-ref-detector-2gib", fid.cli, [*FID_REF, "--detector", "{det-2gib}", "--detector-sha256", "{det-2gib-sha}"],
      ["{det-2gib}", "declares 2147483648 bytes of tensors"]),
+    ("fid-ref-torchscript-holding-itself", fid.cli, [*FID_REF, "--detector", "{det-loop}", "--detector-sha256",
+                                                     "{det-loop-sha}"], ["{det-loop}", "not the FID Inception-v3"]),
     # Section 3: datasets.
     ("train-cond-dataset-json-1gib", train.main, ["--outdir", "OUT", "--data", "{labels-1gib}", "--cond", *TRAIN],
      ["{labels-1gib}", "dataset.json holds 1073741824 bytes"]),

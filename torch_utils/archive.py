@@ -188,16 +188,22 @@ def read_index(path: str, what: str, torchscript: bool = False) -> ArchiveIndex:
     return ArchiveIndex(path, prefix, root, unpickler.storages, is_torchscript)
 
 
-def tensor_entries(obj, prefix: str = "") -> dict:
+def tensor_entries(obj) -> dict:
     """{dotted name: TensorEntry} of the tensors in dicts and TorchScript module attributes under obj (a state dict's
-    names for a module tree: 'Mixed_5b.branch1x1.conv.weight')."""
-    if isinstance(obj, TensorEntry):
-        return {prefix[:-1]: obj}
-    items = obj.state.items() if isinstance(obj, ScriptObject) else obj.items() if isinstance(obj, dict) else ()
-    out = {}
-    for name, value in items:
-        if isinstance(name, str):
-            out.update(tensor_entries(value, f"{prefix}{name}."))
+    names for a module tree: 'Mixed_5b.branch1x1.conv.weight'). Iterative and visiting each container once, so
+    neither a crafted nesting depth nor a container that holds itself (pickle's memo allows both) can stall it."""
+    out, stack, seen = {}, [("", obj)], set()
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, TensorEntry):
+            out[prefix[:-1]] = value
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        items = value.state.items() if isinstance(value, ScriptObject) else value.items() if isinstance(
+            value, dict) else ()
+        stack.extend((f"{prefix}{name}.", child) for name, child in items if isinstance(name, str))
     return out
 
 
