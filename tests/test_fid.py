@@ -325,9 +325,10 @@ def test_detector_hash_is_verified(workspace, tmp_path, tiny_layout):
     assert FID_INCEPTION_SHA256.startswith("6726825d") and len(FID_INCEPTION_SHA256) == 64
 
 
-def test_torchscript_detector_gives_its_weights_only_and_its_code_never_runs(tmp_path):
+def test_torchscript_detector_gives_its_weights_only_and_its_code_never_runs(tmp_path, capsys):
     """A TorchScript file with the Inception layout: its weights load into InceptionV3FID, its forward (the canary)
-    never runs; another layout is refused, also unrun."""
+    never runs, neither when loaded nor when `fid.py ref` computes features with it; another layout is refused, also
+    unrun."""
     canary = tmp_path / "canary"
     net = InceptionV3FID()
     net.load_state_dict(random_inception_state_dict(seed=3))
@@ -336,6 +337,11 @@ def test_torchscript_detector_gives_its_weights_only_and_its_code_never_runs(tmp
     assert isinstance(loaded, InceptionV3FID) and info.detector_format == "torchscript"
     for name, value in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+    images = write_images(tmp_path / "images", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    code, out, err = run_fid(capsys, "ref", "--data", images, "--dest", tmp_path / "ref.npz", "--detector", path,
+                             "--detector-sha256", file_sha256(path), "--workers", 0, "--device", "cpu")
+    assert code == 0, err
+    assert load_reference_stats(str(tmp_path / "ref.npz"))["mu"].shape == (2048,)
     other = make_canary_detector(tmp_path / "canary-other.pt", canary)
     with pytest.raises(UserError, match="not the FID Inception-v3 layout; only the weights"):
         load_detector(str(other), sha256=file_sha256(other))
