@@ -177,7 +177,7 @@ def read_index(path: str, what: str, torchscript: bool = False) -> ArchiveIndex:
                 raise UserError(f"{what} has a data.pkl of {pkl.file_size} bytes, more than the "
                                 f"{MAX_PICKLE_BYTES >> 20} MiB a weights file needs.")
             byteorder = members.get(f"{prefix}byteorder")
-            if byteorder is not None and zf.read(byteorder)[:16] != b"little":
+            if byteorder is not None and (byteorder.file_size > 16 or zf.read(byteorder) != b"little"):
                 raise UserError(f"{what} stores big-endian tensors; only little-endian archives are read.")
             unpickler = _IndexUnpickler(zf.read(pkl), members, prefix, what, torchscript)
             root = unpickler.load()
