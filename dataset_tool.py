@@ -20,7 +20,7 @@ import PIL.Image
 
 import dnnlib
 from dnnlib import UserError, check_outdir
-from training.dataset import IMAGE_EXTENSIONS, _FileSource, _load_image
+from training.dataset import IMAGE_ERRORS, IMAGE_EXTENSIONS, _FileSource, _load_image, _reason
 from training.phantoms import random_ellipse_phantoms
 
 
@@ -103,8 +103,8 @@ def convert(source, dest, resolution, max_images, channels):
     for name in names:
         try:
             arr = _load_image(src.read(name))
-        except PIL.UnidentifiedImageError as e:
-            raise UserError(f"--source {source}: {name} is not a readable image.") from e
+        except IMAGE_ERRORS as e:  # nothing is written before every image is read
+            raise UserError(f"--source {source}: {name} is not a readable image ({_reason(e)}).") from e
         arrays.append(center_crop_resize(arr, resolution))
     want = {"1": 1, "3": 3}.get(channels) or (1 if all(a.shape[2] == 1 for a in arrays) else 3)
     shapes = {a.shape[:2] for a in arrays}

@@ -21,7 +21,8 @@ The detector is the FID Inception-v3 (2048-d pool features of TensorFlow's 2015-
 state dict port, downloaded once into `$MSM_CACHE_DIR` (default ~/.cache/msm) and verified by its full SHA-256
 (training.inception.FID_INCEPTION_SHA256; another detector needs `--detector-sha256`). Without network:
 download training.inception.FID_INCEPTION_URL elsewhere and pass `--detector PATH` or copy it into the cache directory.
-`--detector` also takes any TorchScript module mapping uint8 (N, 3, H, W) to features (N, D).
+`--detector` also takes a TorchScript archive of a module with InceptionV3FID's parameter names: only its weights are
+read (training/inception.py); no detector file's code is ever run.
 
 Results are printed and written as JSON records (FID, number of images, seed, detector and reference with their
 SHA-256) so a number can be traced to exactly what produced it.
@@ -38,7 +39,7 @@ from dnnlib import UserError, run_cli
 from dnnlib.util import check_outdir, is_url, open_url
 from torch_utils import distributed
 from training.dataset import ImageFolderDataset
-from training.inception import FID_INCEPTION_URL, file_sha256, load_detector, probe_feature_dim
+from training.inception import FID_INCEPTION_URL, file_sha256, load_detector
 from training.metrics import (
     dataset_feature_stats,
     frechet_distance,
@@ -83,9 +84,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_detector_for(dataset, detector, detector_sha256, device):
+def _load_detector_for(detector, detector_sha256, device):
     net, info = _rank0_first(lambda: load_detector(detector, detector_sha256, device=device))
-    info.feature_dim = probe_feature_dim(net, dataset.resolution, device=device)
+    info.feature_dim = net.feature_dim
     return net, info
 
 
@@ -125,7 +126,7 @@ def ref(data, dest, detector, detector_sha256, batch, workers, device):
     start = time.time()
     device = distributed.init(device)
     dataset = ImageFolderDataset(data)
-    net, info = _load_detector_for(dataset, detector, detector_sha256, device)
+    net, info = _load_detector_for(detector, detector_sha256, device)
     distributed.print0(f"Computing reference statistics of {len(dataset)} images in {data} ...")
     stats = dataset_feature_stats(dataset, net, info.feature_dim, batch_size=batch, device=device, num_workers=workers)
     if distributed.get_rank() != 0:
@@ -181,7 +182,7 @@ def calc(images, ref_path, num, seed, out, detector, detector_sha256, batch, wor
     else:
         ref_file = ref_path
         ref_dataset = ImageFolderDataset(ref_path)
-    net, info = _load_detector_for(dataset, detector, detector_sha256, device)
+    net, info = _load_detector_for(detector, detector_sha256, device)
     if ref_is_stats:
         ref_dim = ref_stats["mu"].shape[0]
         if ref_dim != info.feature_dim:

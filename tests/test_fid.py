@@ -1,6 +1,7 @@
 """FID: Frechet distance against scipy and closed forms, float64 feature statistics against numpy, the Inception-v3
-layout against published facts, detector verification, and `fid.py ref`/`calc` end to end (one process and two
-ranks under torchrun) with a small TorchScript detector built here, since the standard weights cannot be downloaded.
+layout against published facts, detector verification (weights only: no detector file's code runs), and `fid.py
+ref`/`calc` end to end (one process and two ranks under torchrun) with a small network in place of Inception-v3
+(`tiny_layout`), since the standard weights cannot be downloaded and 2048-d statistics are slow.
 """
 
 import io
@@ -27,14 +28,15 @@ import fid  # noqa: E402
 from dnnlib import UserError  # noqa: E402
 from dnnlib.util import open_url  # noqa: E402
 from tests.helpers import HANG_GUARD_S  # noqa: E402
+from training import inception  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.inception import (  # noqa: E402
     FID_INCEPTION_SHA256,
     FID_INCEPTION_URL,
+    ConvBN,
     InceptionV3FID,
     file_sha256,
     load_detector,
-    probe_feature_dim,
 )
 from training.metrics import FeatureStats, dataset_feature_stats, frechet_distance, load_reference_stats  # noqa: E402
 
@@ -56,7 +58,11 @@ def scipy_frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 class TinyDetector(nn.Module):
-    """A small random conv net with the detector contract: uint8 (N, 3, H, W) -> features (N, 16)."""
+    """A small random conv net with the detector contract: uint8 (N, 3, H, W) -> features (N, 16). The fixture
+    `tiny_layout` puts it in place of InceptionV3FID, so detector files of its weights go through the real loading
+    code."""
+
+    feature_dim = 16
 
     def __init__(self):
         super().__init__()
@@ -74,7 +80,48 @@ def make_tiny_detector(path: Path) -> Path:
     with torch.no_grad():
         for param in net.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    torch.jit.script(net).save(str(path))
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_layout(monkeypatch):
+    monkeypatch.setattr(inception, "InceptionV3FID", TinyDetector)
+
+
+class _Holder(nn.Module):
+    """A module that only holds submodules (TorchScript compiles no forward for it)."""
+
+
+def _scriptable_tree(module: nn.Module) -> nn.Module:
+    """The module tree of `module` with the same parameter names, made of scriptable leaves (ConvBN, Linear)."""
+    if isinstance(module, (ConvBN, nn.Linear)):
+        return module
+    holder = _Holder()
+    for name, child in module.named_children():
+        holder.add_module(name, _scriptable_tree(child))
+    return holder
+
+
+class CanaryInception(nn.Module):
+    """The issue's attack: a TorchScript detector whose forward creates (or overwrites) `target` with
+    torch.from_file(target, shared=True); with `inception`, it carries that network's weights under its names."""
+
+    def __init__(self, target: str, inception: nn.Module | None = None):
+        super().__init__()
+        self.target = target
+        for name, child in (inception.named_children() if inception is not None else ()):
+            self.add_module(name, _scriptable_tree(child))
+        if inception is None:
+            self.conv = nn.Conv2d(3, 16, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        torch.from_file(self.target, True, 16).fill_(65)
+        return images.to(torch.float32).mean(dim=(2, 3))
+
+
+def make_canary_detector(path: Path, target: Path, inception: nn.Module | None = None) -> Path:
+    torch.jit.script(CanaryInception(str(target), inception)).save(str(path))
     return path
 
 
@@ -168,7 +215,7 @@ def test_feature_stats_match_numpy_and_ignore_masked_rows():
     np.testing.assert_allclose(stats.cov(), np.cov(expected, rowvar=False), rtol=1e-9, atol=1e-12)
 
 
-def test_dataset_feature_stats_equal_direct_features_with_padded_batches(workspace):
+def test_dataset_feature_stats_equal_direct_features_with_padded_batches(workspace, tiny_layout):
     dataset = ImageFolderDataset(str(workspace["gray"]))
     net, _ = load_detector(str(workspace["detector"]), sha256=file_sha256(workspace["detector"]))
     stats = dataset_feature_stats(dataset, net, 16, batch_size=4, num_workers=0, progress=False)  # 11 = 4 + 4 + 3
@@ -242,7 +289,7 @@ def test_inception_loads_state_dict_file_and_gives_pool_features(tmp_path):
     with torch.inference_mode():
         features = net(images)
         alone = net(images[1:2])
-    assert features.shape == (3, 2048) and probe_feature_dim(net, 32) == 2048
+    assert features.shape == (3, 2048)
     assert torch.isfinite(features).all() and (features >= 0).all()  # spatial mean of ReLU outputs
     torch.testing.assert_close(alone[0], features[1], rtol=1e-4, atol=1e-5)  # eval mode: no batch coupling
 
@@ -261,7 +308,7 @@ def test_inception_state_dict_of_wrong_layout_is_refused(tmp_path, corruption):
         load_detector(str(tmp_path / "bad.pth"), sha256=file_sha256(tmp_path / "bad.pth"))
 
 
-def test_detector_hash_is_verified(workspace, tmp_path):
+def test_detector_hash_is_verified(workspace, tmp_path, tiny_layout):
     detector = workspace["detector"]
     digest = file_sha256(detector)
     load_detector(str(detector), sha256=digest.upper())  # full hash, any case
@@ -278,16 +325,27 @@ def test_detector_hash_is_verified(workspace, tmp_path):
     assert FID_INCEPTION_SHA256.startswith("6726825d") and len(FID_INCEPTION_SHA256) == 64
 
 
-class _SpatialDetector(nn.Module):
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(torch.float32)  # (N, 3, H, W): not features
-
-
-def test_detector_that_does_not_give_feature_vectors_is_refused(tmp_path):
-    torch.jit.script(_SpatialDetector()).save(str(tmp_path / "spatial.pt"))
-    net, _ = load_detector(str(tmp_path / "spatial.pt"), sha256=file_sha256(tmp_path / "spatial.pt"))
-    with pytest.raises(UserError, match=r"to \(1, 3, 8, 8\); expected features of shape \(1, D\)"):
-        probe_feature_dim(net, 8)
+def test_torchscript_detector_gives_its_weights_only_and_its_code_never_runs(tmp_path, capsys):
+    """A TorchScript file with the Inception layout: its weights load into InceptionV3FID, its forward (the canary)
+    never runs, neither when loaded nor when `fid.py ref` computes features with it; another layout is refused, also
+    unrun."""
+    canary = tmp_path / "canary"
+    net = InceptionV3FID()
+    net.load_state_dict(random_inception_state_dict(seed=3))
+    path = make_canary_detector(tmp_path / "canary-inception.pt", canary, net)
+    loaded, info = load_detector(str(path), sha256=file_sha256(path))
+    assert isinstance(loaded, InceptionV3FID) and info.detector_format == "torchscript"
+    for name, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    images = write_images(tmp_path / "images", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    code, out, err = run_fid(capsys, "ref", "--data", images, "--dest", tmp_path / "ref.npz", "--detector", path,
+                             "--detector-sha256", file_sha256(path), "--workers", 0, "--device", "cpu")
+    assert code == 0, err
+    assert load_reference_stats(str(tmp_path / "ref.npz"))["mu"].shape == (2048,)
+    other = make_canary_detector(tmp_path / "canary-other.pt", canary)
+    with pytest.raises(UserError, match="not the FID Inception-v3 layout; only the weights"):
+        load_detector(str(other), sha256=file_sha256(other))
+    assert not canary.exists()
 
 
 class _TouchOnUnpickle:
@@ -301,7 +359,7 @@ class _TouchOnUnpickle:
 def test_detector_file_with_pickled_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"fc.weight": _TouchOnUnpickle(str(marker))}, tmp_path / "evil.pth")
-    with pytest.raises(UserError, match="weights_only=True"):
+    with pytest.raises(UserError, match="refers to __builtin__.getattr, which a weights file never holds"):
         load_detector(str(tmp_path / "evil.pth"), sha256=file_sha256(tmp_path / "evil.pth"))
     assert not marker.exists()
 
@@ -341,7 +399,7 @@ def test_open_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
 # fid.py end to end
 
 
-def test_ref_and_calc_end_to_end(workspace, capsys):
+def test_ref_and_calc_end_to_end(workspace, capsys, tiny_layout):
     root, detector = workspace["root"], workspace["detector"]
     common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--batch", 4, "--workers", 0]
     assert run_fid(capsys, "ref", "--data", workspace["b"], "--dest", root / "b.npz", *common)[0] == 0
@@ -361,7 +419,7 @@ def test_ref_and_calc_end_to_end(workspace, capsys):
     assert f"FID {record['fid']:g}" in out
     assert record["num"] == 13 and record["seed"] == 0 and record["feature_dim"] == 16
     assert record["ref_sha256"] == file_sha256(root / "b.npz") and record["ref_num"] == 20
-    assert record["detector_sha256"] == file_sha256(detector) and record["detector_format"] == "torchscript"
+    assert record["detector_sha256"] == file_sha256(detector) and record["detector_format"] == "state_dict"
 
     # A dataset as --ref gives the same number as its statistics file; a set against itself scores zero.
     run_fid(capsys, "calc", "--images", workspace["a"], "--ref", workspace["b"], "--num", 13,
@@ -380,7 +438,7 @@ def test_ref_and_calc_end_to_end(workspace, capsys):
     assert fids["s0"] == fids["s0-again"] and fids["s0"] != fids["s1"]
 
 
-def test_grayscale_images_are_replicated_to_three_channels(workspace, capsys):
+def test_grayscale_images_are_replicated_to_three_channels(workspace, capsys, tiny_layout):
     detector = workspace["detector"]
     root = workspace["root"]
     common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--workers", 0]
@@ -391,7 +449,7 @@ def test_grayscale_images_are_replicated_to_three_channels(workspace, capsys):
     np.testing.assert_array_equal(gray["sigma"], rgb["sigma"])
 
 
-def test_bad_input_gets_one_sentence_and_writes_nothing(workspace, capsys, tmp_path):
+def test_bad_input_gets_one_sentence_and_writes_nothing(workspace, capsys, tmp_path, tiny_layout):
     detector = workspace["detector"]
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not an npz file")
@@ -421,12 +479,13 @@ def test_bad_input_gets_one_sentence_and_writes_nothing(workspace, capsys, tmp_p
 def torchrun(*args, timeout=HANG_GUARD_S):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # `--` stops torchrun's own parser, which would otherwise take `--num` for an abbreviation of `--numa-binding`.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", "fid.py"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
+               "tests/fid_tiny_detector.py"]
     return subprocess.run([*command, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def test_two_rank_statistics_equal_single_process(workspace, capsys, tmp_path):
+def test_two_rank_statistics_equal_single_process(workspace, capsys, tmp_path, tiny_layout):
     # 13 images over 2 ranks with batch 4: shares of 7 and 6, two batches each, padding on both ranks.
     detector = workspace["detector"]
     common = ["--detector", detector, "--detector-sha256", file_sha256(detector), "--batch", 4, "--workers", 0]

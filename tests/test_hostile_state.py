@@ -350,7 +350,7 @@ TABLE = [
     ("state-other-network", config_change("network", None, small_network(in_channels=2)), ["network"]),
     ("state-other-seed", config_change("training", "seed", 99), ["seed"]),
     ("state-other-loss", config_change("loss", None, {"class_name": "training.loss.VPLoss"}), ["loss_kwargs"]),
-    ("state-truncated", truncated_state, ["training-state-000000.004.pt", "could not be read"]),
+    ("state-truncated", truncated_state, ["training-state-000000.004.pt", "is not a training state of this project"]),
     ("options-not-json", options_file("{\"network\": "), ["training_options.json"]),
     ("options-not-an-object", options_file("[1, 2]"), ["training_options.json"]),
     # Inputs checked before any run folder exists.

@@ -23,8 +23,11 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dnnlib import ConfigError, Field, UserError, check_fields
+from torch_utils import archive
 from training import classifier, networks, patches  # noqa: F401 (classifier: registers NoiseAwareClassifier)
 from training.masks import mask_law_from_config
 from training.measurements import SKIP_SPACES, MeasurementConfig
@@ -56,9 +59,107 @@ def remove_stale_temp_files(folder: str) -> list[str]:
     return [os.path.basename(p) for p in stale]
 
 
+# The top-level entries each format may hold (the first three of a training state, and every entry of a snapshot,
+# are required), and the state dicts in them that must fit the network of the file's config.
+_STATE_ENTRIES = {"format", "config", "net", "ema", "optimizer", "progress", "rng"}
+_ENTRIES = {SNAPSHOT_FORMAT: ({"format", "config", "ema"}, {"format", "config", "ema"}, ("ema",)),
+            STATE_FORMAT: (_STATE_ENTRIES, _STATE_ENTRIES | {"scaler"}, ("net", "ema"))}
+# Tensor data beyond the weights' own: per-rank RNG states, optimizer step counters, the scaler. Copies of the
+# weights a file may hold: the snapshot's EMA; the state's network, EMA and Adam's two moment estimates.
+_EXTRA_TENSOR_BYTES = 64 * 2**20
+_WEIGHT_COPIES = {SNAPSHOT_FORMAT: 1, STATE_FORMAT: 4}
+
+
+# The largest tensor one network call on one image may create, in GiB; raise it with this environment variable.
+MAX_TENSOR_GIB_VARIABLE, DEFAULT_MAX_TENSOR_GIB = "MSM_MAX_TENSOR_GIB", 64.0
+
+
+class _LargestTensor(TorchFunctionMode):
+    """Bytes of the largest tensor the torch functions called in this mode return, counting for attention the
+    (N, heads, HW, HW) weight matrix its unfused computation holds (fused kernels avoid storing it, not the work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            self.bytes = max(self.bytes, q.shape[:-1].numel() * k.shape[-2] * q.element_size())
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def largest_call_tensor(layout: torch.nn.Module, network_config: dict) -> int:
+    """Bytes of the largest tensor one call of the network on one image at its resolution creates, found by running
+    its architecture (the preconditioner's `model`, or the classifier) on the meta device: shapes only, no memory
+    and no arithmetic, so a network whose attention alone would need petabytes is measured in a fraction of a
+    second. `layout` is the network built on the meta device."""
+    kwargs = network_config["kwargs"]
+    channels = kwargs["in_channels"] + kwargs.get("position_channels", 0)
+    with torch.device("meta"), _LargestTensor() as mode:
+        images = torch.zeros(1, channels, kwargs["img_resolution"], kwargs["img_resolution"])
+        getattr(layout, "model", layout)(images, torch.ones(1))  # (x, noise labels) or the classifier's (x, sigma)
+    return mode.bytes
+
+
+def _check_call_memory(layout: torch.nn.Module, network_config: dict, named: str):
+    """Refuse a network one call of which on one image would create a tensor above the limit."""
+    try:
+        limit_gib = float(os.environ.get(MAX_TENSOR_GIB_VARIABLE, DEFAULT_MAX_TENSOR_GIB))
+    except ValueError as e:
+        raise UserError(f"{MAX_TENSOR_GIB_VARIABLE}={os.environ[MAX_TENSOR_GIB_VARIABLE]!r:.40} is not a number "
+                        "of GiB.") from e
+    needed = largest_call_tensor(layout, network_config)
+    if needed > limit_gib * 2**30:
+        raise UserError(f"{named} is refused: one call of its network on one image would create a tensor of "
+                        f"{needed / 2**30:.4g} GiB (e.g. attention over every pixel of a large image), more than the "
+                        f"limit of {limit_gib:g} GiB (set {MAX_TENSOR_GIB_VARIABLE} to raise it).")
+
+
 def _load(path: str, expected_format: str, what: str) -> dict:
+    """Read a snapshot or training state, refusing (one sentence naming the file) before any tensor is loaded or any
+    network is built: the archive's members, sizes and top-level entries (torch_utils.archive), the config
+    (`check_snapshot_config`), the weights' names and shapes against the network the config describes (laid out on
+    the meta device, which allocates nothing), the total tensor data against what those weights need, and the
+    largest tensor one call of the network would create (`_check_call_memory`)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist.")
+    named = f"{what} {path}"
+    index = archive.read_index(path, f"{path} is not a {what.lower()} of this project: it")
+    data = index.root
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{path} is not a {what.lower()} of this project (format {found!r:.80}, expected "
+                        f"{expected_format!r}).")
+    required, allowed, state_dicts = _ENTRIES[expected_format]
+    unexpected = sorted(str(k) for k in data if k not in allowed)
+    if unexpected or not required <= set(data):
+        problem = (f"an unexpected entry {unexpected[0]!r:.60}" if unexpected
+                   else f"no entry {sorted(required - set(data))[0]!r}")
+        raise UserError(f"{named} is refused: it holds {problem} (expected {', '.join(sorted(allowed))}).")
+    try:
+        config = json.loads(data.get("config"))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise UserError(f"{named} is refused: its config is not JSON text ({type(e).__name__}).") from e
+    try:
+        check_snapshot_config(config)
+    except ConfigError as e:
+        raise UserError(f"{named} is refused: its config {e}.") from e
+    except UserError as e:  # a value of the right type out of its range, in the words of the class that checks it
+        raise UserError(f"{named} is refused: its config is not valid ({str(e).rstrip('.')}).") from e
+    layout = _build_for(config["network"], named, device="meta")
+    for key in state_dicts:
+        check_weights(layout, data[key], named if expected_format == SNAPSHOT_FORMAT else f"{named} ({key})")
+    weight_bytes = sum(v.numel() * v.element_size() for v in layout.state_dict().values())
+    limit = _WEIGHT_COPIES[expected_format] * weight_bytes + _EXTRA_TENSOR_BYTES
+    if index.total_bytes > limit:
+        raise UserError(f"{named} is refused: it holds {index.total_bytes} bytes of tensors, more than the "
+                        f"{limit} its network's weights need.")
+    _check_call_memory(layout, config["network"], named)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign or corrupt files
@@ -66,20 +167,7 @@ def _load(path: str, expected_format: str, what: str) -> dict:
             f"{path} is not a {what.lower()} of this project (it could not be read as a weights-only checkpoint: "
             f"{type(e).__name__})."
         ) from e
-    if not isinstance(data, dict) or data.get("format") != expected_format:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise UserError(f"{path} is not a {what.lower()} of this project (format {found!r:.80}, expected "
-                        f"{expected_format!r}).")
-    try:
-        data["config"] = json.loads(data.get("config"))
-    except (TypeError, ValueError, RecursionError) as e:
-        raise UserError(f"{what} {path} is refused: its config is not JSON text ({type(e).__name__}).") from e
-    try:
-        check_snapshot_config(data["config"])
-    except ConfigError as e:
-        raise UserError(f"{what} {path} is refused: its config {e}.") from e
-    except UserError as e:  # a value of the right type out of its range, in the words of the class that checks it
-        raise UserError(f"{what} {path} is refused: its config is not valid ({str(e).rstrip('.')}).") from e
+    data["config"] = config
     return data
 
 
@@ -155,9 +243,12 @@ def _check_patches(config: dict):
 
 
 def check_weights(net: torch.nn.Module, state, what: str):
-    """Refuse (UserError) a state dict that does not fit `net` exactly (names and shapes), naming `what`."""
+    """Refuse (UserError) a state dict that does not fit `net` exactly (names and shapes), naming `what`. `state`
+    holds tensors, or the TensorEntry headers of an archive not yet loaded; `net` may be laid out on the meta
+    device."""
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, (torch.Tensor, archive.TensorEntry))
+                                              for v in state.values()):
         raise UserError(f"{what} does not hold a state dict of tensors.")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -167,7 +258,9 @@ def check_weights(net: torch.nn.Module, state, what: str):
                    if unexpected else f"has {wrong[0]} of shape {tuple(state[wrong[0]].shape)}, expected "
                    f"{expected[wrong[0]]}")
         raise UserError(f"{what} does not fit the network of its config: it {problem}.")
-    nonfinite = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    # Finiteness once the tensors are loaded (an archive's headers hold no values yet).
+    nonfinite = next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                      and not torch.isfinite(v).all()), None)
     if nonfinite is not None:  # NaN weights would sample NaN images (or train on NaN) without a word
         raise UserError(f"{what} holds NaN or Inf values in {nonfinite}.")
 
@@ -183,11 +276,12 @@ def build_network(network_config: dict) -> torch.nn.Module:
     return networks.build_network(network_config)
 
 
-def _build_for(network_config: dict, what: str) -> torch.nn.Module:
+def _build_for(network_config: dict, what: str, device="cpu") -> torch.nn.Module:
     """build_network for a file's config: settings that pass the per-field checks but do not fit together are
-    refused naming the file."""
+    refused naming the file. On device 'meta' the network's weights have shapes but no memory."""
     try:
-        return build_network(network_config)
+        with torch.device(device):
+            return build_network(network_config)
     except ConfigError as e:
         raise UserError(f"{what} is refused: its config {e}.") from e
 
@@ -222,17 +316,13 @@ def load_snapshot(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
 def network_shapes(network_config: dict) -> torch.nn.Module:
     """The network of a config built on the meta device: its parameter names, shapes and dtypes without allocating
     or initialising any weight, for checking a file's tensors before anything real is built."""
-    with torch.device("meta"):
-        return build_network(network_config)
+    return _build_for(network_config, "The run's network", device="meta")
 
 
 def check_transfer(path: str, network_config: dict):
     """--transfer: refuse, before anything is written, a file that is not a snapshot whose weights fit both its own
     config (what the training loop's load_snapshot checks later) and the network about to be trained."""
-    data = _load(resolve_snapshot_path(path), SNAPSHOT_FORMAT, "--transfer snapshot")
-    with torch.device("meta"):
-        own = _build_for(data["config"]["network"], f"--transfer {path}")  # its own config must describe a network
-    check_weights(own, data.get("ema"), f"--transfer {path}")
+    data = _load(resolve_snapshot_path(path), SNAPSHOT_FORMAT, "--transfer snapshot")  # checks its own config too
     check_weights(network_shapes(network_config), data.get("ema"), f"--transfer {path}")
 
 

@@ -21,6 +21,14 @@ from dnnlib import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_CLASSES = 2**16  # the one-hot labels are (label_dim,) per example: a label of 10^9 would allocate gigabytes
+# What reading an image file raises when it is not an image, is truncated or corrupt (PIL raises SyntaxError for
+# broken PNG chunks), or is a decompression bomb (PIL refuses images of more than 2 * PIL.Image.MAX_IMAGE_PIXELS
+# pixels, 179 M by default, before decoding them).
+IMAGE_ERRORS = (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+                zipfile.BadZipFile)
+# dataset.json holds one label per image (EDM's layout: ["00000/img00000000.png", 3]); a bigger one is refused
+# before it is read: LABELS_BASE_BYTES plus LABELS_BYTES_PER_IMAGE for each image.
+LABELS_BASE_BYTES, LABELS_BYTES_PER_IMAGE = 2**20, 1024
 
 
 class _FileSource:
@@ -74,8 +82,23 @@ class _FileSource:
         with self.open(name) as f:
             return f.read()
 
+    def size(self, name: str) -> int:
+        """Uncompressed size of a file, from the folder or the zip's directory, without reading it."""
+        if self.kind == "dir":
+            return os.path.getsize(os.path.join(self.path, name))
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip.getinfo(name).file_size
+
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an image reading error, for one-sentence messages."""
+    if isinstance(error, PIL.UnidentifiedImageError):  # its text names an in-memory buffer, not the file
+        return "PIL recognises no image format in it"
+    return (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
 def _load_image(data: bytes) -> np.ndarray:
@@ -128,8 +151,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     shapes.setdefault((channels, img.height, img.width), name)
                     if decode:
                         img.load()
-                except (PIL.UnidentifiedImageError, OSError, ValueError) as e:
-                    raise UserError(f"Dataset {path}: {name} is not a readable image.") from e
+                except IMAGE_ERRORS as e:
+                    raise UserError(f"Dataset {path}: {name} is not a readable image ({_reason(e)}).") from e
         if len(shapes) > 1:
             (s0, n0), (s1, n1) = list(shapes.items())[:2]
             raise UserError(
@@ -159,9 +182,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _load_labels(self) -> np.ndarray:
         if "dataset.json" not in self._source.names:
             raise UserError(f"Dataset {self.path} has no dataset.json, so it has no labels; drop --cond.")
+        limit = LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE * len(self.image_names)
+        size = self._source.size("dataset.json")
+        if size > limit:
+            raise UserError(f"Dataset {self.path}: dataset.json holds {size} bytes, more than the {limit} that labels "
+                            f"of {len(self.image_names)} images need.")
         try:
             meta = json.loads(self._source.read("dataset.json"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(f"Dataset {self.path}: dataset.json is not valid JSON ({e}).") from e
         labels = meta.get("labels") if isinstance(meta, dict) else None
         if labels is None:
@@ -202,8 +230,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raw = int(self._raw_idx[idx])
         try:
             arr = _load_image(self._source.read(self.image_names[raw]))
-        except (OSError, ValueError, PIL.UnidentifiedImageError, zipfile.BadZipFile) as e:
-            raise UserError(f"Dataset {self.path}: {self.image_names[raw]} is not a readable image ({e}).") from e
+        except IMAGE_ERRORS as e:
+            name = self.image_names[raw]
+            raise UserError(f"Dataset {self.path}: {name} is not a readable image ({_reason(e)}).") from e
         if list(arr.shape) != [self.image_shape[1], self.image_shape[2], self.image_shape[0]]:
             raise UserError(f"Dataset {self.path}: {self.image_names[raw]} has shape {arr.shape}, expected HWC "
                             f"{self.image_shape[1:] + self.image_shape[:1]}.")

@@ -1,11 +1,15 @@
 """The feature extractor ("detector") of FID: Inception-v3 as in TensorFlow's 2015-12-05 graph, and safe loading.
 
 Every detector here has one contract: a module mapping uint8 images (N, 3, H, W) in [0, 255] to float features (N, D).
-Two file formats are accepted, and neither is read with `pickle.load`:
+The network is always this project's `InceptionV3FID`; a detector file only supplies its weights, and no file is
+ever run: `torch.jit.load` would run a TorchScript file's code (its `forward` can write any file), and a hash the
+user computed of a file they were sent does not make that code safe. Two file formats are read, tensors only:
 - a plain state dict of the FID Inception-v3 (read with `torch.load(weights_only=True)`), e.g. pytorch-fid's port of
-  the TensorFlow graph, `pt_inception-2015-12-05-6726825d.pth` (FID_INCEPTION_URL below); it is wrapped in
-  `InceptionV3FID`, which gives the 2048-d pool features FID is defined on;
-- a TorchScript module (`torch.jit.load`) that already follows the contract; the tests build small ones this way.
+  the TensorFlow graph, `pt_inception-2015-12-05-6726825d.pth` (FID_INCEPTION_URL below), which gives the 2048-d pool
+  features FID is defined on;
+- a TorchScript archive of a module with the same parameter names (e.g. `torch.jit.script(InceptionV3FID())`): its
+  weights are read from the archive by torch_utils.archive without running or even unpickling its code, and any
+  other TorchScript module is refused.
 
 Files are verified by their full SHA-256 before use: against `--detector-sha256` when given, and otherwise against
 FID_INCEPTION_SHA256, the hash of the standard file, so any other detector needs its hash given explicitly. The
@@ -27,6 +31,7 @@ from torch import nn
 
 from dnnlib import EasyDict, UserError
 from dnnlib.util import default_cache_dir, is_url, open_url
+from torch_utils import archive
 
 # The full SHA-256 of that file (95,628,359 bytes), as published by independent users of it (e.g. in torch-fidelity's
 # copy, weights-inception-2015-12-05-6726825d.pth, the same bytes); it begins with the 8 digits in the file name.
@@ -36,6 +41,8 @@ FID_INCEPTION_URL = (
 )
 FID_INCEPTION_DIM = 2048
 INCEPTION_INPUT_SIZE = 299
+# Its 23.9 M weights in float64 at most: a detector archive declaring more tensor data is refused before reading it.
+MAX_DETECTOR_BYTES = 24_000_000 * 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,21 +280,8 @@ def _check_sha256(path: str, digest: str, sha256: str | None):
                         "the file is corrupt or not the expected one.")
 
 
-def _is_torchscript(path: str) -> bool:
-    # TorchScript archives carry the module's code under `<archive>/code/`; torch.save archives never do.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any("/code/" in name for name in zf.namelist())
-
-
-def _load_inception_state_dict(path: str) -> InceptionV3FID:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises a variety of types for foreign or corrupt files
-        raise UserError(
-            f"Detector file {path} is neither TorchScript nor a state dict readable with weights_only=True ({e})."
-        ) from e
+def _inception_from_state(state: dict, path: str) -> InceptionV3FID:
+    """InceptionV3FID with the weights `state` (names and shapes checked; refused naming the file otherwise)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"Detector file {path} does not hold a state dict of tensors.")
     net = InceptionV3FID()
@@ -308,9 +302,33 @@ def _load_inception_state_dict(path: str) -> InceptionV3FID:
     return net
 
 
+def _load_inception_state_dict(path: str) -> InceptionV3FID:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises a variety of types for foreign or corrupt files
+        raise UserError(
+            f"Detector file {path} is neither TorchScript nor a state dict readable with weights_only=True ({e})."
+        ) from e
+    return _inception_from_state(state, path)
+
+
+def _load_torchscript_weights(index: archive.ArchiveIndex, path: str) -> InceptionV3FID:
+    """The weights of a TorchScript archive in InceptionV3FID: names and shapes are checked on the archive's index, so
+    a module of another layout is refused before any storage is read, and its code is never looked at."""
+    entries = archive.tensor_entries(index.root)
+    expected = {k: tuple(v.shape) for k, v in InceptionV3FID().state_dict().items()}
+    layout_fits = set(entries) <= set(expected) and all(entries[k].shape == expected[k] for k in entries) and all(
+        k in entries for k in expected if not k.endswith("num_batches_tracked"))
+    if not layout_fits:
+        raise UserError(f"Detector file {path} is a TorchScript module whose weights are not the FID Inception-v3 "
+                        "layout; only the weights of a TorchScript detector are read (its code is never run), so "
+                        "only that layout can be used.")
+    return _inception_from_state(archive.load_tensors(index, entries), path)
+
+
 def load_detector(detector: str = FID_INCEPTION_URL, sha256: str | None = None, device="cpu"):
     """Fetch (URL, cached) or open a detector file, verify its full SHA-256 (`sha256`, default the standard file's),
-    and load it without unpickling code.
+    and load its weights into InceptionV3FID without running or unpickling any code from it.
 
     Returns (module, info): `module` maps uint8 (N, 3, H, W) to features (N, D), in eval mode, on `device`, without
     gradients; `info` is an EasyDict {detector, detector_path, detector_sha256, detector_format} for result records.
@@ -329,11 +347,12 @@ def load_detector(detector: str = FID_INCEPTION_URL, sha256: str | None = None, 
     digest = file_sha256(path)
     _check_sha256(path, digest, sha256)
 
-    if _is_torchscript(path):
-        try:
-            net = torch.jit.load(path, map_location="cpu")
-        except Exception as e:
-            raise UserError(f"Detector file {path} is a TorchScript archive that cannot be loaded ({e}).") from e
+    index = archive.read_index(path, f"Detector file {path}", torchscript=True) if zipfile.is_zipfile(path) else None
+    if index is not None and index.total_bytes > MAX_DETECTOR_BYTES:
+        raise UserError(f"Detector file {path} declares {index.total_bytes} bytes of tensors, more than the FID "
+                        f"Inception-v3 needs ({MAX_DETECTOR_BYTES} at most), so it is not read.")
+    if index is not None and index.is_torchscript:
+        net = _load_torchscript_weights(index, path)
         fmt = "torchscript"
     else:
         net = _load_inception_state_dict(path)
@@ -344,14 +363,3 @@ def load_detector(detector: str = FID_INCEPTION_URL, sha256: str | None = None, 
     info = EasyDict(detector=detector, detector_path=os.path.abspath(path), detector_sha256=digest,
                     detector_format=fmt)
     return net, info
-
-
-def probe_feature_dim(net, resolution: int, device="cpu") -> int:
-    """The detector's feature dimension D, found by running it on one black (1, 3, R, R) uint8 image."""
-    with torch.inference_mode():
-        out = net(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8, device=device))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"The detector maps a uint8 batch (1, 3, {resolution}, {resolution}) to {shape}; "
-                        "expected features of shape (1, D).")
-    return int(out.shape[1])

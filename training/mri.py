@@ -369,6 +369,8 @@ class MRIDataset(torch.utils.data.Dataset):
     """
 
     FULL_CHECK_BYTES = 512 * 2**20
+    # One slice of the largest scans (fastMRI brain: 20 coils x 640 x 320, complex64) holds 66 MB: 4 GiB is far above.
+    MAX_RECORD_BYTES = 4 * 2**30
 
     def __init__(self, path: str, max_size: int | None = None, random_seed: int = 0):
         meta_path = os.path.join(path, "dataset.json")
@@ -427,9 +429,21 @@ class MRIDataset(torch.utils.data.Dataset):
         try:
             with zipfile.ZipFile(name) as archive:
                 headers = {member[: -len(".npy")]: _npy_header(archive, member) for member in archive.namelist()}
+                sizes = {member[: -len(".npy")]: archive.getinfo(member).file_size for member in archive.namelist()}
         except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
             raise UserError(f"MRI record {name} is missing or not a readable .npz file ({e}).") from e
         self._check_arrays(name, headers)
+        # Sizes before anything is read: dataset.json and the headers agree on a shape, but an .npy member must also
+        # hold the bytes its header declares (np.load allocates them first), and a record at most MAX_RECORD_BYTES.
+        declared = {key: int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for key, (shape, dtype) in
+                    headers.items()}
+        for key, nbytes in declared.items():
+            if nbytes > sizes[key]:
+                raise UserError(f"MRI record {name} declares {key} {headers[key][0]} ({nbytes} bytes), but its file "
+                                f"holds only {sizes[key]} bytes.")
+        if sum(declared.values()) > self.MAX_RECORD_BYTES:
+            raise UserError(f"MRI record {name} holds {sum(declared.values())} bytes of arrays, more than the "
+                            f"{self.MAX_RECORD_BYTES} a record may hold (MRIDataset.MAX_RECORD_BYTES).")
 
     def _check_arrays(self, name: str, arrays: dict):
         """arrays: {key: (shape, dtype)}: exactly complex kspace and maps (C, H, W), plus a float mask (1, 1, W) or

@@ -640,8 +640,9 @@ class VPPrecond(_Precond):
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
                  beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
                  model_type: str = "SongUNet", position_channels: int = 0, **model_kwargs):
-        sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, dtype=torch.float64), beta_d, beta_min))
-        sigma_max = float(_vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_d, beta_min))
+        # device="cpu": also under torch.device("meta") (see linear_beta_alphas_cumprod).
+        sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, dtype=torch.float64, device="cpu"), beta_d, beta_min))
+        sigma_max = float(_vp_sigma(torch.tensor(1.0, dtype=torch.float64, device="cpu"), beta_d, beta_min))
         super().__init__(img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
                          model_kwargs, position_channels)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
@@ -661,7 +662,9 @@ class VPPrecond(_Precond):
 
 def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """abar_t = prod_{i<=t} (1 - beta_i), t = 0..num_steps-1, for DDPM's linear betas (float64, (num_steps,))."""
-    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    # On the CPU even under `torch.device("meta")`, where torch_utils.checkpoint lays out weights without memory: a
+    # schedule is computed with, not stored as a weight.
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
     return torch.cumprod(1 - betas, dim=0)
 
 
