@@ -84,8 +84,9 @@ def guided_diffusion_architecture(preset_name, options: dict):
               help="guided-diffusion: keep only the epsilon half of a learned-sigma network's output")
 def main(source_format, source, dest, preset_name, drop_variance, **architecture):
     """Convert a published network into a snapshot of this project."""
-    from training.conversion import write_converted_snapshot
+    from training.conversion import check_dest, write_converted_snapshot
 
+    check_dest(dest)
     if source_format == "edm":
         given = [f"--{k.replace('_', '-')}" for k, v in architecture.items() if v is not None]
         given += ["--preset"] * bool(preset_name) + ["--drop-variance"] * drop_variance

@@ -13,8 +13,10 @@ partial-score sampler in measurement space, training/samplers.py; the default fo
 and `ambient` (Ambient Diffusion's sampler: EDM's Heun/Euler where the network sees one mask per seed of its training
 law with the extra delta drop; the default for models trained with --loss ambient). A network with a mask input
 channel is never given the noisy image there: `edm` is refused for it.
-The MSM sampler's VP-200 grid starts inside the network's training range (samplers.sigmas_in_training_range: levels
-above it are dropped, and the log says from where and why). Each batch shows a bar of network calls with rate and ETA.
+The MSM sampler's VP-200 grid is the reference's 'ddim200' (t = 0, 5, ..., 995), or the section rule a vp200 snapshot
+was trained on (samplers.vp_grid_of; --vp-grid overrides); it starts inside the network's training range
+(samplers.sigmas_in_training_range: levels above it are dropped, and the log says from where and why). Each batch
+shows a bar of network calls with rate and ETA.
 For MRI the operator T needs coil maps: those of --maps, or those of training record (seed mod number of records) of
 the snapshot's dataset.
 

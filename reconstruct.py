@@ -33,7 +33,8 @@ function and one entry; nothing else in the script changes.
                oracle model trained on clean data, one network call per level) and a data-consistency step of size
                --dc-step; MRI: on every partial k-space estimate (default lambda 2, K 3), images: on the aggregate
                (default lambda 1.75, K 2); outer update --outer (default 'ddnm') with --eta (default 0.85), --steps
-               levels of the VP-200 grid. --sample-accel R: an MRI line-law model's masks at another R while
+               levels of the VP-200 grid (the snapshot's rule, the reference's ddim200 unless it trained on the
+               section rule; --vp-grid). --sample-accel R: an MRI line-law model's masks at another R while
                sampling (the reference code samples with denser masks than it trains with; measured worse here).
                --msm-solver heun: EDM's deterministic Heun sampler instead (--steps levels of its rho grid, 2 --steps
                - 1 evaluations of the K-subset aggregate, the same data-consistency step at each; on MRI lambda 2

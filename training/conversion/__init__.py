@@ -22,6 +22,13 @@ from torch_utils import checkpoint
 from training import networks
 
 
+def check_dest(dest: str):
+    """Refuse, before anything is read or written, a --dest that exists or whose folder cannot be written."""
+    if os.path.exists(dest):
+        raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
+    check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
+
+
 def write_converted_snapshot(dest: str, config: dict, state: dict, source: dict | None = None) -> torch.nn.Module:
     """Write `state` (a state dict for the network of `config`) as the network snapshot `dest` -> the network.
 
@@ -30,9 +37,7 @@ def write_converted_snapshot(dest: str, config: dict, state: dict, source: dict 
     config that loading would refuse, a state dict that does not fit its network exactly (names and shapes) or holds
     non-finite values. The file is written under a temporary name, renamed, and loaded back with
     checkpoint.load_snapshot; if that fails it is removed again."""
-    if os.path.exists(dest):
-        raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
-    check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
+    check_dest(dest)
     config = copy.deepcopy(config)
     if source is not None:
         config["source"] = source
