@@ -33,14 +33,14 @@ def write_converted_snapshot(dest: str, config: dict, state: dict, source: dict 
     """Write `state` (a state dict for the network of `config`) as the network snapshot `dest` -> the network.
 
     `source` (JSON: format, file name, sha256, preset, ...) is stored as the snapshot's 'source' section, a record
-    never interpreted. Refused in one sentence, with nothing written: a dest that exists or cannot be written, a
-    config that loading would refuse, a state dict that does not fit its network exactly (names and shapes) or holds
-    non-finite values. The file is written under a temporary name, renamed, and loaded back with
-    checkpoint.load_snapshot; if that fails it is removed again."""
+    never interpreted, merged under any 'source' the converter's config already holds. Refused in one sentence, with
+    nothing written: a dest that exists or cannot be written, a config that loading would refuse, a state dict that
+    does not fit its network exactly (names and shapes) or holds non-finite values. The file is written under a
+    temporary name, renamed, and loaded back with checkpoint.load_snapshot; if that fails it is removed again."""
     check_dest(dest)
     config = copy.deepcopy(config)
-    if source is not None:
-        config["source"] = source
+    if source is not None:  # a converter's own record (e.g. the hash of a pickle's embedded source) is kept
+        config["source"] = {**source, **config.get("source", {})}
     try:
         checkpoint.check_snapshot_config(config)
         net = networks.build_network(config["network"])
