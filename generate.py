@@ -14,8 +14,10 @@ partial-score sampler in measurement space, training/samplers.py; the default fo
 and `ambient` (Ambient Diffusion's sampler: EDM's Heun/Euler where the network sees one mask per seed of its training
 law with the extra delta drop; the default for models trained with --loss ambient). A network with a mask input
 channel is never given the noisy image there: `edm` is refused for it.
-The MSM sampler's VP-200 grid starts inside the network's training range (samplers.sigmas_in_training_range: levels
-above it are dropped, and the log says from where and why). Each batch shows a bar of network calls with rate and ETA.
+The MSM sampler's VP-200 grid is the reference's 'ddim200' (t = 0, 5, ..., 995), or the section rule a vp200 snapshot
+was trained on (samplers.vp_grid_of; --vp-grid overrides); it starts inside the network's training range
+(samplers.sigmas_in_training_range: levels above it are dropped, and the log says from where and why). Each batch
+shows a bar of network calls with rate and ETA.
 For MRI the operator T needs coil maps: those of --maps, or those of training record (seed mod number of records) of
 the snapshot's dataset.
 
@@ -60,6 +62,7 @@ from training.samplers import (
     seed_measurement_randn,
     sigmas_in_training_range,
     vp200_sigmas,
+    vp_grid_of,
 )
 
 MRI_DISPLAY_MAX = 2.0  # magnitude shown as white in MRI PNGs (module docstring)
@@ -85,13 +88,16 @@ def mri_magnitude_images(image: torch.Tensor) -> np.ndarray:
 
 
 def load_maps_file(path: str, expected_shape: tuple) -> torch.Tensor:
-    """--maps: a .npy complex array (C, H, W) of the snapshot's coil count and size."""
+    """--maps: a .npy complex array (C, H, W) of the snapshot's coil count (any, where expected_shape[0] is None) and
+    size."""
     try:
         maps = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"--maps {path} could not be read as a .npy array ({e}).") from e
-    if not np.iscomplexobj(maps) or tuple(maps.shape) != tuple(expected_shape):
-        raise UserError(f"--maps {path} must hold complex coil maps of shape {tuple(expected_shape)}, got "
+    fits = len(maps.shape) == 3 and all(e is None or e == m for e, m in zip(expected_shape, maps.shape))
+    if not np.iscomplexobj(maps) or not fits:
+        shown = tuple("C" if e is None else e for e in expected_shape)
+        raise UserError(f"--maps {path} must hold complex coil maps of shape {shown}, got "
                         f"{maps.dtype} {tuple(maps.shape)}.")
     with np.errstate(over="ignore"):  # checked after the cast: complex128 values beyond float32 become Inf here
         maps = maps.astype(np.complex64)
@@ -101,11 +107,14 @@ def load_maps_file(path: str, expected_shape: tuple) -> torch.Tensor:
 
 
 def msm_sigmas(schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
-               loss_config: dict | None) -> tuple[torch.Tensor, str]:
+               loss_config: dict | None, vp_grid: str | None = None) -> tuple[torch.Tensor, str]:
     """The MSM sampler's decreasing noise levels and a note for the log: the 200 VP levels inside the network's
-    training range (samplers.sigmas_in_training_range), or EDM's rho schedule without its final 0."""
+    training range (samplers.sigmas_in_training_range) by the grid rule vp_grid (None: the snapshot's,
+    samplers.vp_grid_of), or EDM's rho schedule without its final 0."""
     if schedule == "vp200":
-        return sigmas_in_training_range(vp200_sigmas(), loss_config)
+        rule = vp_grid or vp_grid_of(loss_config)
+        sigmas, note = sigmas_in_training_range(vp200_sigmas(rule=rule), loss_config)
+        return sigmas, f"{note}, {rule} grid"
     return rho_schedule(num_steps, sigma_min, sigma_max, rho)[:-1], f"rho schedule from sigma {sigma_max:g}"
 
 
@@ -121,12 +130,15 @@ class MSMSetup:
         resolution = net.img_resolution
         if measurement.operator == "mri":
             num_coils = config["dataset"].get("num_coils")
-            if num_coils is None:
-                raise UserError("This MRI snapshot's config records no coil count (dataset.num_coils).")
+            if num_coils is None and maps_path is None:
+                raise UserError("This MRI snapshot's config records no coil count (dataset.num_coils): pass coil "
+                                "maps with --maps FILE.npy (complex (C, H, W)).")
             self.records = (coil_map_records(config["dataset"].get("path"), num_coils, (resolution, resolution))
                             if maps_path is None else None)
+            # A snapshot without a coil count (e.g. converted from the MSM reference) takes any count from --maps.
             self.fixed_maps = None if maps_path is None else load_maps_file(maps_path, (num_coils, resolution,
                                                                                         resolution))
+            num_coils = num_coils or (None if self.fixed_maps is None else self.fixed_maps.shape[0])
             self.shape, self.dtype = [num_coils, resolution, resolution], torch.complex64
         else:
             self.shape, self.dtype = [net.out_channels, resolution, resolution], torch.float32
@@ -400,6 +412,9 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
               help="MSM: masks (partial estimates) per noise level, K >= 1")
 @click.option("--schedule", type=click.Choice(["vp200", "rho"]), default="vp200", show_default=True,
               help="MSM noise levels: the reference's 200 VP levels, or EDM's rho schedule (--steps, --sigma-*)")
+@click.option("--vp-grid", type=click.Choice(["ddim", "section"]), default=None,
+              help="Rule of the 200 VP levels: the reference's ddim200 stride (t = 0, 5, ..., 995) or the section "
+              "rule (t = round(i 999 / 199))  [default: the snapshot's; ddim where it records none]")
 @click.option("--variant", type=click.Choice(["batched", "reference", "heun"]), default="batched",
               show_default=True, help="MSM: K estimates from the start-of-step state in one batched call; the "
               "reference's sequential write-back; or EDM Heun on the aggregate (rho schedule)")
@@ -422,7 +437,7 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
 def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifier_path, guidance_kinds,
          guidance_scales, guidance_sigma_range, cfg_scale, cfg_convention, bridge_source, source_label, target_label,
          num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, sampler, num_subsets, schedule,
-         variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, compile_net, device):
+         vp_grid, variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, compile_net, device):
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
@@ -496,7 +511,8 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
                     f"{delta:g} (mean survival {survival:.3f})")
         calls = 2 * num_steps - 1 if solver == "heun" else num_steps
     elif sampler == "msm":
-        sigmas, schedule_note = msm_sigmas(schedule, num_steps, sigma_min, sigma_max, rho, config.get("loss"))
+        sigmas, schedule_note = msm_sigmas(schedule, num_steps, sigma_min, sigma_max, rho, config.get("loss"),
+                                           vp_grid)
         settings = (f"msm {variant}, K = {num_subsets}, "
                     + (f"{num_steps} Heun steps" if variant == "heun" else f"{schedule_note}, eta = {eta}"))
         calls = (2 * num_steps - 1 if variant == "heun" else

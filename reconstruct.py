@@ -33,7 +33,8 @@ function and one entry; nothing else in the script changes.
                oracle model trained on clean data, one network call per level) and a data-consistency step of size
                --dc-step; MRI: on every partial k-space estimate (default lambda 2, K 3), images: on the aggregate
                (default lambda 1.75, K 2); outer update --outer (default 'ddnm') with --eta (default 0.85), --steps
-               levels of the VP-200 grid. --sample-accel R: an MRI line-law model's masks at another R while
+               levels of the VP-200 grid (the snapshot's rule, the reference's ddim200 unless it trained on the
+               section rule; --vp-grid). --sample-accel R: an MRI line-law model's masks at another R while
                sampling (the reference code samples with denser masks than it trains with; measured worse here).
                --msm-solver heun: EDM's deterministic Heun sampler instead (--steps levels of its rho grid, 2 --steps
                - 1 evaluations of the K-subset aggregate, the same data-consistency step at each; on MRI lambda 2
@@ -139,6 +140,7 @@ from training.samplers import (
     net_partial_denoiser,
     sigmas_in_training_range,
     training_sigma_max,
+    vp_grid_of,
 )
 from training.sde import (
     ALD_INITS,
@@ -652,6 +654,7 @@ class MethodOptions:
     padis: PadisOptions = PadisOptions()
     sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
     msm_solver: str = "ancestral"  # 'ancestral' (msm_sampler on the VP-200 levels) or 'heun' (EDM's rho grid, ODE)
+    vp_grid: str | None = None  # rule of the VP-200 levels ('ddim' / 'section'); None: the snapshot's (vp_grid_of)
 
 
 @dataclass
@@ -683,8 +686,15 @@ def sampling_law(run: Run):
     return mask_law_from_config({**law.to_config(), "R": accel})
 
 
+def msm_grid_rule(run: Run) -> str:
+    """The rule of the VP-200 levels the MSM posterior sampler runs on: --vp-grid, else the snapshot's
+    (training/samplers.py `vp_grid_of`: the reference's ddim200 where it records none)."""
+    return run.options.vp_grid or vp_grid_of(run.model.loss_config)
+
+
 def msm_sigmas(run: Run) -> tuple[torch.Tensor, str]:
-    return sigmas_in_training_range(respaced_sigmas(run.options.msm_steps), run.model.loss_config)
+    return sigmas_in_training_range(respaced_sigmas(run.options.msm_steps, msm_grid_rule(run)),
+                                    run.model.loss_config)
 
 
 HEUN_SIGMA_MIN, HEUN_RHO = 0.002, 7.0  # EDM's rho grid (Karras et al. 2022, Table 1)
@@ -915,7 +925,7 @@ def msm_settings(run: Run) -> dict:
     o, (sigmas, note) = run.options, msm_sigmas(run)
     settings = {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
                 "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
-                "skip_space": skip_space_of(run.model.loss_config)}
+                "vp_grid": msm_grid_rule(run), "skip_space": skip_space_of(run.model.loss_config)}
     if o.msm_solver == "heun":
         grid = msm_heun_grid(run)
         settings = {"K": settings["K"], "dc_step": o.dc_step, "solver": "heun", "steps": grid["num_steps"],
@@ -1247,6 +1257,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--msm-solver", type=click.Choice(["ancestral", "heun"]), default="ancestral", show_default=True,
               help="MSM: the MSM sampler on --steps VP-200 levels, or EDM's Heun ODE sampler on --steps levels of "
                    "its rho grid (2 --steps - 1 evaluations, each of K subsets)")
+@click.option("--vp-grid", type=click.Choice(["ddim", "section"]), default=None,
+              help="MSM: rule of the VP-200 grid, the reference's ddim200 stride (t = 0, 5, ..., 995) or the section "
+                   "rule (t = round(i 999 / 199))  [default: the snapshot's; ddim where it records none]")
 @click.option("--eta", type=click.FloatRange(min=0, max=1), default=0.85, show_default=True, help="MSM: outer eta")
 @click.option("--outer", type=click.Choice(OUTER_UPDATES), default="ddnm", show_default=True,
               help="MSM: outer update")
@@ -1276,7 +1289,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
-         num_subsets, num_steps, dc_step, sample_accel, msm_solver, eta, outer, dps_steps, dps_step, cs_tv_lambda,
+         num_subsets, num_steps, dc_step, sample_accel, msm_solver, vp_grid, eta, outer, dps_steps, dps_step,
+         cs_tv_lambda,
          cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
@@ -1357,7 +1371,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
                                    cs=cs, family=family, padis=padis, sample_accel=sample_accel,
-                                   msm_solver=msm_solver)
+                                   msm_solver=msm_solver, vp_grid=vp_grid)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples
     stored = any(e.reference is None for e in examples.values())

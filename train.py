@@ -35,8 +35,8 @@ RESUME_MAY_DIFFER = {
 
 
 # Options of the measurement process (--loss msm / ambient); None / False means "not given".
-MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "sigma_y", "protocol", "mask_seed", "sigma_dist", "sure_tau",
-                       "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel", "skip_space")
+MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "sigma_y", "protocol", "mask_seed", "sigma_dist", "vp_grid",
+                       "sure_tau", "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel", "skip_space")
 LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs"),
                   "lines-equispaced": ("accel", "acs"), "full": ()}
 
@@ -119,6 +119,10 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
             precond = "vp-discrete"  # the reference's network: integer timesteps of the 1000-step schedule
         common = dict(measurement=c.measurement, sigma_dist=sigma_dist,
                       weighting="edm" if opts.precond == "edm" else "inverse-variance")
+        if sigma_dist == "vp200":  # recorded only for the grid, so lognormal runs started before it still continue
+            common["vp_grid"] = opts.vp_grid or "ddim"
+        elif opts.vp_grid is not None:
+            raise UserError("--vp-grid chooses the levels of --sigma-dist vp200; it does not apply to lognormal.")
         mask_channel = opts.mask_channel or opts.loss == "ambient"
         if opts.loss == "ambient" and opts.mask_channel:
             raise UserError("--mask-channel is an msm option; --loss ambient always gives image networks the mask.")
@@ -265,7 +269,12 @@ def differing_options(a: dict, b: dict) -> list[str]:
 
 
 def read_run_options(opts_file: str) -> dict:
-    """A run folder's training_options.json, refused in one sentence when it is not a JSON object."""
+    """A run folder's training_options.json, refused in one sentence when it is not a JSON object; its loss's
+    200-level grid rule made explicit (a vp200 run from before the rule was recorded trained on the section rule:
+    `training.loss.with_recorded_vp_grid`), so that it compares equal to the options of the command that continues
+    it."""
+    from training.loss import with_recorded_vp_grid
+
     try:
         with open(opts_file) as f:
             options = json.load(f)
@@ -275,6 +284,8 @@ def read_run_options(opts_file: str) -> dict:
     if not isinstance(options, dict):
         raise UserError(f"{opts_file} is not a JSON object of training options; repair it or move its run folder out "
                         "of --outdir.")
+    if isinstance(options.get("loss_kwargs"), dict):
+        options["loss_kwargs"] = with_recorded_vp_grid(options["loss_kwargs"])
     return options
 
 
@@ -363,6 +374,10 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("--sigma-dist", type=click.Choice(["lognormal", "vp200"]), default=None,
               help="Training noise levels: EDM's log-normal, or the reference's 200-level VP grid (with --precond vp "
                    "the network then takes its integer timesteps)  [default: lognormal]")
+@click.option("--vp-grid", type=click.Choice(["ddim", "section"]), default=None,
+              help="Rule of --sigma-dist vp200's levels: the reference's ddim200 stride (t = 0, 5, ..., 995), or "
+                   "the section rule t = round(i 999 / 199) of runs started before the rule was recorded  "
+                   "[default: ddim]")
 @click.option("--sure-tau", type=float, default=None, help="SURE finite-difference step (eta > 0)  [default: 0.005]")
 @click.option("--sure-weight", type=float, default=None, help="Weight of the SURE term (eta > 0)  [default: 0.05]")
 @click.option("--pseudo-clean-grad", is_flag=True, help="Let gradients flow through the pseudo-clean target (eta > 0)")

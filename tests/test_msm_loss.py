@@ -174,19 +174,53 @@ def test_scale_matches_edm_at_full_mask():
 # The reference's VP formulation.
 
 
-def test_vp200_grid_and_discrete_timesteps():
-    steps = respaced_timesteps()
-    assert len(steps) == 200 and steps[0] == 0 and steps[-1] == 999 and (steps.diff() > 0).all()
-    sigmas = vp_grid_sigmas()
+@pytest.mark.parametrize("rule", ["ddim", "section"])
+def test_vp200_grid_and_discrete_timesteps(rule):
+    steps = respaced_timesteps(rule=rule)
+    last = 995 if rule == "ddim" else 999  # the reference's 'ddim200' stops one stride short of the last step
+    assert len(steps) == 200 and steps[0] == 0 and steps[-1] == last and (steps.diff() > 0).all()
+    sigmas = vp_grid_sigmas(rule=rule)
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     np.testing.assert_allclose(sigmas.numpy(), np.sqrt(1 / abar[steps.numpy()] - 1), rtol=1e-12)
-    assert abs(sigmas[0] - 0.0100005) < 1e-6 and abs(sigmas[-1] - 157.407) < 1e-2
+    top = 151.183 if rule == "ddim" else 157.407
+    assert abs(sigmas[0] - 0.0100005) < 1e-6 and abs(sigmas[-1] - top) < 1e-2
     net = DiscreteVPPrecond(8, 1, model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
                             attn_resolutions=[])
     assert torch.equal(net.timestep(sigmas.float()), steps.float())
     halfway = net.timestep(((sigmas[:-1] ** 2 + sigmas[1:] ** 2) / 2).sqrt().float())
     assert ((halfway > steps[:-1]) & (halfway < steps[1:])).all()
     assert abs(net.sigma_min - 0.0100005) < 1e-6 and abs(net.sigma_max - 157.407) < 1e-2
+
+
+def test_vp200_grid_is_guided_diffusions_ddim200_respacing():
+    # guided-diffusion's `space_timesteps` documents two rules. A respacing string 'ddimN' uses "the fixed striding
+    # from the DDIM paper": one integer stride s for the whole chain, the kept steps being 0, s, 2 s, ... below the
+    # number of steps, with s the stride that yields exactly N of them (the smallest, where several would). A plain
+    # count 'N' instead spreads N steps over the chain with a fractional stride, first and last step included. The
+    # MSM reference trains and samples with 'ddim200'; derived here by hand, not by the code under test:
+    # 1000 steps, N = 200: ceil(1000 / s) = 200 first holds at s = 5, so t = 0, 5, ..., 995.
+    expected = [5 * k for k in range(200)]
+    assert respaced_timesteps().tolist() == expected
+    assert respaced_timesteps(1000, 200, "ddim").tolist() == expected
+    # The rule itself, for other counts: N = 100 -> stride 10; N = 250 -> 4; N = 334 -> 3 (0 .. 999); N = 300 has no
+    # integer stride (ceil(1000 / 3) = 334, ceil(1000 / 4) = 250) and is refused, as guided-diffusion refuses it.
+    assert respaced_timesteps(1000, 100).tolist() == list(range(0, 1000, 10))
+    assert respaced_timesteps(1000, 250).tolist() == list(range(0, 1000, 4))
+    assert respaced_timesteps(1000, 334).tolist() == list(range(0, 1000, 3))
+    with pytest.raises(ValueError, match="no integer stride"):
+        respaced_timesteps(1000, 300)
+    # The section rule ('200') keeps both ends: round(i 999 / 199). It differs from the reference's grid in 175 of
+    # the 200 levels, by 1 to 4 steps, and so in sigma by up to 4.1 % (157.41 against 151.18 at the top).
+    section = respaced_timesteps(rule="section")
+    assert section.tolist()[:6] == [0, 5, 10, 15, 20, 25] and section[-1] == 999
+    differ = (section != respaced_timesteps()).nonzero().flatten()
+    assert len(differ) == 175 and set((section - respaced_timesteps())[differ].tolist()) == {1, 2, 3, 4}
+    ratio = vp_grid_sigmas(rule="section") / vp_grid_sigmas()
+    assert 0.040 < float(ratio.max() - 1) < 0.042
+    # Every level of the reference's grid is a multiple of 5, the only timesteps its MSM networks were trained on.
+    net = DiscreteVPPrecond(8, 1, model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,
+                            attn_resolutions=[])
+    assert (net.timestep(vp_grid_sigmas().float()) % 5 == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["image", "mri"])

@@ -197,14 +197,20 @@ def covariance_table(cov, shape, law, num_samples, sigmas, ks=(1, 2, 4, 8), vari
 def test_vp200_grid_matches_the_respaced_linear_schedule():
     sigmas = vp200_sigmas()
     assert sigmas.shape == (200,) and bool((sigmas[1:] < sigmas[:-1]).all())
-    # Endpoints: t = 0 keeps alpha_bar = 1 - 1e-4; t = 999 is the product over all 1000 betas.
+    # Endpoints: t = 0 keeps alpha_bar = 1 - 1e-4; the reference's 'ddim200' top is t = 995, the product over the
+    # first 996 betas.
     assert math.isclose(sigmas[-1].item(), math.sqrt(1 / (1 - 1e-4) - 1), rel_tol=1e-12)
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
-    alpha_bar_last = math.prod(1 - b for b in betas)
-    assert math.isclose(sigmas[0].item(), math.sqrt(1 / alpha_bar_last - 1), rel_tol=1e-9)
-    # Level i (from the bottom) is time step round(i * 999 / 199): check one in the middle, step 502 (i = 100).
-    alpha_bar_502 = math.prod(1 - b for b in betas[:503])
-    assert math.isclose(sigmas.flip(0)[100].item(), math.sqrt(1 / alpha_bar_502 - 1), rel_tol=1e-9)
+    alpha_bar_995 = math.prod(1 - b for b in betas[:996])
+    assert math.isclose(sigmas[0].item(), math.sqrt(1 / alpha_bar_995 - 1), rel_tol=1e-9)
+    # Level i (from the bottom) is time step 5 i: check one in the middle, step 500 (i = 100).
+    alpha_bar_500 = math.prod(1 - b for b in betas[:501])
+    assert math.isclose(sigmas.flip(0)[100].item(), math.sqrt(1 / alpha_bar_500 - 1), rel_tol=1e-9)
+    # The section rule of runs from before the rule was recorded: level i is step round(i * 999 / 199), from 999.
+    section = vp200_sigmas(rule="section")
+    alpha_bar_last, alpha_bar_502 = math.prod(1 - b for b in betas), math.prod(1 - b for b in betas[:503])
+    assert math.isclose(section[0].item(), math.sqrt(1 / alpha_bar_last - 1), rel_tol=1e-9)
+    assert math.isclose(section.flip(0)[100].item(), math.sqrt(1 / alpha_bar_502 - 1), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("law", [FullMask(), BoxMaskLaw(0.0)], ids=["full", "box-p0"])

@@ -322,6 +322,42 @@ def test_vp_port_options(phantoms):
     assert c.network["class_name"] == "training.networks.DiscreteVPPrecond"
     assert c.loss_kwargs["weighting"] == "inverse-variance" and c.loss_kwargs["sigma_dist"] == "vp200"
     assert build(phantoms).loss_kwargs["weighting"] == "edm"
+    # The grid rule is recorded for vp200 (the reference's 'ddim' by default), and only there, so that lognormal runs
+    # started before the option existed still continue.
+    assert c.loss_kwargs["vp_grid"] == "ddim"
+    assert build(phantoms, precond="vp", sigma_dist="vp200", vp_grid="section").loss_kwargs["vp_grid"] == "section"
+    assert "vp_grid" not in build(phantoms).loss_kwargs
+    with pytest.raises(UserError, match="--vp-grid chooses the levels of --sigma-dist vp200"):
+        build(phantoms, vp_grid="section")
+
+
+def test_a_vp200_run_from_before_the_grid_rule_continues_on_the_section_grid(phantoms, tmp_path):
+    """Options and snapshots that record no rule were trained on the section rule: they read back as such, so the
+    command continuing such a run is the one with --vp-grid section (and the plain command starts a new run), and
+    the sampling defaults follow the snapshot."""
+    import train as train_module
+    from torch_utils import checkpoint
+    from training.samplers import training_sigma_max, vp_grid_of
+
+    new = build(phantoms, precond="vp", sigma_dist="vp200")
+    legacy = json.loads(json.dumps(build(phantoms, precond="vp", sigma_dist="vp200", vp_grid="section")))
+    del legacy["loss_kwargs"]["vp_grid"]
+    path = tmp_path / "training_options.json"
+    path.write_text(json.dumps(legacy))
+    old = train_module.read_run_options(str(path))
+    assert old["loss_kwargs"]["vp_grid"] == "section"
+    assert train_module.differing_options(old, new) == ["loss_kwargs"]
+    section = build(phantoms, precond="vp", sigma_dist="vp200", vp_grid="section")
+    assert train_module.differing_options(old, json.loads(json.dumps(section))) == []
+    net = checkpoint.build_network(new.network)
+    snapshot = str(tmp_path / "network-snapshot-000000.pt")
+    config = {"network": new.network, "dataset": {"kind": "image", "image_shape": [1, 16, 16]},
+              "loss": legacy["loss_kwargs"], "measurement": new.measurement}
+    checkpoint.save_snapshot(snapshot, config, net)
+    _, loaded = checkpoint.load_snapshot(snapshot)
+    assert vp_grid_of(loaded["loss"]) == "section" and abs(training_sigma_max(loaded["loss"])[0] - 157.41) < 0.01
+    assert vp_grid_of(new.loss_kwargs) == "ddim" and abs(training_sigma_max(new.loss_kwargs)[0] - 151.18) < 0.01
+    assert vp_grid_of({"class_name": "training.loss.MSMLoss", "sigma_dist": "lognormal"}) == "ddim"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -34,7 +34,7 @@ from training.posterior import (
     respaced_sigmas,
     zero_filled,
 )
-from training.samplers import edm_sampler, msm_sampler, sigmas_in_training_range, vp200_sigmas
+from training.samplers import edm_sampler, msm_sampler, sigmas_in_training_range, training_sigma_max, vp200_sigmas
 
 SIZE, SIGMA_Y = 8, 0.01
 
@@ -204,6 +204,13 @@ def test_sampling_grids_start_inside_the_training_range():
     assert sigmas_in_training_range(ddpm_sigmas(), narrow)[0][0] <= math.exp(-3.0 + 4.753 * 0.5)
     for grid_top in ({"class_name": "training.loss.MSMLoss", "sigma_dist": "vp200"}, None):
         assert torch.equal(sigmas_in_training_range(vp200_sigmas(), grid_top)[0], vp200_sigmas())
+    # A vp200 model tops out at its own grid's top level: 151.2 (ddim) or 157.4 (section, also a config that records
+    # no rule: it was trained before the rule was recorded).
+    for rule, top in (("ddim", 151.18), ("section", 157.41), (None, 157.41)):
+        loss = {"class_name": "training.loss.MSMLoss", "sigma_dist": "vp200", **({"vp_grid": rule} if rule else {})}
+        assert abs(training_sigma_max(loss)[0] - top) < 0.01
+        kept = sigmas_in_training_range(vp200_sigmas(rule="section"), loss)[0]
+        assert len(kept) == (200 if top > 157 else 199)
     ve = sigmas_in_training_range(vp200_sigmas(), {"class_name": "training.loss.VELoss"})[0]
     assert ve[0] <= 100 < vp200_sigmas()[0]
 
@@ -292,7 +299,8 @@ def test_dps_sigmas_are_ddpm_linear_beta_levels():
     betas = np.linspace(1e-4, 0.02, 1000)
     abar = np.cumprod(1 - betas)
     assert np.allclose(ddpm_sigmas().numpy(), np.sqrt(1 / abar - 1)[::-1], rtol=1e-12)
-    assert np.allclose(ddpm_sigmas(200).numpy(), vp200_sigmas().numpy(), rtol=1e-12)
+    # DPS respaces with a plain step count, guided-diffusion's section rule (not the MSM reference's 'ddim200').
+    assert np.allclose(ddpm_sigmas(200).numpy(), vp200_sigmas(rule="section").numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize(("num_steps", "max_ratio"), [(1000, 0.2), (20, 0.4)])

@@ -29,8 +29,10 @@ from torch.overrides import TorchFunctionMode
 from dnnlib import ConfigError, Field, UserError, check_fields
 from torch_utils import archive
 from training import classifier, networks, patches  # noqa: F401 (classifier: registers NoiseAwareClassifier)
+from training.loss import with_recorded_vp_grid
 from training.masks import mask_law_from_config
 from training.measurements import SKIP_SPACES, MeasurementConfig
+from training.networks import VP_GRID_RULES
 
 SNAPSHOT_FORMAT = "msm-network-snapshot-v1"
 STATE_FORMAT = "msm-training-state-v1"
@@ -167,6 +169,8 @@ def _load(path: str, expected_format: str, what: str) -> dict:
             f"{path} is not a {what.lower()} of this project (it could not be read as a weights-only checkpoint: "
             f"{type(e).__name__})."
         ) from e
+    if "loss" in config:  # a vp200 run from before the grid rule was recorded trained on the section rule
+        config["loss"] = with_recorded_vp_grid(config["loss"])
     data["config"] = config
     return data
 
@@ -190,6 +194,7 @@ _LOSS_FIELDS = {
     "weighting": Field("str", choices=("edm", "inverse-variance")), "sure_tau": Field("float", 0, 1e6),
     "sure_weight": Field("float", 0, 1e6), "pseudo_clean_grad": Field("bool"), "delta": Field("float", 0, 1),
     "skip_space": Field("str", choices=SKIP_SPACES),  # MSMLoss; absent = 'image' (older snapshots)
+    "vp_grid": Field("str", choices=VP_GRID_RULES),  # sigma_dist vp200; absent = 'section' (loss.with_recorded_vp_grid)
     "P_mean": Field("float", -20, 20), "P_std": Field("float", 0, 20), "clean": Field("bool"),  # ClassifierLoss
 }
 _TRAINING_FIELDS = {"batch_size": Field("int", 1, 2**40), "total_kimg": Field("float", 0, 1e12),
@@ -197,7 +202,8 @@ _TRAINING_FIELDS = {"batch_size": Field("int", 1, 2**40), "total_kimg": Field("f
                     "precision": Field("str", choices=("fp32", "bf16", "fp16"))}
 SNAPSHOT_SECTIONS = {"network": Field("json", required=True), "dataset": Field("json", required=True),
                      "loss": Field("json"), "measurement": Field("json", optional=True), "training": Field("json"),
-                     "patches": Field("json")}  # patch priors: canvas geometry and patch law (training/patches.py)
+                     "patches": Field("json"),  # patch priors: canvas geometry and patch law (training/patches.py)
+                     "source": Field("json")}  # converted snapshots: where the weights came from (never interpreted)
 
 
 def check_snapshot_config(config: dict):

@@ -11,7 +11,7 @@ import torch
 
 from dnnlib import UserError
 from training.measurements import SKIP_SPACES, MeasurementConfig, partial_denoise
-from training.networks import vp_grid_sigmas
+from training.networks import VP_GRID_RULES, vp_grid_sigmas
 from training.operators import measurement_randn
 
 
@@ -111,6 +111,16 @@ SIGMA_DISTRIBUTIONS = ("lognormal", "vp200")
 WEIGHTINGS = ("edm", "inverse-variance")
 
 
+def with_recorded_vp_grid(loss_config: dict | None) -> dict | None:
+    """A stored loss config with its 200-level grid rule made explicit: a config of sigma_dist 'vp200' written before
+    the rule was recorded trained on the 'section' rule (then the only one), so it gets vp_grid 'section'; anything
+    else is returned unchanged. Applied where configs are read back (checkpoint loading, train.py's resume check),
+    so an old run continues and samples on its own grid."""
+    if isinstance(loss_config, dict) and loss_config.get("sigma_dist") == "vp200" and "vp_grid" not in loss_config:
+        return {**loss_config, "vp_grid": "section"}
+    return loss_config
+
+
 def _sum_squares(r: torch.Tensor) -> torch.Tensor:
     """(N, ...) real or complex -> (N,): the sum of squares of the real entries (|r|^2 for complex)."""
     r = torch.view_as_real(r) if r.is_complex() else r
@@ -148,20 +158,24 @@ class _MeasurementLoss:
     """Shared part: the measurement process, the sigma distribution and the weighting lambda(sigma).
 
     measurement: MeasurementConfig.to_config() of the run. sigma_dist: 'lognormal' (EDM: ln sigma ~ N(P_mean, P_std^2))
-    or 'vp200' (uniform over the reference's 200 levels, `vp_grid_sigmas`). weighting: 'edm'
-    ((sigma^2 + sd^2) / (sigma sd)^2, for EDMPrecond) or 'inverse-variance' (1 / sigma^2, for VP / VE).
+    or 'vp200' (uniform over the reference's 200 levels, `vp_grid_sigmas` by the rule vp_grid: 'ddim', the
+    reference's t = 0, 5, ..., 995, or 'section', t = round(i 999 / 199); see `with_recorded_vp_grid` for configs
+    that record none). weighting: 'edm' ((sigma^2 + sd^2) / (sigma sd)^2, for EDMPrecond) or 'inverse-variance'
+    (1 / sigma^2, for VP / VE).
     """
 
     def __init__(self, measurement: dict, sigma_dist: str = "lognormal", weighting: str = "edm", P_mean: float = -1.2,
-                 P_std: float = 1.2, sigma_data: float = 0.5):
+                 P_std: float = 1.2, sigma_data: float = 0.5, vp_grid: str = "ddim"):
         if sigma_dist not in SIGMA_DISTRIBUTIONS:
             raise UserError(f"--sigma-dist must be one of {', '.join(SIGMA_DISTRIBUTIONS)}, got {sigma_dist!r}.")
         if weighting not in WEIGHTINGS:
             raise UserError(f"The loss weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}.")
+        if vp_grid not in VP_GRID_RULES:
+            raise UserError(f"--vp-grid must be one of {', '.join(VP_GRID_RULES)}, got {vp_grid!r}.")
         self.measurement = MeasurementConfig.from_config(measurement)
-        self.sigma_dist, self.weighting = sigma_dist, weighting
+        self.sigma_dist, self.weighting, self.vp_grid = sigma_dist, weighting, vp_grid
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-        self.grid = vp_grid_sigmas().to(torch.float32) if sigma_dist == "vp200" else None
+        self.grid = vp_grid_sigmas(rule=vp_grid).to(torch.float32) if sigma_dist == "vp200" else None
 
     def sample_sigma(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """(n, 1, 1, 1) float32 noise levels."""
@@ -209,8 +223,9 @@ class MSMLoss(_MeasurementLoss):
 
     def __init__(self, measurement: dict, sigma_dist: str = "lognormal", weighting: str = "edm",
                  sure_tau: float = 0.005, sure_weight: float = 0.05, pseudo_clean_grad: bool = False,
-                 skip_space: str = "image", P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        super().__init__(measurement, sigma_dist, weighting, P_mean, P_std, sigma_data)
+                 skip_space: str = "image", P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                 vp_grid: str = "ddim"):
+        super().__init__(measurement, sigma_dist, weighting, P_mean, P_std, sigma_data, vp_grid)
         if skip_space not in SKIP_SPACES:
             raise UserError(f"--skip-space must be one of {', '.join(SKIP_SPACES)}, got {skip_space!r}.")
         self.skip_space = skip_space
@@ -263,8 +278,8 @@ class AmbientLoss(_MeasurementLoss):
     """
 
     def __init__(self, measurement: dict, delta: float = 0.1, sigma_dist: str = "lognormal", weighting: str = "edm",
-                 P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        super().__init__(measurement, sigma_dist, weighting, P_mean, P_std, sigma_data)
+                 P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, vp_grid: str = "ddim"):
+        super().__init__(measurement, sigma_dist, weighting, P_mean, P_std, sigma_data, vp_grid)
         if not 0 <= delta < 1:
             raise UserError(f"--ambient-delta must lie in [0, 1), got {delta}.")
         if self.measurement.sigma_y > 0:

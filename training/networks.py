@@ -160,13 +160,22 @@ class Conv2d(nn.Module):
 
 class GroupNorm(nn.Module):
     """Group normalisation with min(max_groups, C // min_channels_per_group) groups (rounded down to a divisor of C,
-    at least 1), so that narrow layers of small CPU networks still get several channels per group. Statistics are
-    computed in the parameters' precision (float32) even for bf16 activations; the output keeps the input dtype."""
+    at least 1), so that narrow layers of small CPU networks still get several channels per group; or, with
+    num_groups > 0, exactly that many groups (guided-diffusion's GroupNorm32 is num_groups=32), which must divide C.
+    Statistics are computed in the parameters' precision (float32) even for bf16 activations; the output keeps the
+    input dtype."""
 
-    def __init__(self, num_channels: int, *, eps: float = 1e-5, max_groups: int = 32, min_channels_per_group: int = 4):
+    def __init__(self, num_channels: int, *, eps: float = 1e-5, max_groups: int = 32, min_channels_per_group: int = 4,
+                 num_groups: int = 0):
         super().__init__()
-        groups = min(max_groups, num_channels // min_channels_per_group)
-        self.num_groups = _largest_divisor_at_most(num_channels, groups)
+        if num_groups:
+            if num_groups < 0 or num_channels % num_groups:
+                raise NetworkConfigError(f"norm_groups {num_groups} does not divide a layer of {num_channels} "
+                                         "channels.")
+            self.num_groups = int(num_groups)
+        else:
+            groups = min(max_groups, num_channels // min_channels_per_group)
+            self.num_groups = _largest_divisor_at_most(num_channels, groups)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -179,22 +188,37 @@ class GroupNorm(nn.Module):
 # Noise-level embeddings.
 
 
+TIMESTEP_EMBEDDINGS = ("edm", "guided-diffusion")
+
+
 class PositionalEmbedding(nn.Module):
     """Transformer-style sinusoidal embedding of a scalar noise label: (N,) -> (N, num_channels).
 
     Output [cos(x w_0), ..., cos(x w_{h-1}), sin(x w_0), ..., sin(x w_{h-1})] with h = num_channels / 2 frequencies
     spaced geometrically from 1 down to 1 / max_positions (reached exactly when endpoint=True, as in DDPM++; one step
     short when endpoint=False, as in ADM).
+
+    rounding: how the float32 frequencies w_k = max_positions^(-k / steps) are computed: 'edm' as a power (the
+    default), 'guided-diffusion' as exp(-ln(max_positions) k / h) in float32, the ADM code's formula (endpoint=False
+    only). The two differ in the last bit of some frequencies, which moves the embedding of t ~ 1000 by up to 3e-5:
+    a network converted from guided-diffusion reproduces its source to float32 precision only with its own rounding.
     """
 
-    def __init__(self, num_channels: int, *, max_positions: float = 10000.0, endpoint: bool = False):
+    def __init__(self, num_channels: int, *, max_positions: float = 10000.0, endpoint: bool = False,
+                 rounding: str = "edm"):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise NetworkConfigError(f"The positional noise embedding needs an even channel count, got {num_channels}.")
+        if rounding not in TIMESTEP_EMBEDDINGS or (rounding == "guided-diffusion" and endpoint):
+            raise NetworkConfigError(f"timestep_embedding must be one of {', '.join(TIMESTEP_EMBEDDINGS)} "
+                                     f"('guided-diffusion' only without endpoint), got {rounding!r}.")
         half = num_channels // 2
         steps = max(half - 1, 1) if endpoint else half
-        exponents = torch.arange(half, dtype=torch.float32) / steps
-        self.register_buffer("freqs", (1 / max_positions) ** exponents, persistent=False)
+        if rounding == "guided-diffusion":
+            freqs = torch.exp(-math.log(max_positions) * torch.arange(half, dtype=torch.float32) / half)
+        else:
+            freqs = (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) / steps)
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x):
         angles = torch.outer(x.to(torch.float32), self.freqs)
@@ -236,6 +260,11 @@ class BlockStyle:
     channels_per_head: int | None  # attention head width; None means a single head (Song)
     resample_filter: tuple  # FIR taps of up / down sampling
     norm_eps: float
+    num_heads: int = 0  # > 0: this many attention heads in every attention layer (overrides channels_per_head)
+    norm_groups: int = 0  # > 0: exactly this many GroupNorm groups everywhere; 0: `GroupNorm`'s rule
+
+    def norm(self, channels: int) -> "GroupNorm":
+        return GroupNorm(channels, eps=self.norm_eps, num_groups=self.norm_groups)
 
 
 class SelfAttention(nn.Module):
@@ -244,10 +273,16 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, style: BlockStyle, *, generator: torch.Generator):
         super().__init__()
-        heads = 1 if style.channels_per_head is None else channels // style.channels_per_head
-        self.num_heads = _largest_divisor_at_most(channels, heads)
+        if style.num_heads:
+            if channels % style.num_heads:
+                raise NetworkConfigError(f"num_heads {style.num_heads} does not divide an attention layer of "
+                                         f"{channels} channels.")
+            self.num_heads = style.num_heads
+        else:
+            heads = 1 if style.channels_per_head is None else channels // style.channels_per_head
+            self.num_heads = _largest_divisor_at_most(channels, heads)
         self.skip_scale = style.skip_scale
-        self.norm = GroupNorm(channels, eps=style.norm_eps)
+        self.norm = style.norm(channels)
         self.qkv = Conv2d(channels, channels * 3, 1, generator=generator, **style.init_attn)
         self.proj = Conv2d(channels, channels, 1, generator=generator, **style.init_zero)
 
@@ -274,12 +309,12 @@ class UNetBlock(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.dropout, self.scale_shift, self.skip_scale = dropout, style.scale_shift, style.skip_scale
-        self.norm0 = GroupNorm(in_channels, eps=style.norm_eps)
+        self.norm0 = style.norm(in_channels)
         self.conv0 = Conv2d(in_channels, out_channels, 3, generator=generator, resample=resample,
                             resample_filter=style.resample_filter, **style.init)
         self.emb_proj = Linear(emb_channels, out_channels * (2 if style.scale_shift else 1), generator=generator,
                                **style.init)
-        self.norm1 = GroupNorm(out_channels, eps=style.norm_eps)
+        self.norm1 = style.norm(out_channels)
         self.conv1 = Conv2d(out_channels, out_channels, 3, generator=generator, **style.init_zero)
         if in_channels != out_channels or (resample is not None and style.skip_conv_on_resample):
             self.skip = Conv2d(in_channels, out_channels, 1, generator=generator, resample=resample,
@@ -368,7 +403,7 @@ class _UNet(nn.Module):
             return UNetBlock(cin, cout, emb_channels, style, generator=g, dropout=dropout, **kwargs)
 
         def output_head(cin):
-            return nn.Sequential(GroupNorm(cin, eps=style.norm_eps), nn.SiLU(),
+            return nn.Sequential(style.norm(cin), nn.SiLU(),
                                  Conv2d(cin, out_channels, 3, generator=g, **style.init_zero))
 
         # Encoder.
@@ -526,18 +561,32 @@ class SongUNet(_UNet):
 class DhariwalUNet(_UNet):
     """ADM of Dhariwal & Nichol 2021: sinusoidal noise embedding, scale-shift blocks, 64-channel attention heads, plain
     average-pool / nearest resampling. Forward as `SongUNet`. The first convolution has model_channels *
-    channel_mult[0] channels; the output layers start at zero, so a fresh network returns F = 0."""
+    channel_mult[0] channels; the output layers start at zero, so a fresh network returns F = 0.
+
+    Options for networks converted from guided-diffusion (training/conversion/guided_diffusion.py; the defaults are
+    this project's): channels_per_head (attention head width, 64) or num_heads > 0 (a fixed head count in every
+    attention layer); norm_groups > 0 (exactly that many GroupNorm groups everywhere, guided-diffusion's 32, instead
+    of min(32, C / 4)); timestep_embedding 'guided-diffusion' (its float32 rounding of the embedding frequencies,
+    `PositionalEmbedding`)."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  model_channels: int = 192, channel_mult=(1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
-                 attn_resolutions=(32, 16, 8), dropout: float = 0.10, label_dropout: float = 0.0, init_seed: int = 0):
+                 attn_resolutions=(32, 16, 8), dropout: float = 0.10, label_dropout: float = 0.0, init_seed: int = 0,
+                 channels_per_head: int = 64, num_heads: int = 0, norm_groups: int = 0,
+                 timestep_embedding: str = "edm"):
+        if channels_per_head < 1 or num_heads < 0 or norm_groups < 0:
+            raise NetworkConfigError(f"Need channels_per_head >= 1, num_heads >= 0 and norm_groups >= 0, got "
+                                     f"{channels_per_head}, {num_heads} and {norm_groups}.")
         generator = torch.Generator().manual_seed(int(init_seed))
+        style = dataclasses.replace(_adm_style(), channels_per_head=int(channels_per_head), num_heads=int(num_heads),
+                                    norm_groups=int(norm_groups))
         super().__init__(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
                          label_dim=label_dim, model_channels=model_channels, channel_mult=channel_mult,
                          channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
                          dropout=dropout, label_dropout=label_dropout,
-                         noise_embedding=PositionalEmbedding(model_channels, endpoint=False),
-                         noise_channels=model_channels, style=_adm_style(),
+                         noise_embedding=PositionalEmbedding(model_channels, endpoint=False,
+                                                             rounding=timestep_embedding),
+                         noise_channels=model_channels, style=style,
                          first_channels=model_channels * channel_mult[0], encoder_type="standard",
                          decoder_type="standard", attention_in_every_decoder_block=True, generator=generator)
 
@@ -668,23 +717,41 @@ def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, 
     return torch.cumprod(1 - betas, dim=0)
 
 
-def respaced_timesteps(num_steps: int = 1000, num_levels: int = 200) -> torch.Tensor:
-    """The timesteps guided-diffusion keeps when it respaces a num_steps schedule to num_levels evenly strided
-    levels (its `space_timesteps` with one section): round(i (num_steps - 1) / (num_levels - 1)), i = 0..num_levels-1,
-    so the first and the last step are kept. Python's round; no value falls on a .5 tie for 1000 -> 200."""
+VP_GRID_RULES = ("ddim", "section")
+
+
+def respaced_timesteps(num_steps: int = 1000, num_levels: int = 200, rule: str = "ddim") -> torch.Tensor:
+    """The timesteps guided-diffusion keeps when it respaces a num_steps schedule to num_levels levels (its
+    `space_timesteps`), increasing int64 (num_levels,):
+
+    'ddim' (the respacing string 'ddimN', the MSM reference's 'ddim200'): the multiples of the smallest integer
+        stride s with ceil(num_steps / s) = num_levels, t = 0, s, 2 s, ... (1000 -> 200: s = 5, t = 0 .. 995); counts
+        that no integer stride gives are refused.
+    'section' (the string 'N', one section): round(i (num_steps - 1) / (num_levels - 1)), i = 0..num_levels-1, so
+        the first and the last step are kept (1000 -> 200: t = 0, 5, ..., 120, 126, 131, ..., 999); Python's
+        round, and no value falls on a .5 tie for 1000 -> 200. DPS samples on this rule.
+    """
+    if rule not in VP_GRID_RULES:
+        raise ValueError(f"the grid rule must be one of {', '.join(VP_GRID_RULES)}, got {rule!r}")
     if not 2 <= num_levels <= num_steps:
         raise ValueError(f"cannot respace {num_steps} steps to {num_levels} levels")
+    if rule == "ddim":
+        stride = next((s for s in range(1, num_steps) if -(-num_steps // s) == num_levels), None)
+        if stride is None:
+            raise ValueError(f"no integer stride respaces {num_steps} steps to exactly {num_levels} levels")
+        return torch.arange(0, num_steps, stride, dtype=torch.int64)
     stride = (num_steps - 1) / (num_levels - 1)
     return torch.tensor([round(i * stride) for i in range(num_levels)], dtype=torch.int64)
 
 
 def vp_grid_sigmas(num_levels: int = 200, num_steps: int = 1000, beta_start: float = 1e-4,
-                   beta_end: float = 0.02) -> torch.Tensor:
-    """The MSM reference's noise levels: sigma_k = sqrt(1 / abar_{t_k} - 1) at the respaced timesteps t_k of the
-    linear-beta schedule (float64, increasing; 0.0100 to 157.4 for the defaults). Respacing keeps abar at the kept
-    steps, so these are the levels the reference trains and samples on."""
+                   beta_end: float = 0.02, rule: str = "ddim") -> torch.Tensor:
+    """The MSM reference's noise levels: sigma_k = sqrt(1 / abar_{t_k} - 1) at the respaced timesteps t_k
+    (`respaced_timesteps`, by `rule`) of the linear-beta schedule (float64, increasing; for the defaults 0.0100 to
+    151.18 by the reference's 'ddim' rule, to 157.41 by the 'section' rule). Respacing keeps abar at the kept steps,
+    so these are the levels the reference trains and samples on."""
     alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
-    return (1 / alphas_cumprod[respaced_timesteps(num_steps, num_levels)] - 1).sqrt()
+    return (1 / alphas_cumprod[respaced_timesteps(num_steps, num_levels, rule)] - 1).sqrt()
 
 
 class DiscreteVPPrecond(_Precond):
@@ -884,7 +951,9 @@ ARCHITECTURE_ARGUMENTS = {
                  "encoder_type": Field("str", choices=("standard", "skip", "residual")),
                  "decoder_type": Field("str", choices=("standard", "skip")),
                  "resample_filter": Field("ints", 1, 1000, max_items=8)},
-    "DhariwalUNet": dict(_COMMON_UNET),
+    "DhariwalUNet": {**_COMMON_UNET, "channels_per_head": Field("int", 1, 4096), "num_heads": Field("int", 0, 4096),
+                     "norm_groups": Field("int", 0, 1024),
+                     "timestep_embedding": Field("str", choices=TIMESTEP_EMBEDDINGS)},
 }
 register_network(EDMPrecond, {**_SIZE, "sigma_min": _NOISE_LEVEL, "sigma_max": _NOISE_LEVEL,
                               "sigma_data": Field("float", 1e-6, 1e3)}, ARCHITECTURE_ARGUMENTS)

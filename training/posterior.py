@@ -43,10 +43,10 @@ def check_dc_step(dc_step: float):
         raise UserError(f"--dc-step (the data-consistency step lambda) must be a number > 0, got {dc_step!r}.")
 
 
-def respaced_sigmas(num_steps: int | None = None) -> torch.Tensor:
-    """`num_steps` levels of the VP-200 grid (`vp200_sigmas`) at evenly spaced indices, first and last kept;
-    None or 200 gives the grid itself. float64 (num_steps,), decreasing."""
-    grid = vp200_sigmas()
+def respaced_sigmas(num_steps: int | None = None, rule: str = "ddim") -> torch.Tensor:
+    """`num_steps` levels of the VP-200 grid (`vp200_sigmas` by `rule`) at evenly spaced indices, first and last
+    kept; None or 200 gives the grid itself. float64 (num_steps,), decreasing."""
+    grid = vp200_sigmas(rule=rule)
     if num_steps is None or num_steps == len(grid):
         return grid
     if not (isinstance(num_steps, int) and 1 <= num_steps <= len(grid)):
@@ -140,12 +140,13 @@ def image_denoiser(net, class_labels=None):
 
 def ddpm_sigmas(num_steps: int = 1000) -> torch.Tensor:
     """DDPM's 1000-step linear-beta grid (beta 1e-4 .. 0.02, the schedule DPS samples on) in EDM's sigma form,
-    sigma_t = sqrt(1 / abar_t - 1), respaced to `num_steps` levels as guided-diffusion's `space_timesteps` does
-    (first and last step kept). float64 (num_steps,), decreasing from about 157.4 to 0.0100."""
+    sigma_t = sqrt(1 / abar_t - 1), respaced to `num_steps` levels as guided-diffusion's `space_timesteps` does for
+    DPS's plain step count (its section rule: first and last step kept; `networks.respaced_timesteps`). float64
+    (num_steps,), decreasing from about 157.4 to 0.0100."""
     if not (isinstance(num_steps, int) and 2 <= num_steps <= 1000):
         raise UserError(f"--steps for DPS must be an integer in 2..1000 (levels of DDPM's 1000-step grid), "
                         f"got {num_steps}.")
-    return vp_grid_sigmas(num_levels=num_steps).flip(0)
+    return vp_grid_sigmas(num_levels=num_steps, rule="section").flip(0)
 
 
 def dps_gradient(denoiser, x: torch.Tensor, sigma: float, operator, y: torch.Tensor, mask: torch.Tensor | None = None,

@@ -118,16 +118,29 @@ def ode_step(denoiser, x: torch.Tensor, t_cur: float, t_next: float, solver: str
 # Noise-level grids of the MSM reference.
 
 
-def vp200_sigmas(device="cpu") -> torch.Tensor:
-    """The MSM reference's 200 noise levels, float64 (200,), decreasing from about 157.4 to about 0.0100.
+def vp200_sigmas(device="cpu", rule: str = "ddim") -> torch.Tensor:
+    """The MSM reference's 200 noise levels, float64 (200,), decreasing from about 151.2 to about 0.0100.
 
     The reference trains and samples a VP diffusion with 1000 linearly spaced betas in [1e-4, 0.02], respaced to 200
-    steps as guided-diffusion's `space_timesteps(1000, '200')` does: kept time steps t_i = round(i * 999 / 199),
-    i = 0..199 (no rounding ties occur). Respacing keeps alpha_bar at the kept steps, so the VE-equivalent noise
-    level of step t is sigma = sqrt(1 / alpha_bar_t - 1). One definition: `networks.vp_grid_sigmas` (which
-    training draws from), here in decreasing order.
+    steps by guided-diffusion's `space_timesteps(1000, 'ddim200')`: kept time steps t = 0, 5, 10, ..., 995. rule
+    'section' gives instead the respacing string '200' (t_i = round(i * 999 / 199), from 157.4), which this project
+    used before the rule was recorded (`vp_grid_of`). Respacing keeps alpha_bar at the kept steps, so the
+    VE-equivalent noise level of step t is sigma = sqrt(1 / alpha_bar_t - 1). One definition:
+    `networks.vp_grid_sigmas` (which training draws from), here in decreasing order.
     """
-    return vp_grid_sigmas().flip(0).to(device)
+    return vp_grid_sigmas(rule=rule).flip(0).to(device)
+
+
+def vp_grid_of(loss_config: dict | None) -> str:
+    """The rule of the 200-level VP grid (networks.VP_GRID_RULES) a snapshot is sampled on by default: the one its
+    loss records ('vp_grid'; train.py records it for --sigma-dist vp200, converted reference models record 'ddim');
+    otherwise the reference's 'ddim'. A loss config of --sigma-dist vp200 written before the rule was recorded is
+    read as 'section' (`training.loss.with_recorded_vp_grid`, applied when a snapshot or training state is loaded):
+    its network was trained on that grid."""
+    loss = loss_config or {}
+    if "vp_grid" in loss:
+        return loss["vp_grid"]
+    return "section" if loss.get("sigma_dist") == "vp200" else "ddim"
 
 
 EDM_SIGMA_MAX = 80.0  # EDM's sampling sigma_max for networks trained with its log-normal sigma
@@ -140,7 +153,8 @@ def training_sigma_max(loss_config: dict | None) -> tuple[float, str]:
       log-normal sigma (EDMLoss; MSM and Ambient losses with sigma_dist 'lognormal'): min(80, exp(P_mean + 4.753
         P_std)), the 1 - 1e-6 quantile capped at EDM's sigma_max 80 (the level EDM samples these networks from;
         80 for the defaults P_mean -1.2, P_std 1.2, whose quantile is 90);
-      sigma_dist 'vp200' (the reference's grid): its top, sigma_max of `vp_grid_sigmas` (157.4);
+      sigma_dist 'vp200' (the reference's grid): its top, sigma_max of `vp_grid_sigmas` by the rule of `vp_grid_of`
+        (151.2 for 'ddim', 157.4 for 'section');
       VPLoss: sigma_vp(1) = sqrt(exp(beta_d / 2 + beta_min) - 1) (152.3); VELoss: its sigma_max (100);
       anything else (no loss in the config): inf, nothing to clip to."""
     loss = dict(loss_config or {})
@@ -152,8 +166,9 @@ def training_sigma_max(loss_config: dict | None) -> tuple[float, str]:
         top = float(loss.get("sigma_max", 100.0))
         return top, f"trained with VE sigma up to {top:g}"
     if loss.get("sigma_dist") == "vp200":
-        top = float(vp_grid_sigmas()[-1])
-        return top, f"trained on the VP-200 grid up to {top:.1f}"
+        rule = vp_grid_of(loss)
+        top = float(vp_grid_sigmas(rule=rule)[-1])
+        return top, f"trained on the VP-200 grid ({rule} rule) up to {top:.1f}"
     if name == "EDMLoss" or loss.get("sigma_dist") == "lognormal":
         p_mean, p_std = loss.get("P_mean", -1.2), loss.get("P_std", 1.2)
         top = min(EDM_SIGMA_MAX, math.exp(p_mean + LOGNORMAL_TAIL_Z * p_std))
