@@ -17,13 +17,14 @@ allocation exceeds the file). Any other global is refused, naming it, before it 
 `convert_edm` then maps the EDM network onto `EDMPrecond` / `VPPrecond` / `VEPrecond` over `SongUNet` /
 `DhariwalUNet` (training/networks.py), with EDM's own constructor defaults (they are not stored in the file and some
 differ from this project's): the enc / dec module names, the [sin | cos] order SongUNet feeds its noise MLP (EDM
-swaps the halves of its [cos | sin] embedding; ours does not), EDM's (head, channel, q/k/v) row order of the fused
+swaps the halves of its [cos | sin] embedding; ours does not; a class-conditional SongUNet adds its label map to
+those features, which our SongUNet does with `label_before_mlp`), EDM's (head, channel, q/k/v) row order of the fused
 qkv projection (ours is (q/k/v, head, channel)), the persistent resample-filter buffers (checked against the filter
 the config implies, then dropped: ours are computed), and map_augment (dropped: EDM samples with no augmentation
 labels, so the layer never contributes at sampling time and dropping it is exact there).
 
 Refused in one sentence: EDM's iDDPMPrecond (the ADM baseline: learned-variance output and its own noise table),
-class-conditional SongUNet (EDM adds its label embedding before the noise MLP, ours after it), PaDIS's
+PaDIS's
 Patch_EDMPrecond (its file does not record the pad width its position channels refer to, so the canvas geometry of
 training/patches.py cannot be rebuilt from it), EDM2's networks, and any module class, constructor argument or
 weight that EDM's DDPM++ / NCSN++ / ADM networks do not have (e.g. Ambient Diffusion's gated convolutions).
@@ -372,13 +373,12 @@ def _network_config(root: PersistentStub) -> tuple[dict, dict]:
     if unknown:
         raise _Refused(f"its {precond} over {model_type} has the argument {unknown[0]!r:.40}, which EDM's "
                        f"networks do not have")
-    if model_type == "SongUNet" and args["label_dim"]:
-        raise _Refused("it is a class-conditional SongUNet, whose label embedding EDM adds before the noise MLP "
-                       "and this project's SongUNet after it")
 
     network = dict(img_resolution=args["img_resolution"], in_channels=args["img_channels"],
                    out_channels=args["img_channels"], label_dim=args["label_dim"], model_type=model_type)
     network.update({k: args[k] for k in _EDM_MODEL_DEFAULTS[model_type] if k != "augment_dim"})
+    if model_type == "SongUNet" and args["label_dim"]:
+        network["label_before_mlp"] = True  # EDM's DDPM++ / NCSN++ embed labels before the noise MLP
     if precond == "EDMPrecond":
         network["sigma_data"] = args["sigma_data"]
         # Only finite bounds fit a JSON config; EDM's defaults (0, inf) are this project's defaults too.
@@ -514,8 +514,10 @@ def convert_edm(path: str) -> tuple[dict, dict]:
                                f"shape {list(ours.shape)}")
             if name.endswith(("attention.qkv.weight", "attention.qkv.bias")):
                 value = _qkv_rows(value, net.get_submodule(name.rsplit(".", 2)[0]).num_heads)
-            if name == "model.noise_mlp.0.weight" and args["model_type"] == "SongUNet":
+            if args["model_type"] == "SongUNet" and name == "model.noise_mlp.0.weight":
                 value = value.roll(value.shape[1] // 2, dims=1)  # EDM's [sin | cos] columns -> our [cos | sin]
+            elif args["model_type"] == "SongUNet" and name.startswith("model.label_embedding."):
+                value = value.roll(value.shape[0] // 2, dims=0)  # its outputs add to those noise features
             state[name] = value.to(torch.float32).contiguous().clone()
             used.add(edm)
         dropped = {n for n in tensors if n.endswith(".resample_filter") or n == "model.map_augment.weight"}
