@@ -361,3 +361,11 @@ def test_gated_convolutions_and_unknown_arguments_are_refused(tmp_path, persiste
     assert_refused(path, tmp_path, "model.enc.16x16_conv", "GatedConv2d")
     write_case(path, persistence, "ddpmpp-vp", gated=True)
     assert_refused(path, tmp_path, "'gated'")
+
+
+def test_arguments_describing_a_larger_network_than_the_file_are_refused(tmp_path, persistence):
+    """The arguments choose the network built before its weights are compared: it is built on the meta device and
+    refused when it needs more weights than the file holds, so a small file cannot make the converter allocate."""
+    path = tmp_path / "net.pkl"
+    write_case(path, persistence, "ddpmpp-vp", model_channels=1024, channel_mult=[16, 16])
+    assert_refused(path, tmp_path, "a network of", "weights, but it holds")

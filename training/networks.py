@@ -653,8 +653,9 @@ class VPPrecond(_Precond):
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int | None = None, label_dim: int = 0,
                  beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
                  model_type: str = "SongUNet", position_channels: int = 0, **model_kwargs):
-        sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, dtype=torch.float64), beta_d, beta_min))
-        sigma_max = float(_vp_sigma(torch.tensor(1.0, dtype=torch.float64), beta_d, beta_min))
+        # On the CPU even when the network is built on the meta device (training/conversion/edm.py sizes it so).
+        sigma_min = float(_vp_sigma(torch.tensor(epsilon_t, dtype=torch.float64, device="cpu"), beta_d, beta_min))
+        sigma_max = float(_vp_sigma(torch.tensor(1.0, dtype=torch.float64, device="cpu"), beta_d, beta_min))
         super().__init__(img_resolution, in_channels, out_channels, label_dim, sigma_min, sigma_max, model_type,
                          model_kwargs, position_channels)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)

@@ -476,7 +476,8 @@ def _check_norms_and_heads(net: torch.nn.Module, stubs: dict, table: dict):
 def convert_edm(path: str) -> tuple[dict, dict]:
     """Read an EDM-format network pickle without executing it -> (snapshot config for an image prior, as
     torch_utils/checkpoint.py's save_snapshot / check_snapshot_config expect; the EMA state dict of the network that
-    config builds). Refuses (UserError, one sentence naming the file) whatever does not map exactly."""
+    config builds). Refuses (UserError, one sentence naming the file) whatever does not map exactly. Nothing the size
+    of the described network is allocated before its weight count is checked against the tensors the file holds."""
     data = read_edm_pickle(path)
     try:
         root = data.get("ema") if isinstance(data, dict) else None
@@ -485,12 +486,6 @@ def convert_edm(path: str) -> tuple[dict, dict]:
         network, args = _network_config(root)
         config = {"network": network, "dataset": {"kind": "image", "label_dim": args["label_dim"], "image_shape": [
             args["img_channels"], args["img_resolution"], args["img_resolution"]]}}
-        try:
-            checkpoint.check_snapshot_config(config)
-            net = checkpoint.build_network(network)
-        except ConfigError as e:
-            raise _Refused(f"its network maps to a config this project refuses ({str(e).rstrip('.')})") from e
-
         tensors, stubs = {}, {}
         _flatten(root, "", tensors, stubs)
         for name, stub in stubs.items():
@@ -500,6 +495,15 @@ def convert_edm(path: str) -> tuple[dict, dict]:
         if stubs.get("model") is None or getattr(stubs["model"], "class_name", None) != args["model_type"]:
             raise _Refused(f"its model is not the {args['model_type']} its arguments name")
         _check_resample_filters(tensors, args.get("resample_filter", [1, 1]))
+        try:
+            checkpoint.check_snapshot_config(config)
+            with torch.device("meta"):  # names and shapes only: the arguments could describe any size of network
+                net = checkpoint.build_network(network)
+        except ConfigError as e:
+            raise _Refused(f"its network maps to a config this project refuses ({str(e).rstrip('.')})") from e
+        needed, held = sum(v.numel() for v in net.state_dict().values()), sum(t.numel() for t in tensors.values())
+        if needed > held:
+            raise _Refused(f"its arguments describe a network of {needed} weights, but it holds {held}")
 
         table = _module_table(args)
         _check_norms_and_heads(net, stubs, table)
