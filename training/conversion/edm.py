@@ -84,7 +84,7 @@ _DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "
 
 
 class _Refused(UserError):
-    """A refusal raised while unpickling: `convert_edm` adds the file name."""
+    """What is wrong with the file, as a sentence fragment: `read_edm_pickle` and `convert_edm` add its name."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -339,12 +339,13 @@ def _flatten(obj, prefix: str, tensors: dict, modules: dict, depth: int = 0):
 
 
 def _plain(value, what: str):
-    """A constructor argument as a JSON value (numbers, strings, booleans, lists of them)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, what) for v in value]
-    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float)):
+    """A constructor argument as a JSON value: a number, string, boolean or None, or a list of them (EDM's
+    arguments are never nested deeper)."""
+    if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise _Refused(f"its argument {what} is a {type(value).__name__}, expected a number, string or list")
+    raise _Refused(f"its argument {what} is a {type(value).__name__}, expected a number, string or list of them")
 
 
 def _network_config(root: PersistentStub) -> tuple[dict, dict]:
