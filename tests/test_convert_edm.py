@@ -369,3 +369,19 @@ def test_arguments_describing_a_larger_network_than_the_file_are_refused(tmp_pat
     path = tmp_path / "net.pkl"
     write_case(path, persistence, "ddpmpp-vp", model_channels=1024, channel_mult=[16, 16])
     assert_refused(path, tmp_path, "a network of", "weights, but it holds")
+
+
+def test_recorded_group_counts_must_be_ours(tmp_path, persistence):
+    """Group counts are not weights: a GroupNorm that EDM recorded with other groups than ours is refused."""
+    path = tmp_path / "net.pkl"
+    _, _, root = write_case(path, persistence, "ddpmpp-vp")
+    block = root.state["_modules"]["model"].state["_modules"]["enc"]._modules["16x16_block0"]
+    block.state["_modules"]["norm0"].state.update(num_groups=3, eps=1e-6)
+    path.write_bytes(pickle.dumps({"ema": root}))
+    assert_refused(path, tmp_path, "model.enc.16x16_block0.norm0", "num_groups 3")
+
+
+def test_a_torch_zip_file_is_refused(tmp_path):
+    path = tmp_path / "snapshot.pt"
+    torch.save({"ema": {}}, path)
+    assert_refused(path, tmp_path, "pickle protocol marker")

@@ -268,7 +268,7 @@ _ALLOWED_GLOBALS = {
     **{("torch", name): getattr(torch, name) for name in _DTYPE_NAMES},
     **{("torch.nn.modules.container", name): _container(name)
        for name in ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")},
-    ("torch.nn.modules.activation", "SiLU"): _container("SiLU"),
+    ("torch.nn.modules.activation", "SiLU"): _container("SiLU"),  # in PaDIS files: read, then refused by class
 }
 
 
