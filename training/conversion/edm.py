@@ -20,14 +20,16 @@ differ from this project's): the enc / dec module names, the [sin | cos] order S
 swaps the halves of its [cos | sin] embedding; ours does not; a class-conditional SongUNet adds its label map to
 those features, which our SongUNet does with `label_before_mlp`), EDM's (head, channel, q/k/v) row order of the fused
 qkv projection (ours is (q/k/v, head, channel)), the persistent resample-filter buffers (checked against the filter
-the config implies, then dropped: ours are computed), and map_augment (dropped: EDM samples with no augmentation
-labels, so the layer never contributes at sampling time and dropping it is exact there).
+the config implies, then dropped: ours are computed), and map_augment (dropped: it is a bias-free map of the
+augmentation labels, which EDM's sampling leaves absent, so dropping it is exact for sampling; a converted network
+cannot take augmentation labels). The target network is first built on the meta device, and refused when it needs
+more weights than the file holds, so the file's arguments cannot make the converter allocate more than the file.
 
 Refused in one sentence: EDM's iDDPMPrecond (the ADM baseline: learned-variance output and its own noise table),
-PaDIS's
-Patch_EDMPrecond (its file does not record the pad width its position channels refer to, so the canvas geometry of
-training/patches.py cannot be rebuilt from it), EDM2's networks, and any module class, constructor argument or
-weight that EDM's DDPM++ / NCSN++ / ADM networks do not have (e.g. Ambient Diffusion's gated convolutions).
+PaDIS's Patch_EDMPrecond (its file does not record the pad width its position channels refer to, so the canvas
+geometry of training/patches.py cannot be rebuilt from it), EDM2's networks, and any module class, constructor
+argument or weight that EDM's DDPM++ / NCSN++ / ADM networks do not have (e.g. Ambient Diffusion's gated
+convolutions).
 """
 
 import collections
