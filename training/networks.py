@@ -374,7 +374,7 @@ class _UNet(nn.Module):
     def __init__(self, *, img_resolution, in_channels, out_channels, label_dim, model_channels, channel_mult,
                  channel_mult_emb, num_blocks, attn_resolutions, dropout, label_dropout, noise_embedding,
                  noise_channels, style, first_channels, encoder_type, decoder_type, attention_in_every_decoder_block,
-                 generator):
+                 generator, label_before_mlp=False):
         super().__init__()
         _check_layout(img_resolution, channel_mult, num_blocks)
         if in_channels < 1 or out_channels < 1 or label_dim < 0:
@@ -396,8 +396,15 @@ class _UNet(nn.Module):
         self.noise_embedding = noise_embedding
         self.noise_mlp = nn.Sequential(Linear(noise_channels, emb_channels, generator=g, **style.init), nn.SiLU(),
                                        Linear(emb_channels, emb_channels, generator=g, **style.init))
-        self.label_embedding = (Linear(label_dim, emb_channels, generator=g, bias=False, init_mode="kaiming_normal",
-                                       init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.label_before_mlp = bool(label_before_mlp) and label_dim > 0
+        if self.label_before_mlp:
+            # EDM's conditional DDPM++ / NCSN++: a biased map of sqrt(label_dim) * label added to the noise features
+            # before the MLP (converted EDM networks need it to be exact).
+            self.label_embedding = Linear(label_dim, noise_channels, generator=g, **style.init)
+        else:
+            self.label_embedding = (Linear(label_dim, emb_channels, generator=g, bias=False,
+                                           init_mode="kaiming_normal", init_weight=math.sqrt(label_dim))
+                                    if label_dim else None)
 
         def block(cin, cout, **kwargs):
             return UNetBlock(cin, cout, emb_channels, style, generator=g, dropout=dropout, **kwargs)
@@ -455,20 +462,22 @@ class _UNet(nn.Module):
 
     def embed(self, noise_labels, class_labels):
         """(N,) noise labels and (N, label_dim) labels or None (= no label) -> (N, emb_channels) block embedding."""
-        emb = self.noise_mlp(self.noise_embedding(noise_labels))
-        if self.label_embedding is not None:
-            if class_labels is None:
-                labels = torch.zeros(len(noise_labels), self.label_dim, device=emb.device)
-            else:
-                labels = class_labels.to(device=emb.device, dtype=torch.float32).reshape(-1, self.label_dim)
-                if len(labels) != len(noise_labels):
-                    raise ValueError(f"Got {len(labels)} class labels for a batch of {len(noise_labels)} images.")
-            if self.training and self.label_dropout > 0:
-                # Classifier-free guidance training: some examples see the all-zero "no label" vector.
-                keep = torch.rand(len(labels), 1, device=labels.device) >= self.label_dropout
-                labels = labels * keep
-            emb = emb + self.label_embedding(labels)
-        return F.silu(emb)
+        features = self.noise_embedding(noise_labels)
+        if self.label_embedding is None:
+            return F.silu(self.noise_mlp(features))
+        if class_labels is None:
+            labels = torch.zeros(len(noise_labels), self.label_dim, device=features.device)
+        else:
+            labels = class_labels.to(device=features.device, dtype=torch.float32).reshape(-1, self.label_dim)
+            if len(labels) != len(noise_labels):
+                raise ValueError(f"Got {len(labels)} class labels for a batch of {len(noise_labels)} images.")
+        if self.training and self.label_dropout > 0:
+            # Classifier-free guidance training: some examples see the all-zero "no label" vector.
+            keep = torch.rand(len(labels), 1, device=labels.device) >= self.label_dropout
+            labels = labels * keep
+        if self.label_before_mlp:
+            return F.silu(self.noise_mlp(features + self.label_embedding(labels * math.sqrt(self.label_dim))))
+        return F.silu(self.noise_mlp(features) + self.label_embedding(labels))
 
     def forward(self, x, noise_labels, class_labels=None):
         """x (N, in_channels, H, W), H and W divisible by 2^(levels-1); noise_labels (N,); class_labels (N, label_dim)
@@ -531,13 +540,16 @@ class SongUNet(_UNet):
     (embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1]) of Song et
     al. 2021. Forward: (x (N, in_channels, H, W), noise_labels (N,), class_labels (N, label_dim) or None) ->
     (N, out_channels, H, W). The first convolution has model_channels channels; blocks at level l have
-    model_channels * channel_mult[l]. The output layers start at zero, so a fresh network returns F = 0."""
+    model_channels * channel_mult[l]. The output layers start at zero, so a fresh network returns F = 0.
+    label_before_mlp=True embeds labels as EDM's conditional DDPM++ / NCSN++ do (`_UNet`), for converted EDM
+    networks (training/conversion/edm.py)."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  model_channels: int = 128, channel_mult=(2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
                  attn_resolutions=(16,), dropout: float = 0.10, label_dropout: float = 0.0,
                  embedding_type: str = "positional", channel_mult_noise: int = 1, encoder_type: str = "standard",
-                 decoder_type: str = "standard", resample_filter=(1, 1), init_seed: int = 0):
+                 decoder_type: str = "standard", resample_filter=(1, 1), init_seed: int = 0,
+                 label_before_mlp: bool = False):
         for name, value, allowed in (("embedding_type", embedding_type, ("positional", "fourier")),
                                      ("encoder_type", encoder_type, ("standard", "skip", "residual")),
                                      ("decoder_type", decoder_type, ("standard", "skip"))):
@@ -555,7 +567,8 @@ class SongUNet(_UNet):
                          dropout=dropout, label_dropout=label_dropout, noise_embedding=noise_embedding,
                          noise_channels=noise_channels, style=_song_style(resample_filter),
                          first_channels=model_channels, encoder_type=encoder_type, decoder_type=decoder_type,
-                         attention_in_every_decoder_block=False, generator=generator)
+                         attention_in_every_decoder_block=False, generator=generator,
+                         label_before_mlp=label_before_mlp)
 
 
 class DhariwalUNet(_UNet):
@@ -950,7 +963,7 @@ ARCHITECTURE_ARGUMENTS = {
                  "channel_mult_noise": Field("int", 1, 16),
                  "encoder_type": Field("str", choices=("standard", "skip", "residual")),
                  "decoder_type": Field("str", choices=("standard", "skip")),
-                 "resample_filter": Field("ints", 1, 1000, max_items=8)},
+                 "resample_filter": Field("ints", 1, 1000, max_items=8), "label_before_mlp": Field("bool")},
     "DhariwalUNet": {**_COMMON_UNET, "channels_per_head": Field("int", 1, 4096), "num_heads": Field("int", 0, 4096),
                      "norm_groups": Field("int", 0, 1024),
                      "timestep_embedding": Field("str", choices=TIMESTEP_EMBEDDINGS)},

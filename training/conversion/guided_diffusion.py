@@ -44,11 +44,14 @@ import os
 import torch
 
 from dnnlib import UserError
+from torch_utils import archive
 from training.masks import default_acs
 from training.networks import NetworkConfigError, _check_layout
 
 ATTENTION_ORDERS = ("legacy", "new")
 NUM_STEPS, BETA_START, BETA_END = 1000, 1e-4, 0.02  # guided-diffusion's linear schedule, the MSM reference's
+# The largest published guided-diffusion UNet (ImageNet 512, class-conditional) holds about 2.2 GB of float32 weights.
+MAX_SOURCE_BYTES = 4 << 30
 GROUPS = 32  # guided-diffusion's normalization(): GroupNorm32(32, channels)
 
 
@@ -136,6 +139,14 @@ def read_state_dict(path: str) -> tuple[dict, str]:
     torch.load(weights_only=True): plain tensors in (nested) dicts only, so no code in the file ever runs."""
     if not os.path.isfile(path):
         raise UserError(f"--source {path} does not exist.")
+    # Sizes from the archive's index before any tensor is read: a small file may declare gigabytes (a deflated zero
+    # storage), and storages no tensor uses are data a state dict does not hold.
+    index = archive.read_index(path, f"--source {path}")
+    used = {e.key for e in archive.tensor_entries(index.root).values()}
+    if index.total_bytes > MAX_SOURCE_BYTES or (isinstance(index.root, dict) and set(index.storages) - used):
+        problem = (f"{index.total_bytes} bytes of tensors, more than the {MAX_SOURCE_BYTES >> 30} GiB of any published "
+                   "guided-diffusion UNet" if index.total_bytes > MAX_SOURCE_BYTES else "storages no tensor uses")
+        raise UserError(f"--source {path} is refused: it declares {problem}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for pickles with code, foreign or torn files
