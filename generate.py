@@ -294,13 +294,8 @@ def write_labels_and_class_grids(outdir: str, seed_classes: list, grid_path: str
         save_image(image_grid(np.stack([a[:, :, None] if a.ndim == 2 else a for a in tiles])), f"{stem}-class{k}.png")
 
 
-def dual_bridge_images(net, guide: GuidanceSetup, source_path: str, source_labels, target_labels, outdir: str,
-                       max_batch: int, edm_options: dict, subdirs: bool, device, rank: int, world: int) -> list:
-    """--bridge-source (MGDM's stage 2, training/bridge.py): every image of the labelled dataset whose class is in
-    --source-label is encoded by the probability-flow ODE under its class and decoded under the matching
-    --target-label class with the chosen guidance; image i of the dataset is written as image i. Returns this rank's
-    (index, target class) pairs."""
-    from training.bridge import dual_bridge
+def open_bridge_source(net, guide: GuidanceSetup, source_path: str):
+    """--bridge-source: the labelled image dataset, refused unless its images and classes fit the model."""
     from training.dataset import open_dataset
 
     try:
@@ -316,6 +311,17 @@ def dual_bridge_images(net, guide: GuidanceSetup, source_path: str, source_label
     if dataset.label_dim > num_classes:
         raise UserError(f"--bridge-source {source_path} has labels up to {dataset.label_dim - 1}, outside the "
                         f"model's {num_classes} classes.")
+    return dataset
+
+
+def dual_bridge_images(net, guide: GuidanceSetup, dataset, source_labels, target_labels, outdir: str,
+                       max_batch: int, edm_options: dict, subdirs: bool, device, rank: int, world: int) -> list:
+    """--bridge-source (MGDM's stage 2, training/bridge.py): every image of the labelled dataset (open_bridge_source)
+    whose class is in --source-label is encoded by the probability-flow ODE under its class and decoded under the
+    matching --target-label class with the chosen guidance; image i of the dataset is written as image i. Returns
+    this rank's (index, target class) pairs."""
+    from training.bridge import dual_bridge
+
     mapping = dict(zip(source_labels, target_labels))
     labels = [int(dataset.get_label(i).argmax()) for i in range(len(dataset))]
     chosen = [i for i in range(len(dataset)) if labels[i] in mapping][rank::world]
@@ -523,12 +529,13 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     if guide.active:
         settings += (f", guidance {' + '.join(f'{s:g} {k}' for k, s in zip(guide.kinds, guide.scales)) or 'none'}, "
                      f"cfg {cfg_scale:g} ({cfg_convention})")
+    bridge_dataset = None if bridge_source is None else open_bridge_source(net, guide, bridge_source)
     if rank == 0:  # everything is checked: record the settings before the first output
         dnnlib.write_outdir_settings(outdir, recorded)
     if bridge_source is not None:
         dist.print0(f"Dual bridge of {bridge_source} through {checkpoint.resolve_snapshot_path(network_path)} "
                     f"({num_steps} Heun steps each way; {settings}) on {world} rank(s) to {outdir}")
-        written = dual_bridge_images(net, guide, bridge_source, source_labels, target_labels, outdir, max_batch,
+        written = dual_bridge_images(net, guide, bridge_dataset, source_labels, target_labels, outdir, max_batch,
                                      edm_options, subdirs, device, rank, world)
         written = [pair for part in dist.all_gather_object(written) for pair in part]
         if rank == 0:
