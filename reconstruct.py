@@ -79,6 +79,10 @@ learned method), reconstructions/{example:05d}-{seed:06d}.npz (each method's ima
 evaluations and seconds per example; the conventions and the measurement hash in its header), summary.json (mean and
 std per method over those rows, each method's settings, the measurement set) and the same table printed. Stored
 measurements have no reference: no metrics, no error map.
+MRI metrics follow --metric-convention (training/metrics.py; written into metrics.csv): sense (default, the SENSE-
+combined magnitude per image), fastmri (fastMRI's evaluate.py: root-sum-of-squares magnitudes, centre crop to 320,
+data range = the volume's maximum; rows per slice, and volumes.csv with PSNR / SSIM / NMSE per volume, the volumes
+being the source files that dataset.json records) or msm (the MSM paper's per-image min-max normalised magnitudes).
 """
 
 import csv
@@ -112,7 +116,16 @@ from training.ct import ParallelBeamCT, fbp
 from training.dataset import ImageFolderDataset
 from training.masks import MASK_KINDS, FullMask, PixelMaskLaw, default_acs, example_generator, mask_law_from_config
 from training.measurements import aggregate_projection, skip_space_of
-from training.metrics import nmse, psnr, reference_max, ssim
+from training.metrics import (
+    FASTMRI_CROP,
+    center_crop,
+    fastmri_volume_metrics,
+    minmax_normalise,
+    nmse,
+    psnr,
+    reference_max,
+    ssim,
+)
 from training.mri import MRIDataset
 from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, measure, measurement_randn
 from training.patches import patch_prior, use_seeds
@@ -917,6 +930,55 @@ def metric_rows(reference: torch.Tensor, estimate: torch.Tensor, task: str) -> d
             "nmse": nmse(reference, estimate).item()}
 
 
+CONVENTIONS = ("sense", "fastmri", "msm")
+CONVENTION_TEXT = {
+    "sense": "MRI convention 'sense': the magnitude of the coil-combined (SENSE) image per image, data range = the "
+             "reference's maximum.",
+    "fastmri": "MRI convention 'fastmri' (fastMRI evaluate.py): root-sum-of-squares magnitude sqrt(sum_c |S_c x|^2) "
+               "of the coil images of each image (the reference's: of T T^H k, its coil data projected on the stored "
+               "maps), centre-cropped to at most 320 x 320; data range = the maximum of the reference VOLUME (the "
+               "selected slices of one source file); rows are per slice (PSNR, SSIM with that range), volumes.csv "
+               "holds fastMRI's per-volume PSNR (volume MSE), SSIM (mean over slices) and NMSE.",
+    "msm": "MRI convention 'msm' (the MSM paper): magnitude images each min-max normalised to [0, 1], data range 1.",
+}
+
+
+def rss_images(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """2-channel coil-combined images (N, 2, H, W) -> root-sum-of-squares magnitudes (N, 1, H, W) of their coil
+    images S_c x, cropped as fastMRI evaluates (FASTMRI_CROP)."""
+    coil_energy = (maps.abs().to(torch.float64) ** 2).sum(dim=1, keepdim=True)
+    return center_crop(mri_magnitude(images.to(torch.float64)) * coil_energy.sqrt(), FASTMRI_CROP)
+
+
+def convention_rows(convention: str, reference: torch.Tensor, estimate: torch.Tensor, maps: torch.Tensor,
+                    volume_max: float | None) -> dict:
+    """An MRI row under a non-default convention (CONVENTION_TEXT); reference / estimate: 2-channel images."""
+    if convention == "fastmri":
+        reference, estimate, data_range = rss_images(reference, maps), rss_images(estimate, maps), volume_max
+    else:
+        reference, estimate = (minmax_normalise(mri_magnitude(image.to(torch.float64)))
+                               for image in (reference, estimate))
+        data_range = 1.0
+    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
+            "nmse": nmse(reference, estimate).item()}
+
+
+def volume_rows(examples: dict, volumes: dict, outdir: str, seeds: list[int], methods: list[str]) -> list[dict]:
+    """fastMRI's per-volume metrics of every (volume, seed, method), from the saved reconstructions."""
+    rows = []
+    for volume in sorted(set(volumes.values())):
+        members = sorted(i for i in examples if volumes[i] == volume)
+        reference = torch.cat([rss_images(examples[i].reference, examples[i].maps) for i in members])
+        for seed in seeds:
+            for m in methods:
+                estimate = torch.cat([rss_images(torch.from_numpy(np.load(os.path.join(
+                    outdir, "reconstructions", f"{i:05d}-{seed:06d}.npz"))[m])[None], examples[i].maps)
+                    for i in members])
+                rows.append({"volume": volume, "slices": len(members), "seed": seed, "method": m,
+                             **fastmri_volume_metrics(reference[:, 0], estimate[:, 0])})
+    return rows
+
+
 def tile(image: torch.Tensor, scale: float, label: str, zoom: int) -> np.ndarray:
     """(C, H, W) float -> uint8 RGB tile (zoom H + 12, zoom W, 3) with `label` in a strip above."""
     pixels = (image / scale).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -973,6 +1035,8 @@ def format_table(summary: dict) -> str:
 def write_metrics(outdir: str, rows: list[dict], summary: dict, report: dict):
     with open(os.path.join(outdir, "metrics.csv"), "w", newline="") as f:
         f.write("".join(f"# {line}\n" for line in METRIC_CONVENTIONS))
+        if report.get("metric_convention"):
+            f.write(f"# {report['metric_convention']}\n")
         f.write("# Deterministic methods (zero-filled, cs-*) do not depend on the seed: their rows repeat across "
                 "seeds.\n")
         f.write(f"# {NOISE_CONVENTION}\n")
@@ -1193,6 +1257,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               "stride p/2 averaged  [default: tile]")
 @click.option("--compile", "compile_net", is_flag=True,
               help="torch.compile the network (pays off for many examples; the first batch includes the compilation)")
+@click.option("--metric-convention", type=click.Choice(CONVENTIONS), default="sense", show_default=True,
+              help="MRI metrics: SENSE-combined magnitude, fastMRI's (RSS, crop, per volume) or the MSM paper's "
+              "(min-max normalised)")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, data_path, measurements_path, save_path, task, outdir, methods, indices, first, num, seeds,
          max_batch, mask_kind, accel, acs, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise, snr_db, views,
@@ -1200,7 +1267,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
          num_subsets, num_steps, dc_step, sample_accel, msm_solver, eta, outer, dps_steps, dps_step, cs_tv_lambda,
-         cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
+         cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, metric_convention,
+         device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
     device = dist.init(device)
@@ -1268,6 +1336,21 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     if save_path is not None and len(sets) > 1:
         raise UserError(f"--save-measurements writes one measurement set, but --snr-db {snr_db} makes {len(sets)}.")
     check_model(task, model, measurements, network_path, source)
+    if metric_convention != "sense" and task != "mri":
+        raise UserError(f"--metric-convention {metric_convention} applies to --task mri only.")
+    if metric_convention == "fastmri" and snr_list is not None:
+        raise UserError("--metric-convention fastmri scores whole volumes and does not combine with --snr-db.")
+    # The volume of each example for fastMRI's per-volume metrics: its source file where the records say (fastMRI
+    # conversions), else the example alone.
+    slices = data.meta["slices"] if measurements_path is None and task == "mri" else []
+    volumes = {i: slices[i].get("source", f"example {i}") if i < len(slices) else f"example {i}"
+               for i in measurements.examples}
+    volume_max = {}
+    if metric_convention == "fastmri":
+        for i, example in measurements.examples.items():
+            if example.reference is not None:
+                peak = float(rss_images(example.reference, example.maps).max())
+                volume_max[volumes[i]] = max(volume_max.get(volumes[i], 0.0), peak)
     methods = parse_methods(methods, task, model)
     dc_step = dc_step if dc_step is not None else (2.0 if task == "mri" else 1.75)
     check_dc_step(dc_step)
@@ -1326,8 +1409,10 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
             np.savez(os.path.join(outdir, "reconstructions", f"{name}.npz"),
                      **{m: image[0].numpy().astype(np.float32) for m, image in results.items()})
             if reference is not None:
-                new = {m: {**metric_rows(reference, shown[m], task), "nfe": costs[m][0], "seconds": costs[m][1]}
-                       for m in methods}
+                new = {m: {**(metric_rows(reference, shown[m], task) if metric_convention == "sense" else
+                              convention_rows(metric_convention, example.reference, results[m], example.maps,
+                                              volume_max.get(volumes[i]))),
+                           "nfe": costs[m][0], "seconds": costs[m][1]} for m in methods}
                 rows += [{"example": i, "seed": seed, "method": m, **({} if level is None else {"snr_db": level}), **r}
                          for m, r in new.items()]
                 tqdm.tqdm.write(("" if world == 1 else f"[rank {rank}] ") + example_line(i, seed, new))
@@ -1347,6 +1432,15 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
             summary = summarise(rows, methods) if snr_list is None else {
                 f"{m} @ {level:g} dB": values for level in snr_list
                 for m, values in summarise([r for r in rows if r["snr_db"] == level], methods).items()}
+            report["metric_convention"] = CONVENTION_TEXT[metric_convention] if task == "mri" else None
+            if metric_convention == "fastmri":
+                report["volumes"] = volume_rows(measurements.examples, volumes, outdir, seeds, methods)
+                with open(os.path.join(outdir, "volumes.csv"), "w", newline="") as f:
+                    f.write(f"# {CONVENTION_TEXT['fastmri']}\n")
+                    writer = csv.DictWriter(f, fieldnames=["volume", "slices", "seed", "method", "psnr", "ssim",
+                                                           "nmse"])
+                    writer.writeheader()
+                    writer.writerows(report["volumes"])
             write_metrics(outdir, rows, summary, report)
             print(format_table(summary))
             print(f"Wrote panels, reconstructions, metrics.csv and summary.json to {outdir}")
