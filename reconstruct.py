@@ -114,7 +114,15 @@ from training.classifier import is_classifier
 from training.conditioning import dds, dps, jalal, jalal_normalized, projection
 from training.ct import ParallelBeamCT, fbp
 from training.dataset import ImageFolderDataset
-from training.masks import MASK_KINDS, FullMask, PixelMaskLaw, default_acs, example_generator, mask_law_from_config
+from training.masks import (
+    MASK_KINDS,
+    FullMask,
+    PixelMaskLaw,
+    default_acs,
+    example_generator,
+    mask_law_from_config,
+    with_acquired_draw,
+)
 from training.measurements import aggregate_projection, skip_space_of
 from training.metrics import (
     FASTMRI_CROP,
@@ -170,7 +178,7 @@ from training.sde import (
 
 TASKS = ("mri", "sr", "box", "pixel", "ct")
 IMAGE_OPERATOR_TASKS = ("mri", "sr", "box", "pixel")  # operators with an exact pseudo-inverse (A^+ y baseline)
-LINE_MASK_KINDS = tuple(kind for kind in MASK_KINDS if kind.startswith("lines"))
+LINE_MASK_KINDS = tuple(kind for kind in MASK_KINDS if kind.startswith(("lines", "fastmri")))
 METRIC_CONVENTIONS = (
     "MRI: magnitude images |x| of the coil-combined complex image (T^H k for the reference, the method's image for a "
     "reconstruction), no further normalisation; data range = max of the reference magnitude (fastMRI).",
@@ -254,7 +262,7 @@ class TaskOptions:
     task: str
     sigma_y: float | None = None
     mask_seed: int | None = None
-    mri_mask: dict | None = None  # the MRI line law's config {'kind', 'R', 'acs'}
+    mri_mask: dict | None = None  # the MRI line law's config {'kind', 'R', 'acs' or fastMRI's 'center_fraction'}
     sr_factor: int | None = None
     box_size: int | None = None
     pixel_p: float | None = None
@@ -277,7 +285,8 @@ class TaskOptions:
 
 # The CLI flag of each task option, and the task it belongs to (None: every simulated task).
 TASK_FLAGS = {"sigma_y": ("--sigma-y", None), "mask_seed": ("--mask-seed", None), "kind": ("--mask-kind", "mri"),
-              "R": ("--accel", "mri"), "acs": ("--acs", "mri"), "sr_factor": ("--sr-factor", "sr"),
+              "R": ("--accel", "mri"), "acs": ("--acs", "mri"), "center_fraction": ("--center-fraction", "mri"),
+              "sr_factor": ("--sr-factor", "sr"),
               "box_size": ("--box-size", "box"), "pixel_p": ("--pixel-p", "pixel"), "views": ("--views", "ct"),
               "angular_range": ("--angular-range", "ct"), "rel_noise": ("--rel-noise", None),
               "snr_db": ("--snr-db", None)}
@@ -321,8 +330,16 @@ def resolve_task_options(task: str, acquired: bool, given: dict, resolution: int
         if name in noise and not noise[name] >= 0:
             raise UserError(f"{TASK_FLAGS[name][0]} must be >= 0, got {noise[name]}.")
     if task == "mri":
-        law = {"kind": given.get("kind", "lines-random"), "R": float(given.get("R", 4.0)),
-               "acs": int(given.get("acs", default_acs(resolution)))}
+        kind = given.get("kind", "lines-random")
+        law = {"kind": kind, "R": float(given.get("R", 4.0))}
+        if kind.startswith("fastmri"):  # fastMRI's own parameters (docs/fastmri.md): 4x with an 8% centre
+            if "acs" in given:
+                raise UserError(f"--acs does not apply to --mask-kind {kind}; give --center-fraction.")
+            law["center_fraction"] = float(given.get("center_fraction", 0.08))
+        elif "center_fraction" in given:
+            raise UserError(f"--center-fraction applies to the fastmri mask kinds, not to --mask-kind {kind}.")
+        else:
+            law["acs"] = int(given.get("acs", default_acs(resolution)))
         mask_law_from_config(law).observed_fraction((resolution, resolution))  # e.g. ACS wider than the image
         return TaskOptions(**common, mri_mask=law)
     if task == "sr":
@@ -587,6 +604,7 @@ class MethodOptions:
     family: FamilyOptions = FamilyOptions()
     padis: PadisOptions = PadisOptions()
     sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
+    acquired_draw: str | None = None  # acquired-mask models: 'frequencies' or 'masks' (masks.AcquiredMaskLaw)
     msm_solver: str = "ancestral"  # 'ancestral' (msm_sampler on the VP-200 levels) or 'heun' (EDM's rho grid, ODE)
 
 
@@ -613,7 +631,7 @@ def sampling_law(run: Run):
     with; MSM.md section 5). A partial denoiser then sees more lines than any training input had, an extrapolation
     that costs here: the quickstart's MSM model (R = 4, 30 kimg) on 8 validation slices gives 21.56 dB at R = 4,
     19.24 at R = 2 and 8.51 at R = 1 (bench/msm_vs_oracle.py's validation set). An option, not the default."""
-    law, accel = run.model.mask_law, run.options.sample_accel
+    law, accel = with_acquired_draw(run.model.mask_law, run.options.acquired_draw), run.options.sample_accel
     if accel is None or law.kind == "full":
         return law
     return mask_law_from_config({**law.to_config(), "R": accel})
@@ -860,6 +878,8 @@ def msm_settings(run: Run) -> dict:
                     "skip_space": settings["skip_space"]}
     if o.sample_accel is not None and run.model.mask_law.kind != "full":
         settings["sample_R"] = o.sample_accel
+    if run.model.mask_law.kind == "acquired":
+        settings["acquired_draw"] = sampling_law(run).draw
     return settings
 
 
@@ -1160,6 +1180,8 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               "[default: 4]")
 @click.option("--acs", type=click.IntRange(min=0), default=None, help=f"Task option, MRI centre lines [default: "
               f"{ACS_HELP}]")
+@click.option("--center-fraction", type=click.FloatRange(min=0, max=1), default=None,
+              help="Task option, fastmri mask kinds: fraction of the columns at the centre [default: 0.08]")
 @click.option("--mask-seed", type=int, default=None, help="Task option, seed of the simulated masks and noise "
               "[default: 1]")
 @click.option("--sr-factor", type=click.IntRange(min=1), default=None, help="Task option [default: 4]")
@@ -1231,6 +1253,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--sample-accel", type=click.FloatRange(min=1), default=None,
               help="MSM model on MRI lines: acceleration R of the masks its partial estimates use at sampling "
                    "[default: the training law's]")
+@click.option("--acquired-draw", type=click.Choice(["frequencies", "masks"]), default=None,
+              help="MSM model trained on acquired masks: draw each column with its acquired frequency, or one of the "
+              "acquired masks  [default: frequencies]")
 @click.option("--msm-solver", type=click.Choice(["ancestral", "heun"]), default="ancestral", show_default=True,
               help="MSM: the MSM sampler on --steps VP-200 levels, or EDM's Heun ODE sampler on --steps levels of "
                    "its rho grid (2 --steps - 1 evaluations, each of K subsets)")
@@ -1262,13 +1287,14 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               "(min-max normalised)")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, data_path, measurements_path, save_path, task, outdir, methods, indices, first, num, seeds,
-         max_batch, mask_kind, accel, acs, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise, snr_db, views,
+         max_batch, mask_kind, accel, acs, center_fraction, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise,
+         snr_db, views,
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
-         num_subsets, num_steps, dc_step, sample_accel, msm_solver, eta, outer, dps_steps, dps_step, cs_tv_lambda,
-         cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, metric_convention,
-         device):
+         num_subsets, num_steps, dc_step, sample_accel, acquired_draw, msm_solver, eta, outer, dps_steps, dps_step,
+         cs_tv_lambda, cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net,
+         metric_convention, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     dnnlib.check_outdir(outdir)
     device = dist.init(device)
@@ -1276,7 +1302,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
 
     # Validate everything before writing anything.
     given = {name: value for name, value in (("sigma_y", sigma_y), ("mask_seed", mask_seed), ("kind", mask_kind),
-                                             ("R", accel), ("acs", acs), ("sr_factor", sr_factor),
+                                             ("R", accel), ("acs", acs), ("center_fraction", center_fraction),
+                                             ("sr_factor", sr_factor),
                                              ("box_size", box_size), ("pixel_p", pixel_p), ("views", views),
                                              ("angular_range", angular_range), ("rel_noise", rel_noise))
              if value is not None}
@@ -1299,6 +1326,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         raise UserError(f"--save-measurements {save_path} already exists; measurement sets are never overwritten.")
     seeds = parse_seeds(seeds)
     model = load_model(network_path, device, patch_size, patch_batch, assembly, compile_net)
+    if acquired_draw is not None:
+        with_acquired_draw(FullMask() if model is None else model.mask_law, acquired_draw)  # refuses other laws
     if sample_accel is not None and (model is None or not model.mask_law.kind.startswith("lines")):
         law = "no --network" if model is None else f"{network_path}, trained with the {model.mask_law.kind} mask law"
         raise UserError(f"--sample-accel applies to MSM models trained on MRI line masks, got {law}.")
@@ -1357,6 +1386,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
                                    cs=cs, family=family, padis=padis, sample_accel=sample_accel,
+                                   acquired_draw=acquired_draw,
                                    msm_solver=msm_solver)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples

@@ -265,7 +265,7 @@ def test_msm_trains_generates_and_reconstructs_from_acquired_masks(tmp_path):
     assert options["measurement"]["protocol"] == "stored" and options["measurement"]["mask"]["kind"] == "acquired"
     assert options["measurement"]["sigma_y"] == float(sigma_y)
     run_cli(["generate.py", "--network", run_dir, "--outdir", str(tmp_path / "samples"), "--seeds", "0-1",
-             "--sampler", "msm", "--subsets", "2", "--steps", "3"])
+             "--sampler", "msm", "--subsets", "2", "--steps", "3", "--acquired-draw", "masks"])
     assert len([n for n in os.listdir(tmp_path / "samples") if n.endswith(".png")]) >= 2
     run_cli(["reconstruct.py", "--network", run_dir, "--data", data, "--task", "mri", "--num", "2", "--steps", "2",
              "--methods", "msm,zero-filled", "--outdir", str(tmp_path / "recon")])
@@ -297,8 +297,8 @@ def test_fastmri_volume_metrics_match_scikit_image():
 
 def test_reconstruct_writes_fastmri_and_msm_conventions(tmp_path):
     """reconstruct.py --metric-convention on fully sampled fastMRI-converted slices (two volumes of two slices),
-    zero-filled at fastMRI's 4x: the fastMRI volume rows and the MSM per-image rows recomputed with scikit-image from
-    the saved reconstructions and the records."""
+    zero-filled with fastMRI's equispaced 4x masks: the fastMRI volume rows and the MSM per-image rows recomputed
+    with scikit-image from the saved reconstructions and the records."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     source = tmp_path / "full"
@@ -311,7 +311,7 @@ def test_reconstruct_writes_fastmri_and_msm_conventions(tmp_path):
     for convention in ("fastmri", "msm"):
         outdir = tmp_path / convention
         run_cli(["reconstruct.py", "--data", data, "--task", "mri", "--methods", "zero-filled", "--mask-kind",
-                 "lines-equispaced", "--accel", "4", "--acs", "8", "--metric-convention", convention,
+                 "fastmri-equispaced", "--accel", "4", "--center-fraction", "0.08", "--metric-convention", convention,
                  "--outdir", str(outdir)])
         outputs[convention] = outdir
     records = MRIDataset(data)

@@ -524,6 +524,16 @@ def mask_law_from_config(config: dict, where: str = "mask") -> MaskLaw:
     return _LAWS[kind](**{key: value for key, value in config.items() if key != "kind"})
 
 
+def with_acquired_draw(law: MaskLaw, draw: str | None, where: str = "--acquired-draw") -> MaskLaw:
+    """The law with its draw switched ('frequencies' or 'masks', AcquiredMaskLaw), for sampling; `law` itself when
+    draw is None. Only an acquired law has draws to choose between."""
+    if draw is None:
+        return law
+    if law.kind != "acquired":
+        raise UserError(f"{where} applies to models trained on acquired masks (mask law 'acquired'), not {law.kind}.")
+    return AcquiredMaskLaw(**{**{k: v for k, v in law.to_config().items() if k != "kind"}, "draw": draw})
+
+
 # ----------------------------------------------------------------------------
 # Coverage-aware draws for sampling (MSM.md section 5).
 
