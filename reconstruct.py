@@ -375,7 +375,8 @@ class Example:
     mask: torch.Tensor | None
     maps: torch.Tensor | None
     reference: torch.Tensor | None
-    sigma_y: torch.Tensor | None = None  # (1,) float64, the noise std of y (None: stored acquired data, unknown)
+    sigma_y: torch.Tensor | None = None  # (1,) float64, the noise std of y (stored acquired data: the converter's
+    # per-slice estimate, None where the records have none)
 
 
 def measure_example(record: dict, opts: TaskOptions) -> Example:
@@ -1357,8 +1358,12 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         for level in snr_list or [None]:
             task_options = resolve_task_options(task, acquired, given if level is None else {**given, "snr_db": level},
                                                 resolution)
-            sets.append((level, MeasurementSet(task_options, {i: measure_example(data[i], task_options)
-                                                              for i in chosen}, os.path.abspath(data_path))))
+            measured = {i: measure_example(data[i], task_options) for i in chosen}
+            if acquired:  # the converter's per-slice noise estimate, where recorded, is the noise std of the data
+                for i, example in measured.items():
+                    noise = data.meta["slices"][i].get("noise_std")
+                    example.sigma_y = None if noise is None else torch.tensor([float(noise)], dtype=torch.float64)
+            sets.append((level, MeasurementSet(task_options, measured, os.path.abspath(data_path))))
         measurements = sets[0][1]
         source = data_path
     sets = sets if measurements_path is None else [(None, measurements)]
