@@ -344,3 +344,28 @@ def test_reconstruct_writes_fastmri_and_msm_conventions(tmp_path):
         estimate = (estimate - estimate.min()) / (estimate.max() - estimate.min())
         assert float(row[3]) == pytest.approx(peak_signal_noise_ratio(reference, estimate, data_range=1), abs=1e-4)
         assert float(row[4]) == pytest.approx(structural_similarity(reference, estimate, data_range=1), abs=1e-5)
+
+
+def test_train_refuses_masks_narrower_than_the_normalisation(tmp_path):
+    """Fully sampled records normalised on 8 centre lines: a training mask that keeps fewer (--acs 4, or fastMRI's
+    8% of 32 columns = 3 lines) is refused in one sentence; --acs 8 and a wide enough centre fraction are accepted."""
+    import train as train_module
+    from dnnlib import EasyDict
+
+    def build(data, **options):  # train.py's options dict, parsed by its own command line
+        args = ["--outdir", str(tmp_path / "runs"), "--data", data, "--loss", "msm", "--cbase", "8", "--cres", "1"]
+        args += [str(a) for name, value in options.items() for a in (f"--{name.replace('_', '-')}", value)]
+        return train_module.build_options(EasyDict(train_module.main.make_context("train.py", args).params), 1)
+
+    source = tmp_path / "full"
+    source.mkdir()
+    write_fastmri_file(source / "a.h5", fully_sampled_kspace(1, 4, 64, 32, 1e-3))
+    data = str(tmp_path / "data")
+    convert_fastmri(str(source), data, resolution=32, acs=8, kernel_width=4)
+    for overrides, kept in ((dict(mask="lines-random", acs=4), 4), (dict(mask="fastmri-random"), 3)):
+        with pytest.raises(UserError, match=f"keeps {kept} centre lines, fewer than the 8 that the intensity "
+                                            "normalisation"):
+            build(data, **overrides)
+    assert build(data, mask="lines-random", acs=8).measurement["mask"]["acs"] == 8
+    config = build(data, mask="fastmri-equispaced", accel=3, center_fraction=0.25).measurement["mask"]
+    assert config == {"kind": "fastmri-equispaced", "R": 3, "center_fraction": 0.25}
