@@ -156,8 +156,10 @@ class MRIDatasetWriter(AtomicWriter):
         self.slices = []
         self.shape = None
 
-    def add(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray | None = None, info: dict | None = None):
-        """One slice; k-space is multiplied by its normalisation scale here (recorded in dataset.json and returned)."""
+    def add(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray | None = None, info: dict | None = None,
+            noise_std: float | None = None):
+        """One slice; k-space is multiplied by its normalisation scale here (recorded in dataset.json), and so is
+        the slice's noise std estimate `noise_std` (raw units), recorded when given."""
         if kspace.shape != maps.shape or kspace.ndim != 3:
             raise UserError(f"MRI record {len(self.slices)}: maps {maps.shape} and k-space {kspace.shape} must both "
                             "be (C, H, W) of the same shape.")
@@ -173,8 +175,8 @@ class MRIDatasetWriter(AtomicWriter):
             arrays["mask"] = mask.astype(np.float32)
         name = f"slices/{len(self.slices):06d}.npz"
         np.savez(os.path.join(self.tmp, name), **arrays)
-        self.slices.append({"file": name, "scale": scale, **(info or {})})
-        return scale
+        noise = {} if noise_std is None else {"noise_std": noise_std * scale}
+        self.slices.append({"file": name, "scale": scale, **(info or {}), **noise})
 
     def finish(self, meta: dict):
         """Write dataset.json (format, shape, coils, normalisation, sampling, maps, source, slices) and rename."""
@@ -360,6 +362,13 @@ def phase_encode_window(width: int, resolution: int) -> slice:
     return slice(start, start + resolution)
 
 
+def _readout_fraction(info: dict) -> float:
+    """The reconstructed share of the readout rows: the header's recon / encoded readout size where it is read and
+    sensible, else fastMRI's 2x oversampling (1 / 2)."""
+    encoded, recon = info.get("encoded_matrix", [0])[0], info.get("recon_matrix", [0])[0]
+    return recon / encoded if 0 < recon < encoded else 0.5
+
+
 def noise_std_estimate(kspace: np.ndarray, mask: np.ndarray | None, recon_fraction: float = 0.5) -> float:
     """The measurement noise std of one raw slice (C, H, W) (fastMRI layout, readout H oversampled), per real
     component, which is the project's sigma_y convention (`operators.measurement_randn`).
@@ -452,11 +461,7 @@ def convert_fastmri(source: str, dest: str, resolution: int = 256, acs: int | No
             with h5py.File(path, "r") as f:
                 raw = np.asarray(f["kspace"][s]).astype(np.complex64)
             file_mask, info = checked[path]["mask"], {"source": os.path.basename(path), "slice": s}
-            header = checked[path]["info"]
-            recon_fraction = header["recon_matrix"][0] / header["encoded_matrix"][0] if "recon_matrix" in header \
-                and header["encoded_matrix"][0] > 0 and 0 < header["recon_matrix"][0] < header["encoded_matrix"][0] \
-                else 0.5
-            noise = noise_std_estimate(raw, file_mask, recon_fraction)
+            noise = noise_std_estimate(raw, file_mask, _readout_fraction(checked[path]["info"]))
             kspace = center_crop_kspace(raw, resolution, phase_crop)
             if file_mask is None:
                 kspace, mask = _undersample(kspace, mask_law, mask_seed, index)
@@ -468,8 +473,7 @@ def convert_fastmri(source: str, dest: str, resolution: int = 256, acs: int | No
                 info.update({"acquired_lines": int(window.sum()),
                              "acquired_lines_outside_window": int(file_mask.sum() - window.sum())})
             maps = espirit_maps(kspace, calib_width, kernel_width, thresh, crop, where=f" on {path} slice {s}")
-            scale = writer.add(kspace, maps, mask, info)
-            writer.slices[-1]["noise_std"] = noise * scale
+            writer.add(kspace, maps, mask, info, noise_std=noise)
         sampling = _sampling_meta(mask_law, mask_seed)
         if acquired:
             sampling = {"fully_sampled": False, "mask_law": AcquiredMaskLaw.from_masks(np.stack(stored_masks),
