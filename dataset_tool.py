@@ -142,9 +142,13 @@ def phantoms(dest, num, resolution, seed):
 
 def _mri_mask_options(command):
     """Options shared by the MRI commands: optional retrospective undersampling with the `fixed` protocol."""
-    command = click.option("--mask-kind", type=click.Choice(["none", "lines-random", "lines-equispaced"]),
+    command = click.option("--mask-kind", type=click.Choice(["none", "lines-random", "lines-equispaced",
+                                                             "fastmri-random", "fastmri-equispaced"]),
                            default="none", show_default=True,
                            help="Store undersampled k-space + mask (none = fully sampled)")(command)
+    command = click.option("--center-fraction", type=float, default=None,
+                           help="fastmri-* masks: fraction of the columns at the centre (fastMRI's; 0.08 at 4x, 0.04 "
+                           "at 8x), which sets --acs to round(W * fraction)")(command)
     command = click.option("--accel", type=float, default=4.0, show_default=True, help="Acceleration R")(command)
     command = click.option("--acs", type=click.IntRange(min=1), default=None,
                            help="Centre lines every mask keeps, read by the intensity normalisation and (fastmri) the "
@@ -153,11 +157,18 @@ def _mri_mask_options(command):
     return command
 
 
-def _mri_mask_law(mask_kind, accel, acs):
-    """The undersampling law (None = fully sampled) with the same ACS lines the normalisation reads."""
-    from training.masks import mask_law_from_config
+def _mri_mask_law(mask_kind, accel, acs, center_fraction, width):
+    """(the undersampling law (None = fully sampled), the ACS lines the normalisation reads: its centre lines)."""
+    from training.masks import default_acs, mask_law_from_config
 
-    return None if mask_kind == "none" else mask_law_from_config({"kind": mask_kind, "R": accel, "acs": acs})
+    if (center_fraction is not None) != mask_kind.startswith("fastmri"):
+        raise UserError("--center-fraction is needed by, and only applies to, --mask-kind fastmri-random and "
+                        "fastmri-equispaced.")
+    if mask_kind.startswith("fastmri"):
+        law = mask_law_from_config({"kind": mask_kind, "R": accel, "center_fraction": center_fraction})
+        return law, law.centre_lines(width) if acs is None else acs
+    acs = default_acs(width) if acs is None else acs
+    return None if mask_kind == "none" else mask_law_from_config({"kind": mask_kind, "R": accel, "acs": acs}), acs
 
 
 @cli.command("fastmri")
@@ -168,20 +179,27 @@ def _mri_mask_law(mask_kind, accel, acs):
 @click.option("--kernel-width", type=int, default=6, show_default=True, help="ESPIRiT kernel width")
 @click.option("--skip-edge-slices", type=int, default=0, show_default=True, help="Skip N slices at each volume end")
 @click.option("--max-slices", type=click.IntRange(min=1), default=None, help="Stop after this many slices")
+@click.option("--phase-crop", type=click.Choice(["image", "kspace"]), default=None,
+              help="Crop the phase-encode columns in image space, or to the centred window of lines in k-space  "
+                   "[default: image; kspace (the only choice) for undersampled files]")
 @_mri_mask_options
-def fastmri(source, dest, resolution, calib_width, kernel_width, skip_edge_slices, max_slices, mask_kind, accel, acs,
-            mask_seed):
-    """fastMRI multi-coil HDF5 -> MRI records (ESPIRiT maps, image-space crop, per-slice normalisation)."""
+def fastmri(source, dest, resolution, calib_width, kernel_width, skip_edge_slices, max_slices, phase_crop, mask_kind,
+            accel, acs, center_fraction, mask_seed):
+    """fastMRI multi-coil HDF5, fully sampled or undersampled (with `mask`) -> MRI records (ESPIRiT maps, readout
+    crop in image space, per-slice normalisation and noise estimate); docs/fastmri.md."""
     import tqdm
 
-    from training.masks import default_acs
     from training.mri import convert_fastmri
 
-    acs = default_acs(resolution) if acs is None else acs
-    count = convert_fastmri(source, dest, resolution=resolution, acs=acs, calib_width=calib_width,
-                            kernel_width=kernel_width, skip_edge_slices=skip_edge_slices, max_slices=max_slices,
-                            mask_law=_mri_mask_law(mask_kind, accel, acs), mask_seed=mask_seed, progress=tqdm.tqdm)
-    click.echo(f"Wrote {count} slices at {resolution}x{resolution} to {dest}")
+    mask_law, law_acs = _mri_mask_law(mask_kind, accel, acs, center_fraction, resolution)
+    count = convert_fastmri(source, dest, resolution=resolution, acs=law_acs if mask_law is not None else acs,
+                            calib_width=calib_width, kernel_width=kernel_width, skip_edge_slices=skip_edge_slices,
+                            max_slices=max_slices, mask_law=mask_law, mask_seed=mask_seed, phase_crop=phase_crop,
+                            progress=tqdm.tqdm)
+    with open(os.path.join(dest, "dataset.json")) as f:
+        noise = json.load(f)["noise"]
+    click.echo(f"Wrote {count} slices at {resolution}x{resolution} to {dest}; estimated noise std (median over "
+               f"slices, stored units): {noise['median']:.4g}, usable as --sigma-y (docs/fastmri.md)")
 
 
 @cli.command("simulate-mri")
@@ -191,17 +209,16 @@ def fastmri(source, dest, resolution, calib_width, kernel_width, skip_edge_slice
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phases and coil rotations")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Stop after this many images")
 @_mri_mask_options
-def simulate_mri_command(source, dest, coils, seed, max_images, mask_kind, accel, acs, mask_seed):
+def simulate_mri_command(source, dest, coils, seed, max_images, mask_kind, accel, acs, center_fraction, mask_seed):
     """Images -> simulated multi-coil k-space (birdcage maps, smooth random phase), deterministic by --seed."""
     import tqdm
 
     from training.dataset import ImageFolderDataset
-    from training.masks import default_acs
     from training.mri import simulate_mri
 
-    acs = default_acs(ImageFolderDataset(source).image_shape[-1]) if acs is None else acs
+    mask_law, acs = _mri_mask_law(mask_kind, accel, acs, center_fraction, ImageFolderDataset(source).image_shape[-1])
     count = simulate_mri(source, dest, num_coils=coils, seed=seed, max_images=max_images, acs=acs,
-                         mask_law=_mri_mask_law(mask_kind, accel, acs), mask_seed=mask_seed, progress=tqdm.tqdm)
+                         mask_law=mask_law, mask_seed=mask_seed, progress=tqdm.tqdm)
     click.echo(f"Wrote {count} simulated {coils}-coil slices to {dest}")
 
 

@@ -46,6 +46,7 @@ from torch_utils.misc import SeedGenerators, image_grid, parse_seeds, save_image
 from training.classifier import is_classifier
 from training.guidance import CFG_CONVENTIONS, POTENTIALS
 from training.loss import AmbientLoss
+from training.masks import with_acquired_draw
 from training.measurements import MeasurementConfig, aggregate_projection, skip_space_of
 from training.mri import coil_map_records
 from training.patches import patch_prior, use_seeds
@@ -122,10 +123,11 @@ class MSMSetup:
     """What the MSM and Ambient samplers need from a snapshot: the measurement's mask law and operator family, and
     for MRI the coil maps (--maps, or training record seed mod N per seed) and the measurement shape."""
 
-    def __init__(self, net, config: dict, maps_path: str | None, device):
+    def __init__(self, net, config: dict, maps_path: str | None, device, acquired_draw: str | None = None):
         self.net, self.device = net, device
         self.skip_space = skip_space_of(config.get("loss"))
         measurement = MeasurementConfig.from_config(config["measurement"])
+        measurement.law = with_acquired_draw(measurement.law, acquired_draw)
         self.measurement = measurement
         resolution = net.img_resolution
         if measurement.operator == "mri":
@@ -428,6 +430,9 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
               help="MSM: DDIM eta of the outer update (1 = ancestral)")
 @click.option("--maps", "maps_path", default=None, help="MRI: coil maps .npy complex (C,H,W) [default: from the "
               "training records]")
+@click.option("--acquired-draw", type=click.Choice(["frequencies", "masks"]), default=None,
+              help="MSM model trained on acquired masks: draw each column with its acquired frequency, or one of the "
+              "acquired masks  [default: frequencies]")
 @click.option("--subdirs", is_flag=True, help="Save images in subdirectories of 1000")
 @click.option("--grid", "grid_path", default=None, help="Grid image of the first 64 seeds [default: OUTDIR-grid.png]")
 @click.option("--patch-size", type=click.IntRange(min=1), default=None,
@@ -443,7 +448,8 @@ def resolve_sampler(sampler: str | None, config: dict, mask_channels: int) -> st
 def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifier_path, guidance_kinds,
          guidance_scales, guidance_sigma_range, cfg_scale, cfg_convention, bridge_source, source_label, target_label,
          num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, sampler, num_subsets, schedule,
-         vp_grid, variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, compile_net, device):
+         vp_grid, variant, eta, maps_path, acquired_draw, subdirs, grid_path, patch_size, patch_batch, assembly,
+         compile_net, device):
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
@@ -509,7 +515,7 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     edm_options = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, solver=solver,
                        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     if sampler in ("msm", "ambient"):
-        msm = MSMSetup(net, config, maps_path, device)
+        msm = MSMSetup(net, config, maps_path, device, acquired_draw)
     if sampler == "ambient":
         delta = AmbientLoss(**{k: v for k, v in config["loss"].items() if k != "class_name"}).delta  # checked
         survival = msm.measurement.law.observed_fraction(tuple(msm.shape[-2:])) * (1 - delta)

@@ -82,6 +82,10 @@ std per method over those rows, each method's settings, the measurement set) and
 measurements have no reference: no metrics, no error map. settings.json records the options the outputs depend on
 (dnnlib.util.check_outdir_settings): rerunning the same command may overwrite them, another one is refused before
 anything is written, so no --outdir mixes two runs' results.
+MRI metrics follow --metric-convention (training/metrics.py; written into metrics.csv): sense (default, the SENSE-
+combined magnitude per image), fastmri (fastMRI's evaluate.py: root-sum-of-squares magnitudes, centre crop to 320,
+data range = the volume's maximum; rows per slice, and volumes.csv with PSNR / SSIM / NMSE per volume, the volumes
+being the source files that dataset.json records) or msm (the MSM paper's per-image min-max normalised magnitudes).
 """
 
 import csv
@@ -113,9 +117,26 @@ from training.classifier import is_classifier
 from training.conditioning import dds, dps, jalal, jalal_normalized, projection
 from training.ct import ParallelBeamCT, fbp
 from training.dataset import ImageFolderDataset
-from training.masks import MASK_KINDS, FullMask, PixelMaskLaw, default_acs, example_generator, mask_law_from_config
+from training.masks import (
+    MASK_KINDS,
+    FullMask,
+    PixelMaskLaw,
+    default_acs,
+    example_generator,
+    mask_law_from_config,
+    with_acquired_draw,
+)
 from training.measurements import aggregate_projection, skip_space_of
-from training.metrics import nmse, psnr, reference_max, ssim
+from training.metrics import (
+    FASTMRI_CROP,
+    center_crop,
+    fastmri_volume_metrics,
+    minmax_normalise,
+    nmse,
+    psnr,
+    reference_max,
+    ssim,
+)
 from training.mri import MRIDataset
 from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, measure, measurement_randn
 from training.patches import patch_prior, use_seeds
@@ -161,7 +182,7 @@ from training.sde import (
 
 TASKS = ("mri", "sr", "box", "pixel", "ct")
 IMAGE_OPERATOR_TASKS = ("mri", "sr", "box", "pixel")  # operators with an exact pseudo-inverse (A^+ y baseline)
-LINE_MASK_KINDS = tuple(kind for kind in MASK_KINDS if kind.startswith("lines"))
+LINE_MASK_KINDS = tuple(kind for kind in MASK_KINDS if kind.startswith(("lines", "fastmri")))
 METRIC_CONVENTIONS = (
     "MRI: magnitude images |x| of the coil-combined complex image (T^H k for the reference, the method's image for a "
     "reconstruction), no further normalisation; data range = max of the reference magnitude (fastMRI).",
@@ -245,7 +266,7 @@ class TaskOptions:
     task: str
     sigma_y: float | None = None
     mask_seed: int | None = None
-    mri_mask: dict | None = None  # the MRI line law's config {'kind', 'R', 'acs'}
+    mri_mask: dict | None = None  # the MRI line law's config {'kind', 'R', 'acs' or fastMRI's 'center_fraction'}
     sr_factor: int | None = None
     box_size: int | None = None
     pixel_p: float | None = None
@@ -268,7 +289,8 @@ class TaskOptions:
 
 # The CLI flag of each task option, and the task it belongs to (None: every simulated task).
 TASK_FLAGS = {"sigma_y": ("--sigma-y", None), "mask_seed": ("--mask-seed", None), "kind": ("--mask-kind", "mri"),
-              "R": ("--accel", "mri"), "acs": ("--acs", "mri"), "sr_factor": ("--sr-factor", "sr"),
+              "R": ("--accel", "mri"), "acs": ("--acs", "mri"), "center_fraction": ("--center-fraction", "mri"),
+              "sr_factor": ("--sr-factor", "sr"),
               "box_size": ("--box-size", "box"), "pixel_p": ("--pixel-p", "pixel"), "views": ("--views", "ct"),
               "angular_range": ("--angular-range", "ct"), "rel_noise": ("--rel-noise", None),
               "snr_db": ("--snr-db", None)}
@@ -312,8 +334,16 @@ def resolve_task_options(task: str, acquired: bool, given: dict, resolution: int
         if name in noise and not noise[name] >= 0:
             raise UserError(f"{TASK_FLAGS[name][0]} must be >= 0, got {noise[name]}.")
     if task == "mri":
-        law = {"kind": given.get("kind", "lines-random"), "R": float(given.get("R", 4.0)),
-               "acs": int(given.get("acs", default_acs(resolution)))}
+        kind = given.get("kind", "lines-random")
+        law = {"kind": kind, "R": float(given.get("R", 4.0))}
+        if kind.startswith("fastmri"):  # fastMRI's own parameters (docs/fastmri.md): 4x with an 8% centre
+            if "acs" in given:
+                raise UserError(f"--acs does not apply to --mask-kind {kind}; give --center-fraction.")
+            law["center_fraction"] = float(given.get("center_fraction", 0.08))
+        elif "center_fraction" in given:
+            raise UserError(f"--center-fraction applies to the fastmri mask kinds, not to --mask-kind {kind}.")
+        else:
+            law["acs"] = int(given.get("acs", default_acs(resolution)))
         mask_law_from_config(law).observed_fraction((resolution, resolution))  # e.g. ACS wider than the image
         return TaskOptions(**common, mri_mask=law)
     if task == "sr":
@@ -349,7 +379,8 @@ class Example:
     mask: torch.Tensor | None
     maps: torch.Tensor | None
     reference: torch.Tensor | None
-    sigma_y: torch.Tensor | None = None  # (1,) float64, the noise std of y (None: stored acquired data, unknown)
+    sigma_y: torch.Tensor | None = None  # (1,) float64, the noise std of y (stored acquired data: the converter's
+    # per-slice estimate, None where the records have none)
 
 
 def measure_example(record: dict, opts: TaskOptions) -> Example:
@@ -653,6 +684,7 @@ class MethodOptions:
     family: FamilyOptions = FamilyOptions()
     padis: PadisOptions = PadisOptions()
     sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
+    acquired_draw: str | None = None  # acquired-mask models: 'frequencies' or 'masks' (masks.AcquiredMaskLaw)
     msm_solver: str = "ancestral"  # 'ancestral' (msm_sampler on the VP-200 levels) or 'heun' (EDM's rho grid, ODE)
     vp_grid: str | None = None  # rule of the VP-200 levels ('ddim' / 'section'); None: the snapshot's (vp_grid_of)
 
@@ -680,7 +712,7 @@ def sampling_law(run: Run):
     with; MSM.md section 5). A partial denoiser then sees more lines than any training input had, an extrapolation
     that costs here: the quickstart's MSM model (R = 4, 30 kimg) on 8 validation slices gives 21.56 dB at R = 4,
     19.24 at R = 2 and 8.51 at R = 1 (bench/msm_vs_oracle.py's validation set). An option, not the default."""
-    law, accel = run.model.mask_law, run.options.sample_accel
+    law, accel = with_acquired_draw(run.model.mask_law, run.options.acquired_draw), run.options.sample_accel
     if accel is None or law.kind == "full":
         return law
     return mask_law_from_config({**law.to_config(), "R": accel})
@@ -934,6 +966,8 @@ def msm_settings(run: Run) -> dict:
                     "skip_space": settings["skip_space"]}
     if o.sample_accel is not None and run.model.mask_law.kind != "full":
         settings["sample_R"] = o.sample_accel
+    if run.model.mask_law.kind == "acquired":
+        settings["acquired_draw"] = sampling_law(run).draw
     return settings
 
 
@@ -1004,6 +1038,55 @@ def metric_rows(reference: torch.Tensor, estimate: torch.Tensor, task: str) -> d
             "nmse": nmse(reference, estimate).item()}
 
 
+CONVENTIONS = ("sense", "fastmri", "msm")
+CONVENTION_TEXT = {
+    "sense": "MRI convention 'sense': the magnitude of the coil-combined (SENSE) image per image, data range = the "
+             "reference's maximum.",
+    "fastmri": "MRI convention 'fastmri' (fastMRI evaluate.py): root-sum-of-squares magnitude sqrt(sum_c |S_c x|^2) "
+               "of the coil images of each image (the reference's: of T T^H k, its coil data projected on the stored "
+               "maps), centre-cropped to at most 320 x 320; data range = the maximum of the reference VOLUME (the "
+               "selected slices of one source file); rows are per slice (PSNR, SSIM with that range), volumes.csv "
+               "holds fastMRI's per-volume PSNR (volume MSE), SSIM (mean over slices) and NMSE.",
+    "msm": "MRI convention 'msm' (the MSM paper): magnitude images each min-max normalised to [0, 1], data range 1.",
+}
+
+
+def rss_images(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """2-channel coil-combined images (N, 2, H, W) -> root-sum-of-squares magnitudes (N, 1, H, W) of their coil
+    images S_c x, cropped as fastMRI evaluates (FASTMRI_CROP)."""
+    coil_energy = (maps.abs().to(torch.float64) ** 2).sum(dim=1, keepdim=True)
+    return center_crop(mri_magnitude(images.to(torch.float64)) * coil_energy.sqrt(), FASTMRI_CROP)
+
+
+def convention_rows(convention: str, reference: torch.Tensor, estimate: torch.Tensor, maps: torch.Tensor,
+                    volume_max: float | None) -> dict:
+    """An MRI row under a non-default convention (CONVENTION_TEXT); reference / estimate: 2-channel images."""
+    if convention == "fastmri":
+        reference, estimate, data_range = rss_images(reference, maps), rss_images(estimate, maps), volume_max
+    else:
+        reference, estimate = (minmax_normalise(mri_magnitude(image.to(torch.float64)))
+                               for image in (reference, estimate))
+        data_range = 1.0
+    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
+            "nmse": nmse(reference, estimate).item()}
+
+
+def volume_rows(examples: dict, volumes: dict, outdir: str, seeds: list[int], methods: list[str]) -> list[dict]:
+    """fastMRI's per-volume metrics of every (volume, seed, method), from the saved reconstructions."""
+    rows = []
+    for volume in sorted(set(volumes.values())):
+        members = sorted(i for i in examples if volumes[i] == volume)
+        reference = torch.cat([rss_images(examples[i].reference, examples[i].maps) for i in members])
+        for seed in seeds:
+            for m in methods:
+                estimate = torch.cat([rss_images(torch.from_numpy(np.load(os.path.join(
+                    outdir, "reconstructions", f"{i:05d}-{seed:06d}.npz"))[m])[None], examples[i].maps)
+                    for i in members])
+                rows.append({"volume": volume, "slices": len(members), "seed": seed, "method": m,
+                             **fastmri_volume_metrics(reference[:, 0], estimate[:, 0])})
+    return rows
+
+
 def tile(image: torch.Tensor, scale: float, label: str, zoom: int) -> np.ndarray:
     """(C, H, W) float -> uint8 RGB tile (zoom H + 12, zoom W, 3) with `label` in a strip above."""
     pixels = (image / scale).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -1060,6 +1143,8 @@ def format_table(summary: dict) -> str:
 def write_metrics(outdir: str, rows: list[dict], summary: dict, report: dict):
     with open(os.path.join(outdir, "metrics.csv"), "w", newline="") as f:
         f.write("".join(f"# {line}\n" for line in METRIC_CONVENTIONS))
+        if report.get("metric_convention"):
+            f.write(f"# {report['metric_convention']}\n")
         f.write("# Deterministic methods (zero-filled, cs-*) do not depend on the seed: their rows repeat across "
                 "seeds.\n")
         f.write(f"# {NOISE_CONVENTION}\n")
@@ -1183,6 +1268,8 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               "[default: 4]")
 @click.option("--acs", type=click.IntRange(min=0), default=None, help=f"Task option, MRI centre lines [default: "
               f"{ACS_HELP}]")
+@click.option("--center-fraction", type=click.FloatRange(min=0, max=1), default=None,
+              help="Task option, fastmri mask kinds: fraction of the columns at the centre [default: 0.08]")
 @click.option("--mask-seed", type=int, default=None, help="Task option, seed of the simulated masks and noise "
               "[default: 1]")
 @click.option("--sr-factor", type=click.IntRange(min=1), default=None, help="Task option [default: 4]")
@@ -1254,6 +1341,9 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
 @click.option("--sample-accel", type=click.FloatRange(min=1), default=None,
               help="MSM model on MRI lines: acceleration R of the masks its partial estimates use at sampling "
                    "[default: the training law's]")
+@click.option("--acquired-draw", type=click.Choice(["frequencies", "masks"]), default=None,
+              help="MSM model trained on acquired masks: draw each column with its acquired frequency, or one of the "
+              "acquired masks  [default: frequencies]")
 @click.option("--msm-solver", type=click.Choice(["ancestral", "heun"]), default="ancestral", show_default=True,
               help="MSM: the MSM sampler on --steps VP-200 levels, or EDM's Heun ODE sampler on --steps levels of "
                    "its rho grid (2 --steps - 1 evaluations, each of K subsets)")
@@ -1283,15 +1373,19 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
               "stride p/2 averaged  [default: tile]")
 @click.option("--compile", "compile_net", is_flag=True,
               help="torch.compile the network (pays off for many examples; the first batch includes the compilation)")
+@click.option("--metric-convention", type=click.Choice(CONVENTIONS), default="sense", show_default=True,
+              help="MRI metrics: SENSE-combined magnitude, fastMRI's (RSS, crop, per volume) or the MSM paper's "
+              "(min-max normalised)")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def main(network_path, data_path, measurements_path, save_path, task, outdir, methods, indices, first, num, seeds,
-         max_batch, mask_kind, accel, acs, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise, snr_db, views,
+         max_batch, mask_kind, accel, acs, center_fraction, mask_seed, sr_factor, box_size, pixel_p, sigma_y, rel_noise,
+         snr_db, views,
          angular_range, sigma_max, sigma_min, levels, steps_each, eps, noise_boost, dc_boost, sigma_offset, ald_dc,
          dc_norm_weight, init, final_denoise, snr, corrector_steps, start_fraction, start_sigma, pc_dps_step, dds_gamma,
          cg_iters, padis_steps, padis_sigma_max, padis_sigma_min, inner_steps, alpha_factor, padis_zeta, padis_init,
-         num_subsets, num_steps, dc_step, sample_accel, msm_solver, vp_grid, eta, outer, dps_steps, dps_step,
-         cs_tv_lambda,
-         cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
+         num_subsets, num_steps, dc_step, sample_accel, acquired_draw, msm_solver, vp_grid, eta, outer, dps_steps,
+         dps_step, cs_tv_lambda, cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly,
+         compile_net, metric_convention, device):
     options = {k: v for k, v in locals().items() if k != "device"}
     # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
     paths = {"network_path": network_path and checkpoint.resolve_snapshot_path(network_path), "data_path": data_path,
@@ -1305,7 +1399,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
 
     # Validate everything before writing anything.
     given = {name: value for name, value in (("sigma_y", sigma_y), ("mask_seed", mask_seed), ("kind", mask_kind),
-                                             ("R", accel), ("acs", acs), ("sr_factor", sr_factor),
+                                             ("R", accel), ("acs", acs), ("center_fraction", center_fraction),
+                                             ("sr_factor", sr_factor),
                                              ("box_size", box_size), ("pixel_p", pixel_p), ("views", views),
                                              ("angular_range", angular_range), ("rel_noise", rel_noise))
              if value is not None}
@@ -1328,6 +1423,8 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         raise UserError(f"--save-measurements {save_path} already exists; measurement sets are never overwritten.")
     seeds = parse_seeds(seeds)
     model = load_model(network_path, device, patch_size, patch_batch, assembly, compile_net)
+    if acquired_draw is not None:
+        with_acquired_draw(FullMask() if model is None else model.mask_law, acquired_draw)  # refuses other laws
     if sample_accel is not None and (model is None or not model.mask_law.kind.startswith("lines")):
         law = "no --network" if model is None else f"{network_path}, trained with the {model.mask_law.kind} mask law"
         raise UserError(f"--sample-accel applies to MSM models trained on MRI line masks, got {law}.")
@@ -1357,21 +1454,40 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         for level in snr_list or [None]:
             task_options = resolve_task_options(task, acquired, given if level is None else {**given, "snr_db": level},
                                                 resolution)
-            sets.append((level, MeasurementSet(task_options, {i: measure_example(data[i], task_options)
-                                                              for i in chosen}, os.path.abspath(data_path))))
+            measured = {i: measure_example(data[i], task_options) for i in chosen}
+            if acquired:  # the converter's per-slice noise estimate, where recorded, is the noise std of the data
+                for i, example in measured.items():
+                    noise = data.meta["slices"][i].get("noise_std")
+                    example.sigma_y = None if noise is None else torch.tensor([float(noise)], dtype=torch.float64)
+            sets.append((level, MeasurementSet(task_options, measured, os.path.abspath(data_path))))
         measurements = sets[0][1]
         source = data_path
     sets = sets if measurements_path is None else [(None, measurements)]
     if save_path is not None and len(sets) > 1:
         raise UserError(f"--save-measurements writes one measurement set, but --snr-db {snr_db} makes {len(sets)}.")
     check_model(task, model, measurements, network_path, source)
+    if metric_convention != "sense" and task != "mri":
+        raise UserError(f"--metric-convention {metric_convention} applies to --task mri only.")
+    if metric_convention == "fastmri" and snr_list is not None:
+        raise UserError("--metric-convention fastmri scores whole volumes and does not combine with --snr-db.")
+    # The volume of each example for fastMRI's per-volume metrics: its source file where the records say (fastMRI
+    # conversions), else the example alone.
+    slices = data.meta["slices"] if measurements_path is None and task == "mri" else []
+    volumes = {i: slices[i].get("source", f"example {i}") if i < len(slices) else f"example {i}"
+               for i in measurements.examples}
+    volume_max = {}
+    if metric_convention == "fastmri":
+        for i, example in measurements.examples.items():
+            if example.reference is not None:
+                peak = float(rss_images(example.reference, example.maps).max())
+                volume_max[volumes[i]] = max(volume_max.get(volumes[i], 0.0), peak)
     methods = parse_methods(methods, task, model)
     dc_step = dc_step if dc_step is not None else (2.0 if task == "mri" else 1.75)
     check_dc_step(dc_step)
     method_options = MethodOptions(msm_steps=num_steps, num_subsets=num_subsets or (3 if task == "mri" else 2),
                                    dc_step=dc_step, eta=eta, outer=outer, dps_steps=dps_steps, dps_step=dps_step,
                                    cs=cs, family=family, padis=padis, sample_accel=sample_accel,
-                                   msm_solver=msm_solver, vp_grid=vp_grid)
+                                   acquired_draw=acquired_draw, msm_solver=msm_solver, vp_grid=vp_grid)
     run = Run(model, measurements.task, method_options, device, show_progress=rank == 0)
     examples = measurements.examples
     stored = any(e.reference is None for e in examples.values())
@@ -1424,8 +1540,10 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
             np.savez(os.path.join(outdir, "reconstructions", f"{name}.npz"),
                      **{m: image[0].numpy().astype(np.float32) for m, image in results.items()})
             if reference is not None:
-                new = {m: {**metric_rows(reference, shown[m], task), "nfe": costs[m][0], "seconds": costs[m][1]}
-                       for m in methods}
+                new = {m: {**(metric_rows(reference, shown[m], task) if metric_convention == "sense" else
+                              convention_rows(metric_convention, example.reference, results[m], example.maps,
+                                              volume_max.get(volumes[i]))),
+                           "nfe": costs[m][0], "seconds": costs[m][1]} for m in methods}
                 rows += [{"example": i, "seed": seed, "method": m, **({} if level is None else {"snr_db": level}), **r}
                          for m, r in new.items()]
                 tqdm.tqdm.write(("" if world == 1 else f"[rank {rank}] ") + example_line(i, seed, new))
@@ -1445,6 +1563,15 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
             summary = summarise(rows, methods) if snr_list is None else {
                 f"{m} @ {level:g} dB": values for level in snr_list
                 for m, values in summarise([r for r in rows if r["snr_db"] == level], methods).items()}
+            report["metric_convention"] = CONVENTION_TEXT[metric_convention] if task == "mri" else None
+            if metric_convention == "fastmri":
+                report["volumes"] = volume_rows(measurements.examples, volumes, outdir, seeds, methods)
+                with open(os.path.join(outdir, "volumes.csv"), "w", newline="") as f:
+                    f.write(f"# {CONVENTION_TEXT['fastmri']}\n")
+                    writer = csv.DictWriter(f, fieldnames=["volume", "slices", "seed", "method", "psnr", "ssim",
+                                                           "nmse"])
+                    writer.writeheader()
+                    writer.writerows(report["volumes"])
             write_metrics(outdir, rows, summary, report)
             print(format_table(summary))
             print(f"Wrote panels, reconstructions, metrics.csv and summary.json to {outdir}")

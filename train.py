@@ -35,19 +35,25 @@ RESUME_MAY_DIFFER = {
 
 
 # Options of the measurement process (--loss msm / ambient); None / False means "not given".
-MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "sigma_y", "protocol", "mask_seed", "sigma_dist", "vp_grid",
-                       "sure_tau", "sure_weight", "pseudo_clean_grad", "ambient_delta", "mask_channel", "skip_space")
+MEASUREMENT_OPTIONS = ("mask", "p", "accel", "acs", "center_fraction", "sigma_y", "protocol", "mask_seed",
+                       "sigma_dist", "vp_grid", "sure_tau", "sure_weight", "pseudo_clean_grad", "ambient_delta",
+                       "mask_channel", "skip_space")
 LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs"),
-                  "lines-equispaced": ("accel", "acs"), "full": ()}
+                  "lines-equispaced": ("accel", "acs"), "fastmri-random": ("accel", "center_fraction"),
+                  "fastmri-equispaced": ("accel", "center_fraction"), "full": ()}
 
 
 def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
     """--mask/--p/--accel/--acs -> a mask-law config. Defaults: box p = 0.4 for images, lines-random R = 4 for MRI,
     acs = training.masks.default_acs(width) = min(20, width // 8) centre lines, the default of every tool."""
     law = opts.mask or ("lines-random" if kind == "mri" else "box")
-    stray = [f"--{n}" for n in ("p", "accel", "acs") if opts[n] is not None and n not in LAW_PARAMETERS[law]]
+    stray = [f"--{n.replace('_', '-')}" for n in ("p", "accel", "acs", "center_fraction")
+             if opts[n] is not None and n not in LAW_PARAMETERS[law]]
     if stray:
         raise UserError(f"{', '.join(stray)} do not apply to --mask {law}.")
+    if law.startswith("fastmri"):  # fastMRI's standard pair: 4x with 8% of the columns at the centre
+        return {"kind": law, "R": 4.0 if opts.accel is None else opts.accel,
+                "center_fraction": 0.08 if opts.center_fraction is None else opts.center_fraction}
     if law in ("box", "pixel"):
         return {"kind": law, "p": 0.4 if opts.p is None else opts.p}
     if law == "full":
@@ -112,6 +118,14 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
                                              sigma_y=0.0 if opts.sigma_y is None else opts.sigma_y,
                                              protocol=opts.protocol or "fixed", seed=opts.mask_seed or 0)
         measurement.law.sample(1, tuple(shape[1:]), torch.Generator())  # rejects a law that does not fit the data
+        if desc["kind"] == "mri" and desc["fully_sampled"]:
+            # The records were scaled on their normalisation's centre lines; a mask without all of them would make
+            # the scale read lines the training data never measure.
+            used, kept = desc["normalisation"]["acs"], measurement.law.centre_lines(shape[-1])
+            if kept < used:
+                raise UserError(f"--mask {measurement.law.kind} keeps {kept} centre lines, fewer than the {used} that "
+                                f"the intensity normalisation of --data {opts.data} read; use --acs >= {used} (or a "
+                                "larger --center-fraction).")
         c.measurement = measurement.to_config()
         c.dataset_kwargs = {**base_kwargs, "measurement": c.measurement}
         sigma_dist = opts.sigma_dist or "lognormal"
@@ -361,11 +375,14 @@ def new_run_dir(outdir: str, desc: str) -> str:
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help="Use at most this many examples")
 @click.option("--loss", type=click.Choice(["edm", "msm", "ambient"]), default="edm", show_default=True,
               help="edm: clean data; msm / ambient: learn from the partial measurements only")
-@click.option("--mask", type=click.Choice(["box", "pixel", "lines-random", "lines-equispaced", "full"]), default=None,
+@click.option("--mask", type=click.Choice(["box", "pixel", "lines-random", "lines-equispaced", "fastmri-random",
+                                         "fastmri-equispaced", "full"]), default=None,
               help="Mask law of the measurements  [default: box for images, lines-random for MRI]")
 @click.option("--p", type=float, default=None, help="Drop probability of the box / pixel law  [default: 0.4]")
 @click.option("--accel", type=float, default=None, help="Acceleration R of the line laws  [default: 4]")
 @click.option("--acs", type=int, default=None, help="Always-kept centre lines  [default: min(20, W // 8)]")
+@click.option("--center-fraction", type=float, default=None,
+              help="fastMRI laws: fraction of the columns kept at the centre (docs/fastmri.md)  [default: 0.08]")
 @click.option("--sigma-y", type=float, default=None, help="Measurement noise std eta  [default: 0]")
 @click.option("--protocol", type=click.Choice(["fixed", "resample"]), default=None,
               help="fixed: each example measured once; resample: a fresh mask per draw  [default: fixed; stored "

@@ -51,6 +51,12 @@ class MaskLaw:
     (`from_randoms`, `coverage_aware_select`), with the masks each row would get alone."""
 
     kind = ""
+    is_line_law = False  # masks (n, 1, 1, W) of phase-encode columns, for k-space (MRI) measurements
+
+    def centre_lines(self, width: int) -> int:
+        """How many centre columns (`acs_columns(width, .)`) every mask keeps: what the intensity normalisation and
+        ESPIRiT may read. 0 for laws without guaranteed centre lines."""
+        return 0
 
     def sample(self, n: int, shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
         """n independent masks from the law, float32 {0, 1} on the generator's device."""
@@ -204,6 +210,8 @@ def acs_columns(width: int, acs: int, device=None) -> torch.Tensor:
 class _LineMaskLaw(MaskLaw):
     """Cartesian phase-encode lines with `acs` always-kept centre columns at nominal acceleration R."""
 
+    is_line_law = True
+
     def __init__(self, R: float, acs: int):
         if not (isinstance(R, (int, float)) and R >= 1):
             raise UserError(f"Mask law '{self.kind}': the acceleration R must be a number >= 1, got {R!r}.")
@@ -217,6 +225,9 @@ class _LineMaskLaw(MaskLaw):
 
     def mask_shape(self, n, shape):
         return (n, 1, 1, shape[-1])
+
+    def centre_lines(self, width: int) -> int:
+        return self.acs
 
     def to_config(self):
         return {"kind": self.kind, "R": self.R, "acs": self.acs}
@@ -282,7 +293,7 @@ class EquispacedLineMaskLaw(_LineMaskLaw):
         return self._groups(shape[-1]).to(torch.float64).mean(dim=0).reshape(1, 1, 1, -1)
 
     def _randoms(self, n, shape, generator, device=None):
-        return (torch.rand(n, self.R, generator=generator, device=device),)
+        return (torch.rand(n, len(self._groups(shape[-1])), generator=generator, device=device),)
 
     def _select(self, randoms, shape, uncovered):
         (uniform,) = randoms
@@ -294,7 +305,193 @@ class EquispacedLineMaskLaw(_LineMaskLaw):
         return groups[offset].reshape(n, 1, 1, width)
 
 
-_LAWS = {law.kind: law for law in (FullMask, BoxMaskLaw, PixelMaskLaw, RandomLineMaskLaw, EquispacedLineMaskLaw)}
+# ----------------------------------------------------------------------------
+# fastMRI's retrospective mask functions (facebookresearch/fastMRI fastmri/data/subsample.py, RandomMaskFunc and
+# EquispacedMaskFunc) as laws, so results on fully sampled data compare with published fastMRI numbers. Their centre
+# block is n = round(W * center_fraction) columns starting at (W - n + 1) // 2, which is `acs_columns(W, n)` for
+# even W (fastMRI's widths: 320, 368, 372, ...); odd widths are refused rather than shifted by one.
+
+
+def fastmri_centre_lines(width: int, center_fraction: float) -> int:
+    """fastMRI's num_low_freqs: round(W * center_fraction) (Python's round, as fastMRI)."""
+    return int(round(width * center_fraction))
+
+
+class _FastMRILaw:
+    """What fastMRI's two mask functions share: (center_fraction, R) checked, the centre block, the config."""
+
+    is_line_law = True
+
+    def __init__(self, R: float, center_fraction: float):
+        if not (isinstance(R, (int, float)) and R > 1):
+            raise UserError(f"Mask law '{self.kind}': the acceleration R must be a number > 1, got {R!r}.")
+        if not (isinstance(center_fraction, (int, float)) and 0 < center_fraction < 1 / R):
+            raise UserError(f"Mask law '{self.kind}': center_fraction must lie in (0, 1 / R) = (0, {1 / R:g}) so that "
+                            f"R = {R:g} leaves lines to draw, got {center_fraction!r}.")
+        self.R, self.center_fraction = float(R), float(center_fraction)
+
+    def centre_lines(self, width: int) -> int:
+        if width % 2:
+            raise UserError(f"Mask law '{self.kind}' is defined here for an even number of columns, got {width}.")
+        return fastmri_centre_lines(width, self.center_fraction)
+
+    def mask_shape(self, n, shape):
+        return (n, 1, 1, shape[-1])
+
+    def to_config(self):
+        return {"kind": self.kind, "R": self.R, "center_fraction": self.center_fraction}
+
+
+class _IndependentLineLaw(MaskLaw):
+    """Columns kept independently with probabilities `frequencies(width)` (1 = always kept). A plain draw keeps
+    exactly the columns whose uniform coin falls below their frequency; the coverage-aware draw keeps as many columns
+    (same count law) but takes uncovered columns of nonzero frequency first, never a column of frequency 0."""
+
+    is_line_law = True
+
+    def mask_shape(self, n, shape):
+        return (n, 1, 1, shape[-1])
+
+    def expected_mask(self, shape):
+        return self.frequencies(shape[-1]).reshape(1, 1, 1, -1)
+
+    def _randoms(self, n, shape, generator, device=None):
+        self.frequencies(shape[-1])  # refuses a width the law does not fit
+        return (torch.rand(n, shape[-1], generator=generator, device=device),
+                torch.rand(n, shape[-1], generator=generator, device=device))
+
+    def _select(self, randoms, shape, uncovered):
+        coins, uniform = randoms
+        width, n = shape[-1], len(coins)
+        frequencies = self.frequencies(width).to(device=coins.device, dtype=torch.float32)
+        hits = (coins < frequencies).to(torch.float32)
+        possible = (frequencies > 0).to(torch.float32)
+        # Without coverage the top `count` priorities are exactly the hits (always-kept 5.5, hits 1.5, others <= 0.5);
+        # uncovered possible columns (>= 2.5) come before the other hits when there is coverage to gain.
+        priority = (4 * (frequencies >= 1) + 2 * uncovered.reshape(n, width) * possible + hits + 0.5 * possible
+                    + uniform * _TIE_BREAK)
+        return _select_top(priority, hits.sum(dim=1)).reshape(n, 1, 1, width).to(torch.float32)
+
+
+class FastMRIRandomMaskLaw(_FastMRILaw, _IndependentLineLaw):
+    """fastMRI's RandomMaskFunc with one (center_fraction, acceleration): the n centre columns, and every other column
+    independently with probability (W / R - n) / (W - n), so E[lines] = W / R exactly (the count varies)."""
+
+    kind = "fastmri-random"
+
+    def frequencies(self, width: int) -> torch.Tensor:
+        n = self.centre_lines(width)
+        frequencies = torch.full((width,), (width / self.R - n) / (width - n), dtype=torch.float64)
+        frequencies[acs_columns(width, n)] = 1.0
+        return frequencies
+
+
+class FastMRIEquispacedMaskLaw(_FastMRILaw, EquispacedLineMaskLaw):
+    """fastMRI's EquispacedMaskFunc: the n centre columns, plus the columns round(offset + k a) < W - 1 for the
+    adjusted spacing a = R (n - W) / (n R - W), with the offset uniform in 0..round(a) - 1; a is not an integer,
+    so the lines are only nearly equispaced and their count depends on the offset (fastMRI keeps this to match the
+    public multi-coil data). One group per offset, as `EquispacedLineMaskLaw`."""
+
+    kind = "fastmri-equispaced"
+
+    def _groups(self, width, device=None):
+        n = self.centre_lines(width)
+        spacing = self.R * (n - width) / (n * self.R - width)
+        groups = torch.zeros(round(spacing), width, dtype=torch.bool)
+        for offset in range(len(groups)):
+            groups[offset, np.around(np.arange(offset, width - 1, spacing)).astype(np.int64)] = True
+        return (groups | acs_columns(width, n)).to(device)
+
+
+# ----------------------------------------------------------------------------
+# Acquired masks: the law of real undersampled data, recorded by the fastMRI converter from the masks it stored.
+
+MAX_ACQUIRED_WIDTH = 8192
+MAX_ACQUIRED_MASKS = 100_000
+
+
+class AcquiredMaskLaw(_IndependentLineLaw):
+    """The empirical law of a dataset's acquired line masks, for sampling (training uses each record's own mask).
+
+    frequencies: the fraction of records that acquired each column (E[P] of the data, which MSM's weights
+    W = 1 / E[P] need); acs: the centre columns every record acquired; masks / counts: the distinct acquired masks
+    as '0'/'1' strings and how many records have each. draw 'frequencies' (default) keeps each column independently
+    with its frequency (the same E[P], not the same joint law: the line count varies); draw 'masks' picks one of the
+    acquired masks, with probability proportional to its count (the data's joint law exactly; the coverage-aware
+    draw picks the one that covers most uncovered columns)."""
+
+    kind = "acquired"
+    DRAWS = ("frequencies", "masks")
+
+    def __init__(self, frequencies: list, acs: int, masks: list, counts: list, draw: str = "frequencies"):
+        if not (isinstance(frequencies, list) and 1 <= len(frequencies) <= MAX_ACQUIRED_WIDTH
+                and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in frequencies)):
+            raise UserError(f"Mask law 'acquired': frequencies must be a list of 1 to {MAX_ACQUIRED_WIDTH} numbers in "
+                            "[0, 1].")
+        width = len(frequencies)
+        if not (isinstance(masks, list) and isinstance(counts, list) and 1 <= len(masks) == len(counts)
+                <= MAX_ACQUIRED_MASKS and all(isinstance(m, str) and len(m) == width and set(m) <= {"0", "1"}
+                                              for m in masks)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)):
+            raise UserError(f"Mask law 'acquired': masks must be 1 to {MAX_ACQUIRED_MASKS} strings of {width} '0'/'1' "
+                            "characters with as many positive integer counts.")
+        if draw not in self.DRAWS:
+            raise UserError(f"Mask law 'acquired': draw must be one of {', '.join(self.DRAWS)}, got {draw!r:.40}.")
+        if not (isinstance(acs, int) and 0 <= acs <= width):
+            raise UserError(f"Mask law 'acquired': acs must be an integer in [0, {width}], got {acs!r:.40}.")
+        self._frequencies = torch.tensor(frequencies, dtype=torch.float64)
+        self._masks = torch.tensor([[c == "1" for c in m] for m in masks], dtype=torch.bool)
+        self._counts = torch.tensor(counts, dtype=torch.float64)
+        self._config = {"frequencies": list(frequencies), "acs": acs, "masks": list(masks), "counts": list(counts),
+                        "draw": draw}
+        self.acs, self.draw = acs, draw
+        if not self._masks[:, acs_columns(width, acs)].all():
+            raise UserError(f"Mask law 'acquired': not every mask keeps the {acs} centre lines (acs).")
+
+    @classmethod
+    def from_masks(cls, masks: np.ndarray, acs: int, draw: str = "frequencies") -> "AcquiredMaskLaw":
+        """The law of the acquired masks (N, W) {0, 1} of a dataset's records."""
+        masks = np.asarray(masks) > 0
+        distinct, counts = np.unique(masks, axis=0, return_counts=True)
+        return cls([float(f) for f in masks.mean(axis=0)], int(acs),
+                   ["".join("1" if v else "0" for v in m) for m in distinct], [int(c) for c in counts], draw)
+
+    def _check_width(self, width: int):
+        if width != len(self._frequencies):
+            raise UserError(f"Mask law 'acquired' holds masks of {len(self._frequencies)} columns; the data have "
+                            f"{width}.")
+
+    def frequencies(self, width: int) -> torch.Tensor:
+        self._check_width(width)
+        return self._frequencies
+
+    def centre_lines(self, width: int) -> int:
+        return self.acs
+
+    def to_config(self):
+        return {"kind": self.kind, **self._config}
+
+    def _randoms(self, n, shape, generator, device=None):
+        if self.draw == "frequencies":
+            return super()._randoms(n, shape, generator, device)
+        self._check_width(shape[-1])
+        return (torch.rand(n, len(self._masks), generator=generator, device=device),)
+
+    def _select(self, randoms, shape, uncovered):
+        if self.draw == "frequencies":
+            return super()._select(randoms, shape, uncovered)
+        (uniform,) = randoms
+        n, device = len(uniform), uniform.device
+        masks = self._masks.to(device=device, dtype=torch.float32)  # (M, W)
+        uncovered_fraction = uncovered.reshape(n, -1) @ masks.T / masks.sum(dim=1).clamp(min=1)  # (n, M)
+        # u ** (1 / count) is largest for mask m with probability count_m / sum(counts) (Efraimidis-Spirakis).
+        weighted = uniform.to(torch.float64) ** (1 / self._counts.to(device))
+        offset = (weighted.to(torch.float32) * _TIE_BREAK + uncovered_fraction).argmax(dim=1)
+        return masks[offset].reshape(n, 1, 1, -1)
+
+
+_LAWS = {law.kind: law for law in (FullMask, BoxMaskLaw, PixelMaskLaw, RandomLineMaskLaw, EquispacedLineMaskLaw,
+                                      FastMRIRandomMaskLaw, FastMRIEquispacedMaskLaw, AcquiredMaskLaw)}
 MASK_KINDS = tuple(_LAWS)
 
 
@@ -305,6 +502,12 @@ _PARAMETERS = {
     "pixel": {"p": Field("float", required=True)},
     "lines-random": {"R": Field("float", required=True), "acs": Field("int", required=True)},
     "lines-equispaced": {"R": Field("float", required=True), "acs": Field("int", required=True)},
+    "fastmri-random": {"R": Field("float", required=True), "center_fraction": Field("float", required=True)},
+    "fastmri-equispaced": {"R": Field("float", required=True), "center_fraction": Field("float", required=True)},
+    # Lists the constructor checks element by element (sizes bounded there, before any tensor is built).
+    "acquired": {"frequencies": Field("json", required=True), "acs": Field("int", required=True),
+                 "masks": Field("json", required=True), "counts": Field("json", required=True),
+                 "draw": Field("str", choices=AcquiredMaskLaw.DRAWS)},
 }
 
 
@@ -319,6 +522,16 @@ def mask_law_from_config(config: dict, where: str = "mask") -> MaskLaw:
                           f"{', '.join(MASK_KINDS)}")
     check_fields(config, {"kind": Field("str", required=True), **_PARAMETERS[kind]}, where)
     return _LAWS[kind](**{key: value for key, value in config.items() if key != "kind"})
+
+
+def with_acquired_draw(law: MaskLaw, draw: str | None, where: str = "--acquired-draw") -> MaskLaw:
+    """The law with its draw switched ('frequencies' or 'masks', AcquiredMaskLaw), for sampling; `law` itself when
+    draw is None. Only an acquired law has draws to choose between."""
+    if draw is None:
+        return law
+    if law.kind != "acquired":
+        raise UserError(f"{where} applies to models trained on acquired masks (mask law 'acquired'), not {law.kind}.")
+    return AcquiredMaskLaw(**{**{k: v for k, v in law.to_config().items() if k != "kind"}, "draw": draw})
 
 
 # ----------------------------------------------------------------------------

@@ -43,13 +43,12 @@ class MeasurementConfig:
         if not sigma_y >= 0:
             raise UserError(f"--sigma-y must be >= 0, got {sigma_y}.")
         self.law: MaskLaw = mask_law_from_config(mask)
-        is_line_law = self.law.kind.startswith("lines")
-        if operator == "identity" and is_line_law:
+        if operator == "identity" and self.law.is_line_law:
             raise UserError(f"Mask law {self.law.kind!r} samples k-space lines and needs an MRI dataset; this dataset "
                             "holds images (use --mask box or pixel).")
         if operator == "mri" and self.law.kind in ("box", "pixel"):
-            raise UserError(f"Mask law {self.law.kind!r} is for images; an MRI dataset needs lines-random or "
-                            "lines-equispaced.")
+            raise UserError(f"Mask law {self.law.kind!r} is for images; an MRI dataset needs a line law (lines-random, "
+                            "lines-equispaced, fastmri-random, fastmri-equispaced).")
         self.operator, self.sigma_y, self.protocol, self.seed = operator, float(sigma_y), protocol, int(seed)
 
     def to_config(self) -> dict:

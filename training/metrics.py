@@ -245,3 +245,43 @@ def ssim(reference: torch.Tensor, estimate: torch.Tensor, data_range) -> torch.T
     cov_xy = sample_cov * (local_mean(reference * estimate) - mu_x * mu_y)
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation conventions for MRI, side by side (reconstruct.py --metric-convention):
+# - 'sense' (the default above): magnitude of the coil-combined (SENSE) image, per image, data range = its reference's
+#   maximum.
+# - 'fastmri' (fastMRI's evaluate.py): root-sum-of-squares magnitude images, centre-cropped to at most 320 x 320,
+#   scored per VOLUME: PSNR = 10 log10(max^2 / MSE over the whole volume), SSIM = the mean over the volume's slices
+#   of the per-slice SSIM, NMSE over the volume, with max = the reference volume's maximum as the data range of both.
+# - 'msm' (the MSM paper): each magnitude image min-max normalised to [0, 1] on its own, data range 1.
+
+FASTMRI_CROP = 320  # fastMRI's reconstruction size: evaluate.py crops the targets and reconstructions to it
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central min(size, H) x min(size, W) block of images (..., H, W) (fastMRI's `center_crop`)."""
+    height, width = images.shape[-2:]
+    h, w = min(size, height), min(size, width)
+    top, left = (height - h) // 2, (width - w) // 2
+    return images[..., top : top + h, left : left + w]
+
+
+def fastmri_volume_metrics(reference: torch.Tensor, estimate: torch.Tensor) -> dict:
+    """fastMRI's volume metrics of real magnitude volumes (S, H, W) (already RSS and cropped): {'psnr', 'ssim',
+    'nmse'} with the reference volume's maximum as the data range (fastMRI evaluate.py)."""
+    reference, estimate = _as_batch(reference), _as_batch(estimate)
+    maximum = reference.max()
+    mse = (reference - estimate).square().mean()
+    return {"psnr": float(10 * torch.log10(maximum**2 / mse)),
+            "ssim": float(ssim(reference, estimate, maximum).mean()),
+            "nmse": float((reference - estimate).square().sum() / reference.square().sum())}
+
+
+def minmax_normalise(images: torch.Tensor) -> torch.Tensor:
+    """Each image (N, C, H, W) or (N, H, W) mapped to [0, 1] by its own minimum and maximum (the MSM paper's MRI
+    convention); a constant image becomes 0."""
+    images = _as_batch(images)
+    low = images.flatten(1).amin(dim=1).reshape(-1, 1, 1, 1)
+    span = images.flatten(1).amax(dim=1).reshape(-1, 1, 1, 1) - low
+    return (images - low) / torch.where(span > 0, span, torch.ones_like(span))

@@ -28,7 +28,7 @@ import torch
 
 from dnnlib import UserError
 from dnnlib.util import AtomicWriter, check_outdir
-from training.masks import MaskLaw, acs_columns, default_acs
+from training.masks import AcquiredMaskLaw, MaskLaw, acs_columns, default_acs
 from training.operators import MultiCoilMRI, channels_to_complex, fft2c, ifft2c
 
 FORMAT_VERSION = 1
@@ -123,13 +123,19 @@ def espirit_maps(kspace: np.ndarray, calib_width: int, kernel_width: int, thresh
     return maps.astype(np.complex64)
 
 
-def center_crop_kspace(kspace: np.ndarray, resolution: int) -> np.ndarray:
-    """Centre-crop a centred k-space (C, H, W) to resolution^2 in IMAGE space (fastMRI k-space is oversampled in
-    the readout direction): ifft2c, crop the central block, fft2c."""
+def center_crop_kspace(kspace: np.ndarray, resolution: int, phase_crop: str = "image") -> np.ndarray:
+    """Centre-crop a centred k-space (C, H, W) to resolution^2. The readout rows (fastMRI oversamples them 2x) are
+    cropped in IMAGE space (ifft2c, the central rows, fft2c). The phase-encode columns too with phase_crop 'image';
+    with 'kspace' they are cut in k-space to the centred window of `resolution` lines (`phase_encode_window`), which
+    keeps an undersampled acquisition's lines as they were measured (the column transform cancels: it is applied
+    and undone on every column)."""
     height, width = kspace.shape[-2:]
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    images = ifft2c(torch.from_numpy(kspace))[..., top : top + resolution, left : left + resolution]
-    return fft2c(images.contiguous()).numpy().astype(np.complex64)
+    top = (height - resolution) // 2
+    columns = slice((width - resolution) // 2, (width - resolution) // 2 + resolution) if phase_crop == "image" \
+        else slice(None)
+    images = ifft2c(torch.from_numpy(kspace))[..., top : top + resolution, columns]
+    cropped = fft2c(images.contiguous()).numpy().astype(np.complex64)
+    return cropped if phase_crop == "image" else cropped[..., phase_encode_window(width, resolution)].copy()
 
 
 # ----------------------------------------------------------------------------
@@ -150,8 +156,10 @@ class MRIDatasetWriter(AtomicWriter):
         self.slices = []
         self.shape = None
 
-    def add(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray | None = None, info: dict | None = None):
-        """One slice; k-space is multiplied by its normalisation scale here (recorded in dataset.json)."""
+    def add(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray | None = None, info: dict | None = None,
+            noise_std: float | None = None):
+        """One slice; k-space is multiplied by its normalisation scale here (recorded in dataset.json), and so is
+        the slice's noise std estimate `noise_std` (raw units), recorded when given."""
         if kspace.shape != maps.shape or kspace.ndim != 3:
             raise UserError(f"MRI record {len(self.slices)}: maps {maps.shape} and k-space {kspace.shape} must both "
                             "be (C, H, W) of the same shape.")
@@ -167,7 +175,8 @@ class MRIDatasetWriter(AtomicWriter):
             arrays["mask"] = mask.astype(np.float32)
         name = f"slices/{len(self.slices):06d}.npz"
         np.savez(os.path.join(self.tmp, name), **arrays)
-        self.slices.append({"file": name, "scale": scale, **(info or {})})
+        noise = {} if noise_std is None else {"noise_std": noise_std * scale}
+        self.slices.append({"file": name, "scale": scale, **(info or {}), **noise})
 
     def finish(self, meta: dict):
         """Write dataset.json (format, shape, coils, normalisation, sampling, maps, source, slices) and rename."""
@@ -199,10 +208,10 @@ def _normalisation_acs(acs: int | None, mask_law: MaskLaw | None, width: int) ->
     `default_acs(width)` (train.py's default too). A mask law must keep them all. dataset_tool.py passes its --acs
     to both the law and here, so the same slice gets the same scale on either storage path."""
     if acs is None:
-        acs = default_acs(width) if mask_law is None else getattr(mask_law, "acs", 0)
+        acs = default_acs(width) if mask_law is None else mask_law.centre_lines(width)
     _check_acs(acs, width)
-    if mask_law is not None and getattr(mask_law, "acs", 0) < acs:
-        raise UserError(f"The mask keeps {getattr(mask_law, 'acs', 0)} centre lines, fewer than the {acs} (--acs) "
+    if mask_law is not None and mask_law.centre_lines(width) < acs:
+        raise UserError(f"The mask keeps {mask_law.centre_lines(width)} centre lines, fewer than the {acs} (--acs) "
                         "that the intensity normalisation reads; give the mask law the same --acs.")
     return acs
 
@@ -263,8 +272,47 @@ def _fastmri_files(source: str) -> list[str]:
     return [source]
 
 
-def _check_fastmri_file(path: str, resolution: int) -> int:
-    """Validates one file's layout before anything is written; returns its number of slices."""
+def _fastmri_header(f, path: str) -> dict:
+    """The facts of a file's `ismrmrd_header` XML (ISMRMRD schema, as fastMRI stores it) that the converter uses:
+    encoded and reconstructed matrix sizes and the phase-encode encoding limits. Refused in one sentence when the
+    header is missing or lacks them; fully sampled files do not need it."""
+    import xml.etree.ElementTree as ElementTree
+
+    if "ismrmrd_header" not in f:
+        raise UserError(f"{path} has no 'ismrmrd_header'; an undersampled fastMRI file needs it (matrix sizes and "
+                        "encoding limits).")
+    try:
+        encoding = ElementTree.fromstring(bytes(np.asarray(f["ismrmrd_header"][()]).item())).find("{*}encoding")
+
+        def integer(path: str) -> int:  # the ISMRMRD namespace, whatever its prefix
+            return int(encoding.find("/".join(f"{{*}}{tag}" for tag in path.split("/"))).text)
+
+        return {"encoded_matrix": [integer(f"encodedSpace/matrixSize/{axis}") for axis in "xyz"],
+                "recon_matrix": [integer(f"reconSpace/matrixSize/{axis}") for axis in "xyz"],
+                "phase_encode_center": integer("encodingLimits/kspace_encoding_step_1/center"),
+                "phase_encode_maximum": integer("encodingLimits/kspace_encoding_step_1/maximum")}
+    except (ElementTree.ParseError, AttributeError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: 'ismrmrd_header' is not ISMRMRD XML with encodedSpace, reconSpace and "
+                        f"encodingLimits/kspace_encoding_step_1 ({type(e).__name__}).") from e
+
+
+def _attribute(f, name: str):
+    """A file attribute as a JSON-able value (None when absent): fastMRI stores numbers and byte or str strings."""
+    value = f.attrs.get(name)
+    if value is None:
+        return None
+    value = np.asarray(value).item() if np.ndim(value) == 0 else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else \
+        value if isinstance(value, (int, float, str)) else float(value) if np.isscalar(value) else str(value)
+
+
+def _check_fastmri_file(path: str, resolution: int) -> dict:
+    """Validates one file's layout before anything is written: {'num_slices', 'mask' (bool (W,), or None when fully
+    sampled), 'info' (what dataset.json records about the file)}.
+
+    An undersampled file (fastMRI's test / challenge layout) holds `mask` (W,) over the phase-encode columns, the
+    attributes `acceleration` and `num_low_frequency` (its centre lines, fastMRI's block of n columns from
+    (W - n + 1) // 2) and the ISMRMRD header; each is checked (length, {0, 1} values, the centre block acquired)."""
     import h5py
 
     try:
@@ -278,61 +326,172 @@ def _check_fastmri_file(path: str, resolution: int) -> int:
             if kspace.ndim != 4 or not np.issubdtype(kspace.dtype, np.complexfloating):
                 raise UserError(f"{path}: 'kspace' is {kspace.dtype} {kspace.shape}; expected complex "
                                 "(slices, coils, H, W).")
-            if "mask" in f:
-                raise UserError(f"{path} is undersampled (it has a 'mask' dataset); convert fully sampled files and "
-                                "undersample them with --mask-kind.")
             if min(kspace.shape[-2:]) < resolution:
                 raise UserError(f"{path}: k-space {kspace.shape[-2:]} is smaller than --resolution {resolution}.")
-            return kspace.shape[0]
+            info = {"file": os.path.basename(path), "kspace_shape": list(kspace.shape),
+                    **{name: _attribute(f, name) for name in ("acquisition", "patient_id", "max", "norm")}}
+            if "mask" not in f:
+                return {"num_slices": kspace.shape[0], "mask": None, "info": info}
+            width = kspace.shape[-1]
+            if f["mask"].shape != (width,):
+                raise UserError(f"{path}: 'mask' has shape {f['mask'].shape}, but the k-space has {width} phase-encode "
+                                f"columns; expected a mask of shape ({width},).")
+            mask = np.asarray(f["mask"][()])
+            if not np.isin(mask, (0, 1)).all():
+                raise UserError(f"{path}: 'mask' must hold only 0 and 1 (acquired phase-encode columns).")
+            mask = mask.astype(bool)
+            low = _attribute(f, "num_low_frequency")
+            if not isinstance(low, int) or not 1 <= low <= width:
+                raise UserError(f"{path} has no integer attribute 'num_low_frequency' in [1, {width}] (its acquired "
+                                "centre lines), which an undersampled fastMRI file stores.")
+            start = (width - low + 1) // 2
+            if not mask[start : start + low].all():
+                raise UserError(f"{path}: 'mask' does not contain the {low} centre lines (columns {start}..."
+                                f"{start + low - 1}) that its attribute num_low_frequency says were acquired.")
+            info.update({"acceleration": _attribute(f, "acceleration"), "num_low_frequency": low,
+                         "acquired_lines": int(mask.sum()), **_fastmri_header(f, path)})
+            return {"num_slices": kspace.shape[0], "mask": mask, "info": info}
     except OSError as e:
         raise UserError(f"{path} is not a readable HDF5 file ({e}).") from e
+
+
+def phase_encode_window(width: int, resolution: int) -> slice:
+    """The `resolution` centre phase-encode columns of a centred k-space of `width` columns, [W//2 - r//2, ...):
+    column W // 2 (the zero frequency) becomes column r // 2, so `acs_columns` keep their place."""
+    start = width // 2 - resolution // 2
+    return slice(start, start + resolution)
+
+
+def _readout_fraction(info: dict) -> float:
+    """The reconstructed share of the readout rows: the header's recon / encoded readout size where it is read and
+    sensible, else fastMRI's 2x oversampling (1 / 2)."""
+    encoded, recon = info.get("encoded_matrix", [0])[0], info.get("recon_matrix", [0])[0]
+    return recon / encoded if 0 < recon < encoded else 0.5
+
+
+def noise_std_estimate(kspace: np.ndarray, mask: np.ndarray | None, recon_fraction: float = 0.5) -> float:
+    """The measurement noise std of one raw slice (C, H, W) (fastMRI layout, readout H oversampled), per real
+    component, which is the project's sigma_y convention (`operators.measurement_randn`).
+
+    Where: the readout direction is oversampled (fastMRI: 2x, the reconstructed field of view is the central
+    `recon_fraction` of the rows), so after an orthonormal inverse FFT along the readout only (hybrid space x-ky) the
+    rows outside the reconstructed field of view hold (nearly) no object, only noise; the orthonormal transform
+    keeps white noise white with the same std. Only acquired columns count (the others are zeros, not noise).
+    How: the median absolute deviation of the real and imaginary parts, times 1.4826 (= 1 / Phi^-1(3/4)), which is
+    the std for Gaussian noise and, unlike the sample std, is hardly moved by the few entries where the object or
+    its aliasing reaches outside the field of view (it tolerates up to half of the entries being contaminated)."""
+    height = kspace.shape[-2]
+    hybrid = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(torch.from_numpy(kspace), dim=-2), dim=-2,
+                                               norm="ortho"), dim=-2).numpy()
+    margin = int(round(height * (1 - recon_fraction) / 2))
+    outside = np.concatenate([hybrid[:, :margin], hybrid[:, height - margin :]], axis=1)
+    if mask is not None:
+        outside = outside[..., mask]
+    values = np.concatenate([outside.real.ravel(), outside.imag.ravel()]).astype(np.float64)
+    if values.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
 def convert_fastmri(source: str, dest: str, resolution: int = 256, acs: int | None = None,
                     calib_width: int | None = None, kernel_width: int = 6, thresh: float = 0.02, crop: float = 0.95,
                     skip_edge_slices: int = 0, max_slices: int | None = None, mask_law: MaskLaw | None = None,
-                    mask_seed: int = 0, progress=None) -> int:
-    """fastMRI multi-coil HDF5 (`kspace` complex (slices, coils, H, W)) -> MRI records.
+                    mask_seed: int = 0, phase_crop: str | None = None, progress=None) -> int:
+    """fastMRI multi-coil HDF5 (`kspace` complex (slices, coils, H, W), fully sampled or undersampled with `mask`)
+    -> MRI records.
 
-    Per kept slice: crop to resolution^2 in image space (`center_crop_kspace`), undersample with `mask_law` if given
-    (per-record seed, k-space zeroed off the mask), ESPIRiT maps from the centre calib_width^2 of the k-space as
-    stored, normalise on the `acs` centre lines (module docstring). `acs` (default `default_acs(resolution)`) is the
-    one width both depend on: calib_width defaults to it and may not exceed it, fully sampled or not, so the maps and
-    the scale come from lines every training mask keeps and are the same on both storage paths.
-    The first and last `skip_edge_slices` slices of every volume are skipped (mostly noise). Returns slices written.
+    Per kept slice: crop the readout (rows, oversampled) to `resolution` in image space; crop the phase-encode
+    columns to `resolution` either in image space too (`phase_crop` 'image', the default for fully sampled files) or
+    in k-space, as the centred window of `resolution` lines with the mask cut with it ('kspace', the only choice for
+    undersampled files: an image-space crop would mix acquired and missing lines). Undersample fully sampled data
+    with `mask_law` if given (per-record seed, k-space zeroed off the mask); undersampled files keep their own masks
+    (the stored record holds it, and dataset.json records the empirical law as mask law 'acquired'). ESPIRiT maps
+    from the centre calib_width^2 of the k-space as stored, normalise on the `acs` centre lines (module docstring).
+    `acs` (default `default_acs(resolution)`, or for undersampled files the fewest centre lines any file acquired)
+    is the one width both depend on: calib_width defaults to it and may not exceed it, so the maps and the scale
+    come from lines every mask keeps and are the same on every storage path. Each slice's noise std
+    (`noise_std_estimate`, in stored units) is recorded. The first and last `skip_edge_slices` slices of every
+    volume are skipped (mostly noise). Returns slices written.
     """
     import h5py
 
     if resolution < 4 or kernel_width < 1 or skip_edge_slices < 0:
         raise UserError("fastmri: --resolution must be >= 4, --kernel-width >= 1, --skip-edge-slices >= 0.")
+    files = _fastmri_files(source)
+    checked = {path: _check_fastmri_file(path, resolution) for path in files}
+    acquired = {path for path, c in checked.items() if c["mask"] is not None}
+    if acquired and len(acquired) < len(files):
+        raise UserError(f"--source {source} mixes undersampled files ({os.path.basename(min(acquired))}) and fully "
+                        f"sampled ones ({os.path.basename(min(set(files) - acquired))}); convert them separately.")
+    if acquired and mask_law is not None:
+        raise UserError(f"--source {source} is undersampled (its files hold a 'mask'); it keeps its acquired masks, so "
+                        "--mask-kind must be none.")
+    phase_crop = phase_crop or ("kspace" if acquired else "image")
+    if phase_crop not in ("image", "kspace") or (acquired and phase_crop != "kspace"):
+        raise UserError(f"--phase-crop must be image or kspace (kspace for undersampled files), got {phase_crop!r}.")
     if mask_law is not None:
         mask_law.observed_fraction((resolution, resolution))  # rejects a law that does not fit, before writing
+    plan = []  # (file, slice index) of every slice to convert, decided before writing anything
+    for path in files:
+        plan += [(path, s) for s in range(skip_edge_slices, checked[path]["num_slices"] - skip_edge_slices)]
+    plan = plan[:max_slices] if max_slices is not None else plan
+    if not plan:
+        raise UserError(f"--source {source}: no slices left after --skip-edge-slices {skip_edge_slices}.")
+    if acquired:
+        fewest = min((checked[path] for path, _ in plan), key=lambda c: c["info"]["num_low_frequency"])
+        low = fewest["info"]["num_low_frequency"]
+        acs = min(low, resolution) if acs is None else acs
+        if acs > low:
+            raise UserError(f"--acs {acs} exceeds the {low} centre lines that {fewest['info']['file']} acquired "
+                            "(num_low_frequency); the normalisation and ESPIRiT may only read acquired lines.")
+        if kernel_width > low:
+            raise UserError(f"{fewest['info']['file']} acquired only {low} centre lines (num_low_frequency), too few "
+                            f"for ESPIRiT's --kernel-width {kernel_width}; use a kernel width <= {low}.")
     acs = _normalisation_acs(acs, mask_law, resolution)
     calib_width = acs if calib_width is None else calib_width
     if not kernel_width <= calib_width <= acs:
         raise UserError(f"fastmri: need --kernel-width ({kernel_width}) <= --calib-width ({calib_width}) <= --acs "
                         f"({acs}): ESPIRiT must calibrate on centre lines that every training mask keeps.")
-    files = _fastmri_files(source)
-    plan = []  # (file, slice index) of every slice to convert, decided before writing anything
-    for path in files:
-        num_slices = _check_fastmri_file(path, resolution)
-        plan += [(path, s) for s in range(skip_edge_slices, num_slices - skip_edge_slices)]
-    plan = plan[:max_slices] if max_slices is not None else plan
-    if not plan:
-        raise UserError(f"--source {source}: no slices left after --skip-edge-slices {skip_edge_slices}.")
 
     espirit = {"kind": "espirit", "library": "sigpy.mri.app.EspiritCalib", "calib_width": calib_width,
                "kernel_width": kernel_width, "thresh": thresh, "crop": crop, "max_iter": 100}
+    stored_masks = []
     with MRIDatasetWriter(dest, acs) as writer:
         for index, (path, s) in enumerate(plan if progress is None else progress(plan)):
             with h5py.File(path, "r") as f:
-                kspace = np.asarray(f["kspace"][s]).astype(np.complex64)
-            kspace, mask = _undersample(center_crop_kspace(kspace, resolution), mask_law, mask_seed, index)
+                raw = np.asarray(f["kspace"][s]).astype(np.complex64)
+            file_mask, info = checked[path]["mask"], {"source": os.path.basename(path), "slice": s}
+            noise = noise_std_estimate(raw, file_mask, _readout_fraction(checked[path]["info"]))
+            kspace = center_crop_kspace(raw, resolution, phase_crop)
+            if file_mask is None:
+                kspace, mask = _undersample(kspace, mask_law, mask_seed, index)
+            else:
+                window = file_mask[phase_encode_window(raw.shape[-1], resolution)]
+                mask = window.astype(np.float32).reshape(1, 1, resolution)
+                kspace = (kspace * mask).astype(np.complex64)  # exactly zero off the acquired lines
+                stored_masks.append(window)
+                info.update({"acquired_lines": int(window.sum()),
+                             "acquired_lines_outside_window": int(file_mask.sum() - window.sum())})
             maps = espirit_maps(kspace, calib_width, kernel_width, thresh, crop, where=f" on {path} slice {s}")
-            writer.add(kspace, maps, mask, {"source": os.path.basename(path), "slice": s})
-        writer.finish({**_sampling_meta(mask_law, mask_seed), "maps": espirit,
+            writer.add(kspace, maps, mask, info, noise_std=noise)
+        sampling = _sampling_meta(mask_law, mask_seed)
+        if acquired:
+            sampling = {"fully_sampled": False, "mask_law": AcquiredMaskLaw.from_masks(np.stack(stored_masks),
+                                                                                       acs).to_config()}
+        noise_stds = [entry["noise_std"] for entry in writer.slices]
+        writer.finish({**sampling, "maps": espirit,
+                       "noise": {"estimator": "noise_std_estimate: 1.4826 MAD of the real and imaginary parts of the "
+                                              "hybrid-space rows outside the reconstructed field of view (readout "
+                                              "oversampling), acquired columns only; per slice in stored units, the "
+                                              "sigma_y convention (std per real component)",
+                                 "median": float(np.median(noise_stds)), "min": float(np.min(noise_stds)),
+                                 "max": float(np.max(noise_stds))},
                        "source": {"kind": "fastmri", "path": source, "resolution": resolution,
-                                  "crop": "image space, centre", "skip_edge_slices": skip_edge_slices}})
+                                  "crop": {"readout": "image space, centre",
+                                           "phase_encode": "image space, centre" if phase_crop == "image" else
+                                           "k-space, the centred window of resolution lines (mask cut with it)"},
+                                  "skip_edge_slices": skip_edge_slices, "acquired": bool(acquired),
+                                  "files": [checked[path]["info"] for path in files]}})
     return len(plan)
 
 
