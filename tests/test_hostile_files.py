@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import resource
 import struct
 import subprocess
@@ -406,6 +407,24 @@ def test_the_limits_hold_and_honest_files_still_load(fx, monkeypatch):
     with pytest.raises(UserError, match=r"000000\.npz holds 2048 bytes of arrays, more than the 1000"):
         MRIDataset(fx["mri-good"])
     assert not os.path.exists(fx["canary"])
+
+
+def test_training_states_are_checked_the_same_way(fx, tmp_path):
+    """A training state: an unexpected entry, a 2 GiB tensor under an entry it may hold (the optimizer's), and
+    weights of another network are each refused before torch.load."""
+    from dnnlib import UserError
+
+    weights = build_network(small_network()).state_dict()
+    state = {"format": checkpoint.STATE_FORMAT, "config": json.dumps(image_config()), "net": weights, "ema": weights,
+             "optimizer": {"state": {}, "param_groups": []}, "progress": {"cur_nimg": 0}, "rng": []}
+    cases = [({"extra": torch.zeros(1)}, "unexpected entry 'extra'"),
+             ({"optimizer": {"state": {0: {"exp_avg": ZeroTensor((GIB // 2,))}}}}, "bytes of tensors, more than"),
+             ({"net": build_network(small_network(in_channels=2)).state_dict()}, "(net) does not fit the network")]
+    for i, (change, words) in enumerate(cases):
+        path = write_archive(tmp_path / f"training-state-{i}.pt", {**state, **change})
+        with pytest.raises(UserError, match=r"Training state .* " + re.escape(words)):
+            checkpoint.load_training_state(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * GIB // 1024
 
 
 def test_zero_members_are_what_they_claim(fx, tmp_path):

@@ -6,11 +6,13 @@ Two kinds, as in EDM's run directories:
   reconstruct.py rebuild everything from the file alone.
 - training state `training-state-{kimg:06d}.pt`: {'format', 'config', 'net', 'ema', 'optimizer', 'progress',
   'rng' (one entry per rank)}: everything needed to continue exactly.
-No pickled code, and no code chosen by the file: the config is JSON, validated field by field before anything is
-built from it (`check_snapshot_config`): the network must be a class of the registry in training/networks.py with
-arguments of the types and ranges its table allows, the measurement process and mask law must be ones the code knows,
-and a data path is only ever read (a relative one is resolved against the snapshot's run directory). Anything else
-is refused with one sentence naming the file and the field, before anything is written.
+Before torch.load, `_load` checks the archive's index (torch_utils/archive.py: members, sizes, top-level entries) and
+the weights' shapes against the network of the config, laid out without memory, so a crafted file is refused before
+anything is allocated for it. No pickled code, and no code chosen by the file: the config is JSON, validated field by
+field before anything is built from it (`check_snapshot_config`): the network must be a class of the registry in
+training/networks.py with arguments of the types and ranges its table allows, the measurement process and mask law must
+be ones the code knows, and a data path is only ever read (a relative one is resolved against the snapshot's run
+directory). Anything else is refused with one sentence naming the file and the field, before anything is written.
 
 A new top-level config section (e.g. for a new kind of model) needs an entry in `SNAPSHOT_SECTIONS`; a new network
 class needs `register_network` (training/networks.py) and an import of its module here.
