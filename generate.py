@@ -5,8 +5,9 @@
     torchrun --standalone --nproc_per_node=2 generate.py --network RUN_DIR --outdir out/samples --seeds 0-49999
 
 Everything about the model (architecture, preconditioning, data shape, labels, measurement operator and mask law)
-comes from the snapshot. Each seed has its own random stream, so an image depends only on its seed, not on --batch or
-the number of ranks.
+comes from the snapshot. OUTDIR/settings.json records the options the images depend on: rerunning the same command
+may overwrite its images, another command is refused before anything is written (dnnlib.util.check_outdir_settings).
+Each seed has its own random stream, so an image depends only on its seed, not on --batch or the number of ranks.
 
 Samplers: `edm` (EDM's Heun/Euler on the image, for models trained on clean data), `msm` (MSM's stochastic
 partial-score sampler in measurement space, training/samplers.py; the default for models trained on measurements)
@@ -92,7 +93,11 @@ def load_maps_file(path: str, expected_shape: tuple) -> torch.Tensor:
     if not np.iscomplexobj(maps) or tuple(maps.shape) != tuple(expected_shape):
         raise UserError(f"--maps {path} must hold complex coil maps of shape {tuple(expected_shape)}, got "
                         f"{maps.dtype} {tuple(maps.shape)}.")
-    return torch.from_numpy(maps.astype(np.complex64))
+    with np.errstate(over="ignore"):  # checked after the cast: complex128 values beyond float32 become Inf here
+        maps = maps.astype(np.complex64)
+    if not np.isfinite(maps).all():
+        raise UserError(f"--maps {path} holds NaN or Inf values (as complex64).")
+    return torch.from_numpy(maps)
 
 
 def msm_sigmas(schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
@@ -420,9 +425,17 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
          variant, eta, maps_path, subdirs, grid_path, patch_size, patch_batch, assembly, compile_net, device):
     if num_subsets < 1:
         raise UserError(f"--subsets must be an integer >= 1, got {num_subsets}.")
+    # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
+    recorded = {k: v for k, v in locals().items() if k not in ("outdir", "max_batch", "compile_net", "device")}
+    recorded.update(network_path=os.path.abspath(checkpoint.resolve_snapshot_path(network_path)),
+                    grid_path=os.path.abspath(grid_path or os.path.normpath(outdir) + "-grid.png"),
+                    **{k: os.path.abspath(v) for k, v in (("classifier_path", classifier_path),
+                                                          ("bridge_source", bridge_source), ("maps_path", maps_path))
+                       if v is not None})
     seeds = parse_seeds(seeds)
     grid_path = grid_path or os.path.normpath(outdir) + "-grid.png"
     dnnlib.check_outdir(outdir)
+    dnnlib.check_outdir_settings(outdir, recorded)
     dnnlib.check_outdir(os.path.dirname(os.path.abspath(grid_path)), "--grid folder")
     device = dist.init(device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -494,6 +507,8 @@ def main(network_path, outdir, seeds, max_batch, class_idx, per_class, classifie
     if guide.active:
         settings += (f", guidance {' + '.join(f'{s:g} {k}' for k, s in zip(guide.kinds, guide.scales)) or 'none'}, "
                      f"cfg {cfg_scale:g} ({cfg_convention})")
+    if rank == 0:  # everything is checked: record the settings before the first output
+        dnnlib.write_outdir_settings(outdir, recorded)
     if bridge_source is not None:
         dist.print0(f"Dual bridge of {bridge_source} through {checkpoint.resolve_snapshot_path(network_path)} "
                     f"({num_steps} Heun steps each way; {settings}) on {world} rank(s) to {outdir}")

@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
 PY=${PYTHON:-python3}
 
-$PY -m pip install -q -r requirements.txt
+$PY -m pip install -q -r requirements.txt -c constraints.txt
 
 if [ "${QUICK:-0}" = "1" ]; then
     NUM=256; DURATION=0.001; TICK=0.25; STEPS=20; DPS_STEPS=50; TEST=4

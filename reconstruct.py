@@ -78,7 +78,9 @@ learned method), reconstructions/{example:05d}-{seed:06d}.npz (each method's ima
 [-1, 1] pixels for images), metrics.csv (one row per example x seed x method with PSNR, SSIM, NMSE, network
 evaluations and seconds per example; the conventions and the measurement hash in its header), summary.json (mean and
 std per method over those rows, each method's settings, the measurement set) and the same table printed. Stored
-measurements have no reference: no metrics, no error map.
+measurements have no reference: no metrics, no error map. settings.json records the options the outputs depend on
+(dnnlib.util.check_outdir_settings): rerunning the same command may overwrite them, another one is refused before
+anything is written, so no --outdir mixes two runs' results.
 """
 
 import csv
@@ -101,7 +103,7 @@ import torch
 import tqdm
 
 import dnnlib
-from dnnlib import UserError
+from dnnlib import ConfigError, Field, UserError, check_fields
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.compiling import compile_network
@@ -459,11 +461,86 @@ def load_measurements(path: str) -> MeasurementSet:
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise UserError(f"--measurements {path} is not a measurement set written by --save-measurements "
                         f"({type(e).__name__}: {e}).") from e
-    measurements = MeasurementSet(TaskOptions.from_config(meta["task"]), examples, meta.get("source", path))
+    try:
+        task = check_fields(meta["task"], TASK_FIELDS, "task")
+        if task.get("mri_mask") is not None:
+            check_fields(task["mri_mask"], MRI_MASK_FIELDS, "task.mri_mask")
+    except ConfigError as e:
+        raise UserError(f"--measurements {path} is refused: measurements.json's {e}.") from e
+    measurements = MeasurementSet(TaskOptions.from_config(task), examples, meta.get("source", path))
     if measurements.hash() != meta.get("hash"):
         raise UserError(f"--measurements {path}: the stored arrays do not match the set's hash {meta.get('hash')} "
                         "(modified after they were written).")
+    check_measurement_set(measurements, path)  # a hash recomputed after tampering proves nothing about the values
     return measurements
+
+
+# measurements.json's task options: the types and ranges the CLI allows (their consistency with the images is
+# checked by resolve_task_options, as for options given on the command line).
+TASK_FIELDS = {"task": Field("str", choices=TASKS, required=True), "sigma_y": Field("float", 0),
+               "mask_seed": Field("int", -(2**63), 2**63 - 1), "mri_mask": Field("json"),
+               "sr_factor": Field("int", 1, 2**16), "box_size": Field("int", 1, 2**16), "pixel_p": Field("float", 0, 1),
+               "views": Field("int", 1, 2**16), "angular_range": Field("float", 0, 360),
+               "rel_noise": Field("float", 0), "snr_db": Field("float"), "acquired": Field("bool")}
+MRI_MASK_FIELDS = {"kind": Field("str", choices=LINE_MASK_KINDS, required=True),
+                   "R": Field("float", 1, 2**16, required=True), "acs": Field("int", 0, 2**16, required=True)}
+
+
+def check_measurement_set(measurements: MeasurementSet, path: str):
+    """Refuse a loaded set (one sentence naming the example and array) unless every example holds exactly the arrays
+    its task stores, of the dtypes `measure_example` writes, finite, of one shape across examples, with y of the
+    shape the task's operator gives the reference (MRI: of the coil maps' shape), and unless its task options are
+    what the CLI would record for images of its size."""
+    opts = measurements.task
+    mri = opts.task == "mri"
+    dtypes = {"y": torch.complex64 if mri else torch.float32, "mask": torch.float32, "maps": torch.complex64,
+              "reference": torch.float32, "sigma_y": torch.float64}
+    present = {"y": True, "mask": mri or opts.task == "pixel", "maps": mri, "reference": not opts.acquired,
+               "sigma_y": not opts.acquired}
+    first = None
+    for index, example in measurements.examples.items():
+        where = f"--measurements {path}: example {index}"
+        arrays = {name: getattr(example, name) for name in EXAMPLE_FIELDS}
+        for name, value in arrays.items():
+            if (value is not None) != present[name]:
+                raise UserError(f"{where} {'lacks' if present[name] else 'holds an unexpected'} {name} array for "
+                                f"--task {opts.task}.")
+            if value is not None and value.dtype != dtypes[name]:
+                raise UserError(f"{where} holds {name} as {value.dtype}, expected {dtypes[name]}.")
+            if value is not None and not torch.isfinite(value).all():
+                raise UserError(f"{where} holds NaN or Inf values in {name}.")
+        shapes = {name: tuple(v.shape) for name, v in arrays.items() if v is not None}
+        first = first or shapes
+        if shapes != first:
+            name = next(n for n in shapes if shapes[n] != first[n])
+            raise UserError(f"{where} holds {name} of shape {shapes[name][1:]}, but the first example's is "
+                            f"{first[name][1:]}.")
+        if arrays["sigma_y"] is not None and not (arrays["sigma_y"] >= 0).all():
+            raise UserError(f"{where} holds a negative sigma_y.")
+    try:
+        resolved = resolve_task_options(opts.task, opts.acquired, flat_task_options(opts),
+                                        measurement_resolution(measurements))
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(f"--measurements {path} is refused: its task options are not valid ({str(e).rstrip('.')})."
+                        ) from e
+    if resolved != opts:
+        raise UserError(f"--measurements {path} is refused: its task options {opts.to_config()} are not what "
+                        "reconstruct.py records for them.")
+    for index, example in measurements.examples.items():
+        arrays = {name: getattr(example, name) for name in EXAMPLE_FIELDS}
+        y = arrays["y"]
+        if mri:
+            expected = tuple(arrays["maps"].shape)
+            fits = (expected[-1] == expected[-2] and arrays["mask"].dim() == 4
+                    and torch.broadcast_shapes(arrays["mask"].shape, y.shape) == y.shape)
+        else:
+            reference = arrays["reference"]
+            fits = reference.dim() == 4 and reference.shape[-1] == reference.shape[-2] and 1 <= reference.shape[1] <= 4
+            expected = tuple(task_operator(opts, reference.shape[-1], arrays["mask"]).A(
+                torch.zeros_like(reference)).shape) if fits else None
+        if not fits or tuple(y.shape) != expected:
+            raise UserError(f"--measurements {path}: example {index} holds y of shape {tuple(y.shape[1:])}, which "
+                            f"does not fit its {'coil maps' if mri else 'reference'} and mask for --task {opts.task}.")
 
 
 def check_against_stored(stored: TaskOptions, task: str | None, given: dict, path: str):
@@ -1202,7 +1279,13 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
          num_subsets, num_steps, dc_step, sample_accel, msm_solver, eta, outer, dps_steps, dps_step, cs_tv_lambda,
          cs_tv_iters, cs_l1_lambda, cs_l1_iters, patch_size, patch_batch, assembly, compile_net, device):
     options = {k: v for k, v in locals().items() if k != "device"}
+    # What the outputs depend on, recorded in OUTDIR/settings.json: a rerun may overwrite its own outputs only.
+    paths = {"network_path": network_path and checkpoint.resolve_snapshot_path(network_path), "data_path": data_path,
+             "measurements_path": measurements_path}
+    recorded = {**{k: v for k, v in options.items() if k not in ("outdir", "max_batch", "compile_net", "save_path")},
+                **{k: os.path.abspath(v) for k, v in paths.items() if v is not None}}
     dnnlib.check_outdir(outdir)
+    dnnlib.check_outdir_settings(outdir, recorded)
     device = dist.init(device)
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -1284,6 +1367,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
         report["snr_sweep"] = {f"{level:g}": m.describe() for level, m in sets}
 
     if rank == 0:
+        dnnlib.write_outdir_settings(outdir, recorded)  # everything is checked: record before the first output
         if save_path is not None:
             save_measurements(save_path, measurements)
         for sub in ("panels", "reconstructions"):

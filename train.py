@@ -264,6 +264,20 @@ def differing_options(a: dict, b: dict) -> list[str]:
     return sorted(k for k in keys if json.loads(json.dumps(a.get(k))) != json.loads(json.dumps(b.get(k))))
 
 
+def read_run_options(opts_file: str) -> dict:
+    """A run folder's training_options.json, refused in one sentence when it is not a JSON object."""
+    try:
+        with open(opts_file) as f:
+            options = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{opts_file} cannot be read as JSON ({type(e).__name__}); repair it or move its run folder "
+                        "out of --outdir.") from e
+    if not isinstance(options, dict):
+        raise UserError(f"{opts_file} is not a JSON object of training options; repair it or move its run folder out "
+                        "of --outdir.")
+    return options
+
+
 def find_run_to_continue(outdir: str, c: EasyDict) -> tuple[str | None, str | None]:
     """The newest run in outdir started with the same options (any duration) -> (run_dir, its latest state file).
 
@@ -276,9 +290,8 @@ def find_run_to_continue(outdir: str, c: EasyDict) -> tuple[str | None, str | No
         opts_file = os.path.join(run_dir, "training_options.json")
         if not (re.fullmatch(r"\d{5}-.*", name) and os.path.isfile(opts_file)):
             continue
-        with open(opts_file) as f:
-            if differing_options(json.load(f), c):
-                continue
+        if differing_options(read_run_options(opts_file), c):
+            continue
         return run_dir, checkpoint.latest_file(run_dir, "training-state")
     return None, None
 
@@ -289,12 +302,10 @@ def resolve_resume(resume: str, c: EasyDict) -> tuple[str, str]:
     state = checkpoint.latest_file(run_dir, "training-state") if os.path.isdir(resume) else resume
     if state is None:
         raise UserError(f"--resume {resume}: the run directory holds no training-state-*.pt file.")
-    checkpoint.load_training_state(state)  # refuses files that are not ours
     opts_file = os.path.join(run_dir, "training_options.json")
     if not os.path.isfile(opts_file):
         raise UserError(f"--resume {resume}: {opts_file} is missing, so the run's options cannot be checked.")
-    with open(opts_file) as f:
-        old = json.load(f)
+    old = read_run_options(opts_file)
     diff = differing_options(old, c)
     if diff:
         details = ", ".join(f"{k} ({old.get(k)!r} -> {c.get(k)!r})" for k in diff)
@@ -405,6 +416,8 @@ def main(**kwargs):
         run_dir, state = find_run_to_continue(opts.outdir, c)
         run_dir = run_dir or new_run_dir(opts.outdir, c.desc)
     run_dir, state = dist.broadcast_object((run_dir, state))
+    if state is not None:  # every part of the state checked against this run before anything is written
+        checkpoint.load_training_state(state, c, world, device)
 
     dist.print0(json.dumps(c, indent=2))
     dist.print0(f"Run directory: {run_dir}" + (f" (continuing from {os.path.basename(state)})" if state else ""))
@@ -413,9 +426,12 @@ def main(**kwargs):
         return
 
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "training_options.json"), "w") as f:
-            json.dump(c, f, indent=2)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "training_options.json"), "w") as f:
+                json.dump(c, f, indent=2)
+        except OSError as e:  # e.g. under /proc, or a read-only mount that os.access does not reveal
+            raise UserError(f"--outdir {opts.outdir} cannot be written: {e.strerror or e} ({run_dir}).") from e
     dist.barrier("the creation of the run directory")
     log_path = os.path.join(run_dir, "log.txt")
 

@@ -1,5 +1,16 @@
 """Small generic helpers shared by the scripts (no deep-learning code lives here)."""
 
-from .util import ConfigError, EasyDict, Field, UserError, check_fields, check_outdir, run_cli
+from .util import (
+    ConfigError,
+    EasyDict,
+    Field,
+    UserError,
+    check_fields,
+    check_outdir,
+    check_outdir_settings,
+    run_cli,
+    write_outdir_settings,
+)
 
-__all__ = ["ConfigError", "EasyDict", "Field", "UserError", "check_fields", "check_outdir", "run_cli"]
+__all__ = ["ConfigError", "EasyDict", "Field", "UserError", "check_fields", "check_outdir", "check_outdir_settings",
+           "run_cli", "write_outdir_settings"]

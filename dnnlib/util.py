@@ -2,6 +2,7 @@
 
 import abc
 import dataclasses
+import json
 import math
 import os
 import re
@@ -138,6 +139,53 @@ def check_outdir(path: str, option: str = "--outdir"):
         raise UserError(f"{option} {path} cannot be created: {ancestor} is a file, not a directory.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path} cannot be written: {ancestor} is not writable.")
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def _settings_problem(outdir: str, settings: dict) -> str | None:
+    path = os.path.join(outdir, SETTINGS_FILE)
+    if not os.path.lexists(path):
+        if os.path.isdir(outdir) and os.listdir(outdir):
+            return f"already holds files but no {SETTINGS_FILE}, so they may be another run's results"
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return f"holds a {SETTINGS_FILE} that cannot be read as JSON ({type(e).__name__})"
+    new = json.loads(json.dumps(settings))
+    if not isinstance(old, dict):
+        return f"holds a {SETTINGS_FILE} that is not a JSON object"
+    # Settings both runs name first (an option's value changed), then those only one of them has.
+    differing = sorted((k not in old or k not in new, k) for k in set(old) | set(new) if old.get(k) != new.get(k))
+    differing = [k for _, k in differing]
+    if differing:
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        return f"holds the results of a run with other settings ({', '.join(differing[:3])}{more} differ)"
+    return None
+
+
+def check_outdir_settings(outdir: str, settings: dict, option: str = "--outdir"):
+    """Refuse, before anything is written, an output folder that holds another run's results: one whose
+    `settings.json` (written by `write_outdir_settings`) records other settings, or that holds files but no record.
+    A rerun with the same settings may overwrite its own outputs; no folder ever mixes the results of two runs."""
+    problem = _settings_problem(outdir, settings)
+    if problem:
+        raise UserError(f"{option} {outdir} {problem}; give a new {option}.")
+
+
+def write_outdir_settings(outdir: str, settings: dict, option: str = "--outdir"):
+    """Create outdir and record `settings` in its settings.json (temp file + rename), before any output is written."""
+    path = os.path.join(outdir, SETTINGS_FILE)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+    except OSError as e:  # e.g. under /proc, which os.access calls writable
+        raise UserError(f"{option} {outdir} cannot be written: {e.strerror or e}.") from e
 
 
 def default_cache_dir() -> str:

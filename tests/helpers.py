@@ -28,6 +28,13 @@ def run_cli(args: list[str], torchrun: int = 0, check: bool = True, timeout: flo
     return proc
 
 
+def cli_defaults(command) -> dict:
+    """A click command's options at their defaults, resolved the way click resolves them for a real invocation
+    (through a context), so flags read False and not whatever `Option.default` holds (a sentinel in click >= 8.2.2)."""
+    with command.make_context(command.name or "cli", [], resilient_parsing=True) as ctx:
+        return dict(ctx.params)
+
+
 def make_phantoms(path: str, num: int = 32, resolution: int = 16, seed: int = 0) -> str:
     run_cli(["dataset_tool.py", "phantoms", "--dest", path, "--num", str(num), "--resolution", str(resolution),
              "--seed", str(seed)])

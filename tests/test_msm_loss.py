@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dnnlib import EasyDict
-from tests.helpers import make_phantoms
+from tests.helpers import cli_defaults, make_phantoms
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, EDMLoss, MSMLoss
 from training.masks import BoxMaskLaw, RandomLineMaskLaw
@@ -397,7 +397,7 @@ def test_training_batches_hold_no_clean_image_and_losses_read_none(kind, phantom
     import train
 
     # Every option at its CLI default (so new options need no edit here), then the few this test sets.
-    opts = EasyDict({p.name: p.default for p in train.main.params})
+    opts = EasyDict(cli_defaults(train.main))
     opts.update(data=phantoms if kind == "image" else mri_data, cbase=8, cres="1", blocks=1, attn="", duration=0.001,
                 batch=4, ema=0.0, lr_rampup=0.0, tick=1, snap=1, dump=1, workers=0, loss="msm", sigma_y=0.05)
     c = train.build_options(opts, world_size=1)

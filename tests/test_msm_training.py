@@ -11,7 +11,7 @@ import torch
 
 from dnnlib import EasyDict, UserError
 from tests.gaussian import exact_samples, random_covariance
-from tests.helpers import assert_same_training_state, make_phantoms, run_cli
+from tests.helpers import assert_same_training_state, cli_defaults, make_phantoms, run_cli
 from torch_utils import checkpoint
 from training import training_loop
 from training.loss import MSMLoss
@@ -304,7 +304,7 @@ def build(data, **overrides):
     """train.py's options dict for these options (train.py's defaults for every option not given)."""
     import train as train_module
 
-    opts = EasyDict({param.name: param.default for param in train_module.main.params})
+    opts = EasyDict(cli_defaults(train_module.main))
     opts.update(data=data, cbase=8, cres="1", blocks=1, attn="", dropout=0.0, lr=1e-3, duration=0.001, batch=4,
                 ema=0.0, ema_rampup=0.0, lr_rampup=0.0, tick=1, snap=1, dump=1, workers=0, loss="msm")
     opts.update(overrides)

@@ -20,6 +20,7 @@ class needs `register_network` (training/networks.py) and an import of its modul
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -259,6 +260,11 @@ def check_weights(net: torch.nn.Module, state, what: str):
                    if unexpected else f"has {wrong[0]} of shape {tuple(state[wrong[0]].shape)}, expected "
                    f"{expected[wrong[0]]}")
         raise UserError(f"{what} does not fit the network of its config: it {problem}.")
+    # Values only once loaded: `state` may hold the headers of an archive not yet read (archive.TensorEntry).
+    nonfinite = next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                      and not torch.isfinite(v).all()), None)
+    if nonfinite is not None:  # NaN weights would sample NaN images (or train on NaN) without a word
+        raise UserError(f"{what} holds NaN or Inf values in {nonfinite}.")
 
 
 def save_snapshot(path: str, config: dict, ema: torch.nn.Module):
@@ -309,21 +315,162 @@ def load_snapshot(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     return net.eval().requires_grad_(False).to(device), config
 
 
+def network_shapes(network_config: dict) -> torch.nn.Module:
+    """The network of a config built on the meta device: its parameter names, shapes and dtypes without allocating
+    or initialising any weight, for checking a file's tensors before anything real is built."""
+    with torch.device("meta"):
+        return build_network(network_config)
+
+
 def check_transfer(path: str, network_config: dict):
-    """--transfer: refuse, before anything is written, a file that is not a snapshot whose weights fit the network
-    about to be trained."""
+    """--transfer: refuse, before anything is written, a file that is not a snapshot whose weights fit both its own
+    config (what the training loop's load_snapshot checks later) and the network about to be trained."""
     data = _load(resolve_snapshot_path(path), SNAPSHOT_FORMAT, "--transfer snapshot")
-    with torch.device("meta"):  # the network about to be trained, laid out without memory
-        target = build_network(network_config)
-    check_weights(target, data.get("ema"), f"--transfer {path}")
+    # _load has checked the weights against the file's own config (what load_snapshot checks later).
+    check_weights(network_shapes(network_config), data.get("ema"), f"--transfer {path}")
 
 
 def save_training_state(path: str, config: dict, state: dict):
     atomic_save({"format": STATE_FORMAT, "config": json.dumps(config), **state}, path)
 
 
-def load_training_state(path: str) -> dict:
-    return _load(path, STATE_FORMAT, "Training state")
+def load_training_state(path: str, options: dict | None = None, world_size: int = 1, device="cpu") -> dict:
+    """A training state file; with `options` (the run's training_options.json) every part of it is checked against
+    the run before anything uses it (`check_training_state`)."""
+    data = _load(path, STATE_FORMAT, "Training state")
+    if options is not None:
+        check_training_state(path, data, options, world_size, device)
+    return data
+
+
+# What a training state's config must share with the run's options to be continued by it (state config key,
+# training_options.json key), besides the network.
+_STATE_MATCHES = (("loss", "loss_kwargs"), ("measurement", "measurement"), ("patches", "patches"))
+MAX_NIMG = 10**13  # ten billion kimg: far beyond any run, far below float precision trouble
+MAX_RANKS = 2**16
+_PROGRESS_FIELDS = {"cur_nimg": Field("int", 0, MAX_NIMG, required=True),
+                    "cur_tick": Field("int", 0, MAX_NIMG, required=True),
+                    "total_kimg": Field("float", 0, MAX_NIMG / 1000, required=True),
+                    "data_nimg": Field("int", 0, MAX_NIMG)}  # absent in states of runs before patch training
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def check_training_state(path: str, data: dict, options: dict, world_size: int, device="cpu"):
+    """Refuse (UserError, one sentence naming the file and the part) a loaded training state that the run with
+    `options` must not continue from: a config of another run or configuration, progress counters of the wrong type,
+    out of range or inconsistent with the file name, network / EMA / optimizer tensors that do not fit the network or
+    are not finite, optimizer hyperparameters or step counts the run did not write, and RNG states that are not
+    states of this torch's generators. Checks only: builds nothing but a meta-device network, sets no state."""
+    what = f"Training state {path}"
+    config = data["config"]
+    differing = ["network"] if _json(config["network"]) != _json(options["network"]) else []
+    differing += [option for key, option in _STATE_MATCHES if _json(config.get(key)) != _json(options.get(option))]
+    training = config.get("training", {})
+    differing += [k for k in ("batch_size", "seed", "precision") if training.get(k) != options.get(k)]
+    if differing:
+        raise UserError(f"{what} was saved by a run with other options ({', '.join(differing)} differ from the run's "
+                        "training_options.json); continue it only from its own run folder and options.")
+    try:
+        progress = check_fields(data.get("progress"), _PROGRESS_FIELDS, "progress")
+    except ConfigError as e:
+        raise UserError(f"{what} is refused: its {e}.") from e
+    cur_nimg, batch = progress["cur_nimg"], options["batch_size"]
+    data_nimg = progress.get("data_nimg", cur_nimg)
+    named = progress_of(path, "training-state")
+    problem = (f"cur_nimg {cur_nimg} does not match its file name ({named} images)" if named not in (None, cur_nimg)
+               else f"data_nimg {data_nimg} exceeds cur_nimg {cur_nimg}" if data_nimg > cur_nimg
+               else f"data_nimg {data_nimg} differs from cur_nimg {cur_nimg} without patch training"
+               if data_nimg != cur_nimg and not options.get("patches")
+               else f"data_nimg {data_nimg} is not a whole number of batches of {batch}" if data_nimg % batch
+               else f"cur_tick {progress['cur_tick']} exceeds its {data_nimg // batch} optimizer steps"
+               if progress["cur_tick"] > data_nimg // batch else None)
+    if problem:
+        raise UserError(f"{what} is refused: its progress is inconsistent ({problem}).")
+    net = network_shapes(options["network"])
+    for key in ("net", "ema"):
+        check_weights(net, data.get(key), f"{what} ({key})")
+    _check_optimizer(data.get("optimizer"), net, options["optimizer_kwargs"], data_nimg // batch, what)
+    _check_scaler(data.get("scaler", {}), what)
+    _check_rng(data.get("rng"), world_size, device, what)
+
+
+def _check_optimizer(state, net: torch.nn.Module, optimizer_kwargs: dict, max_steps: int, what: str):
+    """Adam's state dict as the training loop saves it: one parameter group over the network's parameters with the
+    run's hyperparameters (load_state_dict would otherwise take betas, eps, weight decay or `maximize` from the file),
+    and per parameter a step count in [0, optimizer steps so far] and finite moments of the parameter's shape."""
+    params = list(net.parameters())  # the loop trains all of them (requires_grad_(True))
+    kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "class_name"}
+    reference = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], **kwargs).state_dict()["param_groups"][0]
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and groups[0].get("params") == list(range(len(params))) and isinstance(state.get("state"), dict)):
+        raise UserError(f"{what} is refused: its optimizer state is not Adam's state of one parameter group over the "
+                        f"network's {len(params)} parameters.")
+    group = groups[0]
+    lr = group.get("lr")
+    # Keys a state of another torch version lacks are filled in by Adam itself; unknown or different ones are refused.
+    wrong = sorted(str(k) for k in group if k not in ("params", "lr")
+                   and (k not in reference or _json(group[k]) != _json(reference[k])))
+    if wrong or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+        name = wrong[0] if wrong else "lr"
+        raise UserError(f"{what} is refused: its optimizer's {name} is {group.get(name)!r:.40}, but the run uses "
+                        f"{reference.get(name, 'a finite learning rate >= 0')!r:.40}.")
+    for index, moments in state["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(moments, dict)
+                and set(moments) == {"step", "exp_avg", "exp_avg_sq"}
+                and all(isinstance(v, torch.Tensor) for v in moments.values())):
+            raise UserError(f"{what} is refused: its optimizer state {index!r:.20} is not Adam's step, exp_avg and "
+                            "exp_avg_sq of a network parameter.")
+        step, shape = moments["step"], tuple(params[index].shape)
+        if step.numel() != 1 or not torch.isfinite(step).all() or not (0 <= step.item() <= max_steps) \
+                or step.item() != int(step.item()):
+            raise UserError(f"{what} is refused: its optimizer step count of parameter {index} is "
+                            f"{step.flatten()[:1].tolist()}, expected a whole number in [0, {max_steps}] (the "
+                            "optimizer steps so far).")
+        for key in ("exp_avg", "exp_avg_sq"):
+            v = moments[key]
+            if tuple(v.shape) != shape or not v.is_floating_point() or not torch.isfinite(v).all() \
+                    or (key == "exp_avg_sq" and (v < 0).any()):
+                raise UserError(f"{what} is refused: its optimizer {key} of parameter {index} is not a finite"
+                                f"{' non-negative' if key == 'exp_avg_sq' else ''} float tensor of shape {shape}.")
+
+
+def _check_scaler(state, what: str):
+    """The fp16 GradScaler's state: empty (disabled) or finite numbers with a positive scale."""
+    if not isinstance(state, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                          or not math.isfinite(v) for v in state.values()) \
+            or not set(state) <= {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} \
+            or state.get("scale", 1) <= 0:
+        raise UserError(f"{what} is refused: its gradient scaler state is not finite numbers with a positive scale.")
+
+
+def _check_rng(states, world_size: int, device, what: str):
+    """One RNG entry per saved rank, each {'loss', 'torch'[, 'cuda']} holding a state that a fresh generator of the
+    kind it is restored into accepts (uint8 tensors of the right size and a valid Mersenne twister state), tried on
+    scratch generators so that no global state changes. Only restored when the rank count is the same."""
+    if not isinstance(states, list) or not 1 <= len(states) <= MAX_RANKS:
+        raise UserError(f"{what} is refused: its rng must be a list of one RNG state per rank.")
+    if len(states) != world_size:
+        return  # the loop reseeds the noise draws instead (and says so)
+    kinds = {"loss": torch.device(device).type, "torch": "cpu", "cuda": "cuda"}
+    for rank, state in enumerate(states):
+        if not isinstance(state, dict) or not {"loss", "torch"} <= set(state) <= set(kinds):
+            raise UserError(f"{what} is refused: its rng[{rank}] must hold the loss and torch generator states.")
+        for name, value in state.items():
+            if name == "cuda" and not torch.cuda.is_available():
+                continue  # not restored without CUDA
+            ok = isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            if ok:
+                try:
+                    torch.Generator(kinds[name]).set_state(value)
+                except (RuntimeError, TypeError, ValueError):
+                    ok = False
+            if not ok:
+                raise UserError(f"{what} is refused: its rng[{rank}].{name} is not a {kinds[name]} generator state "
+                                "of this torch (saved on another device, or corrupt).")
 
 
 def progress_file_name(prefix: str, nimg: int) -> str:

@@ -28,6 +28,7 @@ IMAGE_ERRORS = (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OS
 # dataset.json holds one label per image (EDM's layout: ["00000/img00000000.png", 3]); a bigger one is refused
 # before it is read: LABELS_BASE_BYTES plus LABELS_BYTES_PER_IMAGE for each image.
 LABELS_BASE_BYTES, LABELS_BYTES_PER_IMAGE = 2**20, 1024
+MAX_CLASSES = 2**16  # the one-hot labels are (label_dim,) per example: a label of 10^9 would allocate gigabytes
 
 
 class _FileSource:
@@ -42,6 +43,14 @@ class _FileSource:
                 for root, _dirs, files in os.walk(path)
                 for f in files
             )
+            # Files are read only inside the folder once symlinks are resolved (docs/security.md): a link to a file
+            # elsewhere is refused; the folder itself may be a link.
+            real = os.path.realpath(path)
+            outside = next((n for n in self.names if os.path.commonpath(
+                [real, os.path.realpath(os.path.join(real, n))]) != real), None)
+            if outside is not None:
+                raise UserError(f"Dataset {path}: {outside} links to a file outside the dataset folder; copy the file "
+                                "in, or link the whole folder instead.")
         elif os.path.isfile(path):
             if not zipfile.is_zipfile(path):
                 raise UserError(f"Dataset file {path} is not a valid zip archive (expected a zip or a folder).")
@@ -62,17 +71,16 @@ class _FileSource:
             self._zip = zipfile.ZipFile(self.path)
         return self._zip.open(name, "r")
 
+    def total_size(self, names: list) -> int:
+        """Bytes of the named files (uncompressed sizes in a zip), from the directory / zip index only."""
+        if self.kind == "dir":
+            return sum(os.path.getsize(os.path.join(self.path, n)) for n in names)
+        with zipfile.ZipFile(self.path) as zf:
+            return sum(zf.getinfo(n).file_size for n in names)
+
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
             return f.read()
-
-    def size(self, name: str) -> int:
-        """Uncompressed size of a file, from the folder or the zip's directory, without reading it."""
-        if self.kind == "dir":
-            return os.path.getsize(os.path.join(self.path, name))
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
-        return self._zip.getinfo(name).file_size
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
@@ -100,10 +108,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Validation, and what it costs: opening the dataset reads every image's header (PIL reads a few hundred bytes,
     not the pixels), so unreadable files and mixed shapes are refused, naming the file, before anything is written.
-    Decoding every image up front would read the whole dataset at every start, so a file whose header is fine but
-    whose pixel data is corrupt is refused where it is read, with a UserError naming it. 8-bit pixels are always
-    finite, so there is no NaN / Inf check to make.
+    When the image files total at most FULL_CHECK_BYTES every image is decoded on opening too (a truncated or corrupt
+    file is then refused before a run folder exists); larger datasets are not decoded in full at every start, and a
+    file whose header is fine but whose pixel data is corrupt is refused where it is read, with a UserError naming
+    it. 8-bit pixels are always finite, so there is no NaN / Inf check to make.
     """
+
+    FULL_CHECK_BYTES = 64 * 2**20
 
     def __init__(
         self,
@@ -120,7 +131,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.image_names:
             raise UserError(f"Dataset {path} contains no PNG/JPEG images.")
 
-        # Shapes from the image headers (cheap: PIL reads only the header), so mixed sizes fail before training.
+        # Shapes from the image headers (cheap: PIL reads only the header), so mixed sizes fail before training; the
+        # pixels too when the files are small in total, so a truncated file fails before a run folder exists.
+        decode = self._source.total_size(self.image_names) <= self.FULL_CHECK_BYTES
         shapes = {}
         for name in self.image_names:
             with self._source.open(name) as f:
@@ -128,6 +141,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     img = PIL.Image.open(f)
                     channels = 1 if img.mode in ("L", "I;16", "I", "F") else 3
                     shapes.setdefault((channels, img.height, img.width), name)
+                    if decode:
+                        img.load()
                 except IMAGE_ERRORS as e:
                     raise UserError(f"Dataset {path}: {name} is not a readable image ({_reason(e)}).") from e
         if len(shapes) > 1:
@@ -160,7 +175,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if "dataset.json" not in self._source.names:
             raise UserError(f"Dataset {self.path} has no dataset.json, so it has no labels; drop --cond.")
         limit = LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE * len(self.image_names)
-        size = self._source.size("dataset.json")
+        size = self._source.total_size(["dataset.json"])
         if size > limit:
             raise UserError(f"Dataset {self.path}: dataset.json holds {size} bytes, more than the {limit} that labels "
                             f"of {len(self.image_names)} images need.")
@@ -171,11 +186,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         labels = meta.get("labels") if isinstance(meta, dict) else None
         if labels is None:
             raise UserError(f"Dataset {self.path}: dataset.json holds no labels; drop --cond or add labels.")
+        if not isinstance(labels, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                   for p in labels):
+            raise UserError(f"Dataset {self.path}: dataset.json's labels must be a list of [file name, class] pairs.")
         table = dict(labels)
         missing = [n for n in self.image_names if n not in table]
         if missing:
             raise UserError(f"Dataset {self.path}: dataset.json has no label for {missing[0]}.")
-        return np.array([int(table[n]) for n in self.image_names], dtype=np.int64)
+        # Classes are integers 0 .. MAX_CLASSES - 1 (JSON's 1.5, true or -1 would be truncated, or index from the end).
+        bad = next((n for n in self.image_names if isinstance(table[n], bool) or not isinstance(table[n], int)
+                    or not 0 <= table[n] < MAX_CLASSES), None)
+        if bad is not None:
+            raise UserError(f"Dataset {self.path}: dataset.json labels {bad} with {table[bad]!r:.40}; a class must be "
+                            f"an integer in [0, {MAX_CLASSES}).")
+        return np.array([table[n] for n in self.image_names], dtype=np.int64)
 
     @property
     def num_channels(self) -> int:

@@ -410,10 +410,14 @@ class MRIDataset(torch.utils.data.Dataset):
                 and isinstance(meta.get("normalisation"), dict) and isinstance(meta.get("maps"), dict)):
             raise UserError(f"{where} needs num_coils >= 1, shape [H, W], fully_sampled true/false, a list of slices, "
                             "normalisation and maps.")
+        # Record files must lie inside the dataset folder after symlinks are resolved (docs/security.md): a symlink
+        # inside the folder may point within it, or the whole folder may be a symlink, but no entry reads elsewhere.
+        root = os.path.realpath(self.path)
         for i, entry in enumerate(meta["slices"]):
             name = entry.get("file") if isinstance(entry, dict) else None
             if (not isinstance(name, str) or os.path.isabs(name) or not name.endswith(".npz")
-                    or os.path.normpath(name).split(os.sep)[0] == ".." or "\\" in name):
+                    or os.path.normpath(name).split(os.sep)[0] == ".." or "\\" in name
+                    or os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) != root):
                 raise UserError(f"{where}: slice {i} must name an .npz file inside the dataset folder, got "
                                 f"{name!r:.80}.")
 
@@ -472,21 +476,25 @@ class MRIDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise UserError(f"MRI record {name} is missing or not a readable .npz file ({e}).") from e
         self._check_arrays(name, {key: (array.shape, array.dtype) for key, array in arrays.items()})
+        # Cast to the dtypes used before checking: complex128 values beyond float32's range become Inf in the cast.
+        with np.errstate(over="ignore"):
+            arrays = {key: array.astype(np.float32 if key == "mask" else np.complex64, copy=False)
+                      for key, array in arrays.items()}
         for key, array in arrays.items():
             if not np.isfinite(array).all():
-                raise UserError(f"MRI record {name} holds NaN or Inf values in {key}; rebuild or remove the record.")
+                raise UserError(f"MRI record {name} holds NaN or Inf values in {key} (as {array.dtype}); rebuild or "
+                                "remove the record.")
         return arrays
 
     def __getitem__(self, idx: int) -> dict:
         raw = int(self._raw_idx[idx])
         arrays = self._read_arrays(raw)
-        item = {"kspace": torch.from_numpy(arrays["kspace"].astype(np.complex64)),
-                "maps": torch.from_numpy(arrays["maps"].astype(np.complex64)),
+        item = {"kspace": torch.from_numpy(arrays["kspace"]), "maps": torch.from_numpy(arrays["maps"]),
                 "label": torch.zeros(0), "index": raw}
         if self.fully_sampled:
             item["image"] = MultiCoilMRI(item["maps"][None]).AH(item["kspace"][None])[0]
         else:
-            item["mask"] = torch.from_numpy(arrays["mask"].astype(np.float32))
+            item["mask"] = torch.from_numpy(arrays["mask"])
         return item
 
     def describe(self) -> dict:

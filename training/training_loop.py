@@ -292,7 +292,7 @@ def training_loop(
     cur_nimg, cur_tick = 0, 0
     data_nimg = 0
     if resume_state is not None:
-        state = checkpoint.load_training_state(resume_state)
+        state = checkpoint.load_training_state(resume_state, c, world, device)  # checked before any use
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
