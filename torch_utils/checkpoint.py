@@ -155,7 +155,7 @@ def _load(path: str, expected_format: str, what: str) -> dict:
         raise UserError(f"{named} is refused: its config is not valid ({str(e).rstrip('.')}).") from e
     layout = _build_for(config["network"], named, device="meta")
     for key in state_dicts:
-        check_weights(layout, data[key], named if key == "ema" else f"{named} ({key})")
+        check_weights(layout, data[key], named if expected_format == SNAPSHOT_FORMAT else f"{named} ({key})")
     weight_bytes = sum(v.numel() * v.element_size() for v in layout.state_dict().values())
     limit = _WEIGHT_COPIES[expected_format] * weight_bytes + _EXTRA_TENSOR_BYTES
     if index.total_bytes > limit:
