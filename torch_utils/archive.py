@@ -154,7 +154,7 @@ def read_index(path: str, what: str, torchscript: bool = False) -> ArchiveIndex:
     (a TorchScript archive only with `torchscript`), member count, data.pkl's size, every storage's declared size
     and every tensor's extent; refused (UserError naming `what`, e.g. 'Network snapshot PATH') otherwise."""
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{what} is not a zip archive of torch's format (torch.save or TorchScript).")
+        raise UserError(f"{what} could not be read as a zip archive of torch's format (torch.save or TorchScript).")
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -184,7 +184,7 @@ def read_index(path: str, what: str, torchscript: bool = False) -> ArchiveIndex:
     except UserError:
         raise
     except Exception as e:  # zipfile and pickle raise many types for corrupt or crafted files
-        raise UserError(f"{what} cannot be read as a torch archive ({type(e).__name__}).") from e
+        raise UserError(f"{what} could not be read as a torch archive ({type(e).__name__}).") from e
     return ArchiveIndex(path, prefix, root, unpickler.storages, is_torchscript)
 
 

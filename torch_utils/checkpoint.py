@@ -6,11 +6,13 @@ Two kinds, as in EDM's run directories:
   reconstruct.py rebuild everything from the file alone.
 - training state `training-state-{kimg:06d}.pt`: {'format', 'config', 'net', 'ema', 'optimizer', 'progress',
   'rng' (one entry per rank)}: everything needed to continue exactly.
-No pickled code, and no code chosen by the file: the config is JSON, validated field by field before anything is
-built from it (`check_snapshot_config`): the network must be a class of the registry in training/networks.py with
-arguments of the types and ranges its table allows, the measurement process and mask law must be ones the code knows,
-and a data path is only ever read (a relative one is resolved against the snapshot's run directory). Anything else
-is refused with one sentence naming the file and the field, before anything is written.
+Before torch.load, `_load` checks the archive's index (torch_utils/archive.py: members, sizes, top-level entries) and
+the weights' shapes against the network of the config, laid out without memory, so a crafted file is refused before
+anything is allocated for it. No pickled code, and no code chosen by the file: the config is JSON, validated field by
+field before anything is built from it (`check_snapshot_config`): the network must be a class of the registry in
+training/networks.py with arguments of the types and ranges its table allows, the measurement process and mask law must
+be ones the code knows, and a data path is only ever read (a relative one is resolved against the snapshot's run
+directory). Anything else is refused with one sentence naming the file and the field, before anything is written.
 
 A new top-level config section (e.g. for a new kind of model) needs an entry in `SNAPSHOT_SECTIONS`; a new network
 class needs `register_network` (training/networks.py) and an import of its module here.
@@ -264,7 +266,7 @@ def check_weights(net: torch.nn.Module, state, what: str):
                    if unexpected else f"has {wrong[0]} of shape {tuple(state[wrong[0]].shape)}, expected "
                    f"{expected[wrong[0]]}")
         raise UserError(f"{what} does not fit the network of its config: it {problem}.")
-    # Finiteness once the tensors are loaded (an archive's headers hold no values yet).
+    # Values only once loaded: `state` may hold the headers of an archive not yet read (archive.TensorEntry).
     nonfinite = next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
                       and not torch.isfinite(v).all()), None)
     if nonfinite is not None:  # NaN weights would sample NaN images (or train on NaN) without a word
@@ -328,7 +330,8 @@ def network_shapes(network_config: dict) -> torch.nn.Module:
 def check_transfer(path: str, network_config: dict):
     """--transfer: refuse, before anything is written, a file that is not a snapshot whose weights fit both its own
     config (what the training loop's load_snapshot checks later) and the network about to be trained."""
-    data = _load(resolve_snapshot_path(path), SNAPSHOT_FORMAT, "--transfer snapshot")  # checks its own config too
+    data = _load(resolve_snapshot_path(path), SNAPSHOT_FORMAT, "--transfer snapshot")
+    # _load has checked the weights against the file's own config (what load_snapshot checks later).
     check_weights(network_shapes(network_config), data.get("ema"), f"--transfer {path}")
 
 

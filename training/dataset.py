@@ -20,7 +20,6 @@ import torch
 from dnnlib import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-MAX_CLASSES = 2**16  # the one-hot labels are (label_dim,) per example: a label of 10^9 would allocate gigabytes
 # What reading an image file raises when it is not an image, is truncated or corrupt (PIL raises SyntaxError for
 # broken PNG chunks), or is a decompression bomb (PIL refuses images of more than 2 * PIL.Image.MAX_IMAGE_PIXELS
 # pixels, 179 M by default, before decoding them).
@@ -29,6 +28,7 @@ IMAGE_ERRORS = (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OS
 # dataset.json holds one label per image (EDM's layout: ["00000/img00000000.png", 3]); a bigger one is refused
 # before it is read: LABELS_BASE_BYTES plus LABELS_BYTES_PER_IMAGE for each image.
 LABELS_BASE_BYTES, LABELS_BYTES_PER_IMAGE = 2**20, 1024
+MAX_CLASSES = 2**16  # the one-hot labels are (label_dim,) per example: a label of 10^9 would allocate gigabytes
 
 
 class _FileSource:
@@ -81,14 +81,6 @@ class _FileSource:
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
             return f.read()
-
-    def size(self, name: str) -> int:
-        """Uncompressed size of a file, from the folder or the zip's directory, without reading it."""
-        if self.kind == "dir":
-            return os.path.getsize(os.path.join(self.path, name))
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
-        return self._zip.getinfo(name).file_size
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
@@ -183,7 +175,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if "dataset.json" not in self._source.names:
             raise UserError(f"Dataset {self.path} has no dataset.json, so it has no labels; drop --cond.")
         limit = LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE * len(self.image_names)
-        size = self._source.size("dataset.json")
+        size = self._source.total_size(["dataset.json"])
         if size > limit:
             raise UserError(f"Dataset {self.path}: dataset.json holds {size} bytes, more than the {limit} that labels "
                             f"of {len(self.image_names)} images need.")
