@@ -335,7 +335,7 @@ def test_malformed_sources_are_refused_in_one_sentence_with_nothing_written(sour
     torch.save({"w": _Canary(str(canary))}, tmp_path / "code.pt")  # torch's zip format with code in data.pkl
     with open(tmp_path / "code.pkl", "wb") as f:  # a bare pickle with code
         pickle.dump({"w": _Canary(str(canary))}, f)
-    cases += [("so it is not read", tmp_path / "code.pt"), ("could not be read as a zip archive", tmp_path / "code.pkl")]
+    cases += [("so it is not read", tmp_path / "code.pt"), ("as a zip archive", tmp_path / "code.pkl")]
     for message, path in cases:
         dest = tmp_path / "out.pt"
         code, err = run_in_process(convert_checkpoint.main, ["--from", "guided-diffusion", "--source", path,
