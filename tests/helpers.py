@@ -55,6 +55,19 @@ def run_in_process(command, args: list, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def assert_refused_leaving_nothing(command, args: list, words: list, capsys, roots: list) -> str:
+    """Run a script's click command in this process and check the refusal every bad input must get: exit 1, one
+    'Error: ' line naming each of `words`, no traceback, and no file or folder under `roots` created or touched."""
+    before = [file_tree(root) for root in roots]
+    code, err = run_in_process(command, args, capsys)
+    assert code == 1, err
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    assert [file_tree(root) for root in roots] == before
+    return err
+
+
 def file_tree(root) -> dict:
     """{relative path: (size, mtime_ns)} of every file and folder under root: compare before and after a command to
     see that it wrote nothing."""

@@ -18,7 +18,7 @@ import fid
 import generate
 import reconstruct
 import train
-from tests.helpers import file_tree, run_in_process, write_mri_records
+from tests.helpers import assert_refused_leaving_nothing, write_mri_records
 from torch_utils import checkpoint
 from training.networks import network_kwargs_for
 
@@ -134,13 +134,7 @@ def test_bad_input_is_refused_in_one_sentence_leaving_nothing(fx, tmp_path, monk
     out = str(work / "out")
     args = [a.replace("OUT", out).format(**fx) if "OUT" in a or "{" in a else a for a in args]
     words = [w.format(**fx) for w in words]
-    before = (file_tree(tmp_path), file_tree(fx["root"]))
-    code, err = run_in_process(command, args, capsys)
-    assert code == 1, err
-    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    assert (file_tree(tmp_path), file_tree(fx["root"])) == before
+    assert_refused_leaving_nothing(command, args, words, capsys, [tmp_path, fx["root"]])
 
 
 def test_nan_records_of_large_datasets_are_refused_where_they_are_read(fx, monkeypatch):

@@ -31,7 +31,7 @@ import fid
 import generate
 import reconstruct
 import train
-from tests.helpers import REPO, file_tree, run_in_process, write_mri_records
+from tests.helpers import REPO, assert_refused_leaving_nothing, write_mri_records
 from tests.test_fid import make_canary_detector
 from tests.test_security import image_config, small_network
 from torch_utils import checkpoint
@@ -379,13 +379,7 @@ def test_hostile_input_is_refused_in_one_sentence_leaving_nothing(fx, tmp_path, 
     out = str(work / "out")
     args = [_fill(a, fx, out) for a in args]
     words = [w.format(**fx) for w in words]
-    before = (file_tree(tmp_path), file_tree(fx["root"]))
-    code, err = run_in_process(command, args, capsys)
-    assert code == 1, err
-    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    assert (file_tree(tmp_path), file_tree(fx["root"])) == before
+    assert_refused_leaving_nothing(command, args, words, capsys, [tmp_path, fx["root"]])
     assert not os.path.exists(fx["canary"])
 
 

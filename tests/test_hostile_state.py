@@ -22,7 +22,7 @@ import torch
 import generate
 import reconstruct
 import train
-from tests.helpers import file_tree, run_in_process, train_in_process, write_mri_records
+from tests.helpers import assert_refused_leaving_nothing, file_tree, run_in_process, train_in_process, write_mri_records
 from tests.test_security import mri_snapshot, small_network
 from torch_utils import checkpoint
 
@@ -408,13 +408,7 @@ def test_hostile_input_is_refused_in_one_sentence_leaving_nothing(fx, tmp_path, 
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # a write relative to the current folder would show up in the tree too
     command, args = setup(fx, str(inp))
-    before = (file_tree(tmp_path), file_tree(fx["root"]))
-    code, err = run_in_process(command, args, capsys)
-    assert code == 1, err
-    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    assert (file_tree(tmp_path), file_tree(fx["root"])) == before
+    assert_refused_leaving_nothing(command, args, words, capsys, [tmp_path, fx["root"]])
 
 
 # ----------------------------------------------------------------------------
