@@ -17,6 +17,7 @@ one sentence with nothing written.
 """
 
 import dataclasses
+import os
 
 import click
 
@@ -96,7 +97,8 @@ def main(source_format, source, dest, preset_name, drop_variance, **architecture
         from training.conversion.edm import convert_edm  # the EDM converter (restricted unpickler)
 
         config, state = convert_edm(source)
-        source_record, notes = {"format": "edm", "file": source.replace("\\", "/").rsplit("/", 1)[-1]}, []
+        source_record = {"format": "edm", "file": os.path.basename(source), "sha256": dnnlib.file_sha256(source)}
+        notes = []
     else:
         from training.conversion import guided_diffusion as gd
 

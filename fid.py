@@ -35,11 +35,11 @@ import time
 
 import click
 
-from dnnlib import UserError, run_cli
+from dnnlib import UserError, file_sha256, run_cli
 from dnnlib.util import check_outdir, is_url, open_url
 from torch_utils import distributed
 from training.dataset import ImageFolderDataset
-from training.inception import FID_INCEPTION_URL, file_sha256, load_detector
+from training.inception import FID_INCEPTION_URL, load_detector
 from training.metrics import (
     dataset_feature_stats,
     frechet_distance,

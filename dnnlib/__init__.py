@@ -8,9 +8,10 @@ from .util import (
     check_fields,
     check_outdir,
     check_outdir_settings,
+    file_sha256,
     run_cli,
     write_outdir_settings,
 )
 
 __all__ = ["ConfigError", "EasyDict", "Field", "UserError", "check_fields", "check_outdir", "check_outdir_settings",
-           "run_cli", "write_outdir_settings"]
+           "file_sha256", "run_cli", "write_outdir_settings"]

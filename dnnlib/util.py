@@ -2,6 +2,7 @@
 
 import abc
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -186,6 +187,15 @@ def write_outdir_settings(outdir: str, settings: dict, option: str = "--outdir")
         os.replace(f"{path}.tmp-{os.getpid()}", path)
     except OSError as e:  # e.g. under /proc, which os.access calls writable
         raise UserError(f"{option} {outdir} cannot be written: {e.strerror or e}.") from e
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks (records of where a model or statistic came from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def default_cache_dir() -> str:

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import fid  # noqa: E402
-from dnnlib import UserError  # noqa: E402
+from dnnlib import UserError, file_sha256  # noqa: E402
 from dnnlib.util import open_url  # noqa: E402
 from tests.helpers import HANG_GUARD_S  # noqa: E402
 from training import inception  # noqa: E402
@@ -35,7 +35,6 @@ from training.inception import (  # noqa: E402
     FID_INCEPTION_URL,
     ConvBN,
     InceptionV3FID,
-    file_sha256,
     load_detector,
 )
 from training.metrics import FeatureStats, dataset_feature_stats, frechet_distance, load_reference_stats  # noqa: E402

@@ -20,7 +20,6 @@ How to get the standard weights on a machine without network: download FID_INCEP
 it with `--detector PATH` or copy it unchanged into the cache directory (`$MSM_CACHE_DIR`, default `~/.cache/msm`).
 """
 
-import hashlib
 import os
 import re
 import zipfile
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnlib import EasyDict, UserError
+from dnnlib import EasyDict, UserError, file_sha256
 from dnnlib.util import default_cache_dir, is_url, open_url
 from torch_utils import archive
 
@@ -256,15 +255,6 @@ class InceptionV3FID(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading and verification.
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_sha256(path: str, digest: str, sha256: str | None):

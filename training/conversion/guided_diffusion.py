@@ -37,13 +37,12 @@ unless drop_variance asks to keep only the epsilon half.
 """
 
 import dataclasses
-import hashlib
 import math
 import os
 
 import torch
 
-from dnnlib import UserError
+from dnnlib import UserError, file_sha256
 from torch_utils import archive
 from training.masks import default_acs
 from training.networks import NetworkConfigError, _check_layout
@@ -162,11 +161,7 @@ def read_state_dict(path: str) -> tuple[dict, str]:
                             "tensor.")
         if not bool(torch.isfinite(value).all()):
             raise UserError(f"--source {path} is refused: its weight {name!r:.80} holds NaN or infinite values.")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {k: v.to(torch.float32) for k, v in state.items()}, digest.hexdigest()
+    return {k: v.to(torch.float32) for k, v in state.items()}, file_sha256(path)
 
 
 def _shape(state: dict, key: str, path: str) -> tuple:
