@@ -68,18 +68,21 @@ class Workspace:
 
 
 def _ddpmpp_snapshot(ws: Workspace, name: str, channels: int, dataset: dict, measurement=None, loss=None,
-                     mask_channel: bool = False) -> str:
+                     mask_channel: bool = False, patches: dict | None = None) -> str:
     from torch_utils import checkpoint
     from training.networks import network_kwargs_for
+    from training.patches import position_channels
 
+    extra = {"position_channels": position_channels(patches["encoding"])} if patches else {}
     cfg = network_kwargs_for(arch="ddpmpp", precond="edm", img_resolution=RES, in_channels=channels + mask_channel,
                              out_channels=channels, label_dim=0, cbase=8, cres=[1, 2], num_blocks=1,
-                             attn_resolutions=[], dropout=0.0)
+                             attn_resolutions=[], dropout=0.0, **extra)
     net = checkpoint.build_network(cfg)
     with torch.no_grad():  # a fresh DDPM++ outputs F = 0 (zero-initialised last layers): make every weight count
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    config = {"network": cfg, "dataset": dataset, "measurement": measurement, **({"loss": loss} if loss else {})}
+    config = {"network": cfg, "dataset": dataset, "measurement": measurement, **({"loss": loss} if loss else {}),
+              **({"patches": patches} if patches else {})}
     checkpoint.save_snapshot(ws.path(name), config, net)
     return ws.path(name)
 
@@ -105,6 +108,22 @@ def _ambient(ws):
     loss = {"class_name": "training.loss.AmbientLoss", "measurement": law, "delta": 0.2}
     return _ddpmpp_snapshot(ws, "ambient.pt", 1, {"kind": "image", "image_shape": [1, RES, RES]}, law, loss,
                             mask_channel=True)
+
+
+def _ambient_mri(ws):
+    from training.measurements import MeasurementConfig
+
+    law = MeasurementConfig("mri", {"kind": "lines-random", "R": 2, "acs": 4}).to_config()
+    loss = {"class_name": "training.loss.AmbientLoss", "measurement": law, "delta": 0.2}
+    return _ddpmpp_snapshot(ws, "ambient-mri.pt", 2, {"kind": "mri", "shape": [RES, RES]}, law, loss)
+
+
+def _patch(ws):
+    """A PaDIS-style patch prior trained on 4, 8 and 16 px patches of 16 px images padded by 4 (train.py's config)."""
+    from training.patches import training_patch_config
+
+    patches = training_patch_config([4, 8, 16], None, None, [4, 2, 1], 4, None, RES, "image", divisor=2)
+    return _ddpmpp_snapshot(ws, "patch.pt", 1, {"kind": "image", "image_shape": [1, RES, RES]}, patches=patches)
 
 
 def _guided(name, label_dim, measurement=None):
@@ -144,7 +163,8 @@ def _maps(ws):
 
 BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "cond": _guided("cond.pt", 2),
             "uncond": _guided("uncond.pt", 0), "msm-cond": _msm_guided, "classifier": _classifier,
-            "labelled": _labelled, "maps": _maps}
+            "labelled": _labelled, "maps": _maps,
+            "ambient-mri": _ambient_mri, "patch": _patch}
 
 
 # ----------------------------------------------------------------------------
@@ -182,6 +202,8 @@ def reconstruct_case(method: str, task: str, prior: str | None, **options):
                                       else "mri", mask_law=FullMask(), loss_config=None)
         elif prior == "net":
             model = reconstruct.load_model(ws.get("msm-mri" if task == "mri" else "msm-image"), "cpu")
+        elif prior == "patch":  # the stitched whole-image network of a patch prior, an oracle model
+            model = reconstruct.load_model(ws.get("patch"), "cpu")
         if model is not None:
             model.net.net = CountingNetwork(model.net.net)  # inside the script's counter: calls, not images
             model.net.net.bar = tally
@@ -287,6 +309,11 @@ CASES = {
     "reconstruct/msm-heun/mri/gauss": reconstruct_case("msm", "mri", "gauss", msm_solver="heun"),
     "reconstruct/msm-heun/mri/net": reconstruct_case("msm", "mri", "net", msm_solver="heun"),
     "reconstruct/msm-heun/box/net": reconstruct_case("msm", "box", "net", msm_solver="heun"),
+    "reconstruct/msm-ddim-section/box/net": reconstruct_case("msm", "box", "net", outer="ddim", vp_grid="section",
+                                                             eta=0.5),
+    "reconstruct/msm-sample-accel/mri/net": reconstruct_case("msm", "mri", "net", sample_accel=4.0),
+    "reconstruct/dps/box/patch": reconstruct_case("dps", "box", "patch"),
+    "reconstruct/padis/pixel/patch": reconstruct_case("padis", "pixel", "patch"),
     "reconstruct/ald-normalized-adjoint/mri/gauss": reconstruct_case(
         "ald", "mri", "gauss", family={"ald_dc": "normalized", "init": "adjoint", "final_denoise": True}),
     "reconstruct/pc-jalal-warm/ct/gauss": reconstruct_case("pc-jalal", "ct", "gauss",
@@ -306,6 +333,12 @@ CASES = {
     "generate/msm-mri": generate_case("msm-mri", "--sampler", "msm", "--seeds", "3,7", "--subsets", "2",
                                       "--schedule", "rho", "--steps", "4", "--maps", "@maps"),
     "generate/ambient": generate_case("ambient", "--seeds", "3,7", "--steps", "4"),
+    "generate/ambient-mri": generate_case("ambient-mri", "--seeds", "3,7", "--steps", "4", "--maps", "@maps"),
+    "generate/msm-batched-vp200-section-eta": generate_case("msm-image", "--sampler", "msm", "--seeds", "3,7",
+                                                            "--subsets", "2", "--vp-grid", "section", "--eta", "0.5"),
+    "generate/patch": generate_case("patch", "--seeds", "3,7", "--steps", "4"),
+    "generate/patch-overlap": generate_case("patch", "--seeds", "3,7", "--steps", "4", "--assembly", "overlap",
+                                            "--patch-size", "8"),
     **{f"generate/guidance-{kind}": generate_case("cond", "--seeds", "3,7", "--steps", "4", "--class", "1",
                                                   "--classifier", "@classifier", "--guidance", kind,
                                                   "--guidance-scale", "2")
