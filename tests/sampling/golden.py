@@ -161,10 +161,9 @@ def _maps(ws):
     return ws.path("maps.npy")
 
 
-BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "cond": _guided("cond.pt", 2),
-            "uncond": _guided("uncond.pt", 0), "msm-cond": _msm_guided, "classifier": _classifier,
-            "labelled": _labelled, "maps": _maps,
-            "ambient-mri": _ambient_mri, "patch": _patch}
+BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "ambient-mri": _ambient_mri,
+            "patch": _patch, "cond": _guided("cond.pt", 2), "uncond": _guided("uncond.pt", 0),
+            "msm-cond": _msm_guided, "classifier": _classifier, "labelled": _labelled, "maps": _maps}
 
 
 # ----------------------------------------------------------------------------
