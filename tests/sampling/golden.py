@@ -1,4 +1,5 @@
-"""Golden outputs of every sampling method of generate.py and reconstruct.py (issue 23's safety net).
+"""Golden outputs of every sampling method of generate.py and reconstruct.py: the safety net for moving them into
+one package.
 
 Each case runs one method (one reconstruct.py METHODS entry on one task, or one generate.py sampler) on a tiny fixed
 problem with fixed seeds, the way the script runs it, and returns its output array, the network-call count the method
