@@ -41,6 +41,7 @@ interleave between calls.
 import glob
 import json
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -243,6 +244,9 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                                          num_slices, "--save-measurements", path,
                                          "--outdir", folder, "--methods", ",".join(baselines), *cs])
         elif not os.path.exists(os.path.join(folder, "summary.json")):
+            # A run stopped after saving the measurements left its partial outputs under the --data command's
+            # settings; reconstruct.py refuses to mix a second command's results into them, so start the folder anew.
+            shutil.rmtree(folder, ignore_errors=True)
             bench.run("reconstruct.py", ["--measurements", path, "--outdir", folder, "--methods",
                                          ",".join(baselines), *cs])
 

@@ -259,7 +259,7 @@ def test_mri_preset_is_sampled_and_reconstructed_end_to_end(sources, mri_data, t
     proc = run_cli(["generate.py", "--network", snapshot, "--maps", maps, "--seeds", "0-1", "--subsets", "1",
                     "--outdir", str(tmp_path / "samples")])
     assert "msm batched, K = 1, 200 levels from sigma 151" in proc.stdout and "ddim grid" in proc.stdout
-    assert sorted(os.listdir(tmp_path / "samples")) == ["000000.png", "000001.png"]
+    assert sorted(n for n in os.listdir(tmp_path / "samples") if n.endswith(".png")) == ["000000.png", "000001.png"]
     # reconstruct.py: MSM posterior sampling of R = 4 measurements on 4 levels of the same grid.
     run_cli(["reconstruct.py", "--network", snapshot, "--data", data, "--task", "mri", "--indices", "0",
              "--seeds", "0", "--steps", "4", "--methods", "msm,zero-filled", "--outdir", str(tmp_path / "recon")])
