@@ -41,8 +41,8 @@ interleave between calls.
 import glob
 import json
 import os
-import shutil
 import shlex
+import shutil
 import subprocess
 import sys
 
