@@ -146,7 +146,8 @@ def test_sample_accel_changes_only_the_sampling_masks(tmp_path, files):
     import reconstruct
 
     law = RandomLineMaskLaw(2, 4)
-    run = SimpleNamespace(model=SimpleNamespace(mask_law=law), options=SimpleNamespace(sample_accel=None))
+    run = SimpleNamespace(model=SimpleNamespace(mask_law=law), options=SimpleNamespace(sample_accel=None,
+                                                                                       acquired_draw=None))
     assert reconstruct.sampling_law(run) is law
     run.options.sample_accel = 4.0
     assert reconstruct.sampling_law(run).to_config() == {"kind": "lines-random", "R": 4.0, "acs": 4}
