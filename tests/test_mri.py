@@ -141,7 +141,8 @@ def test_fastmri_converter_matches_numpy(tmp_path):
 def test_readme_fastmri_example_runs_with_the_default_widths(tmp_path):
     """The documented fastMRI command (docs/methods.md), as written, fully sampled and with its `--mask-kind
     lines-random --accel 4`, on a file in the fastMRI layout at its resolution: both run (the old defaults,
-    --calib-width 24 > --acs 20, refused the second), calibrate ESPIRiT on the ACS lines the masks keep, and agree on every slice's scale."""
+    --calib-width 24 > --acs 20, refused the second), calibrate ESPIRiT on the ACS lines the masks keep, and agree
+    on every slice's scale."""
     readme = open(os.path.join(REPO, "docs", "methods.md")).read()
     undersampling = "--mask-kind lines-random --accel 4"
     assert f"`{undersampling}`" in readme
