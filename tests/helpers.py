@@ -30,7 +30,8 @@ def run_cli(args: list[str], torchrun: int = 0, check: bool = True, timeout: flo
 
 def cli_defaults(command) -> dict:
     """A click command's options at their defaults, resolved the way click resolves them for a real invocation
-    (through a context), so flags read False and not whatever `Option.default` holds (a sentinel in click >= 8.2.2)."""
+    (through a context), so flags read False and not what the Option object stores as its default (a sentinel in
+    click >= 8.2.2)."""
     with command.make_context(command.name or "cli", [], resilient_parsing=True) as ctx:
         return dict(ctx.params)
 

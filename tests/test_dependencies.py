@@ -52,7 +52,7 @@ def test_environment_yml_states_the_same_ranges():
 
 
 def test_cli_defaults_resolve_flags_to_false():
-    # click >= 8.2.2 keeps a sentinel in Option.default for flags; options built from it turned flags on.
+    # click >= 8.2.2 stores a sentinel as the default of a flag option; options built from it turned flags on.
     import train
 
     defaults = cli_defaults(train.main)
