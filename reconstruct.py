@@ -128,17 +128,27 @@ from training.masks import (
 )
 from training.measurements import aggregate_projection, skip_space_of
 from training.metrics import (
-    FASTMRI_CROP,
-    center_crop,
+    CONVENTION_TEXT,
+    CONVENTIONS,
+    convention_row,
     fastmri_volume_metrics,
-    minmax_normalise,
     nmse,
     psnr,
     reference_max,
+    rss_images,
     ssim,
 )
 from training.mri import MRIDataset
-from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, measure, measurement_randn
+from training.operators import (
+    AvgPoolSR,
+    BoxInpainting,
+    Identity,
+    MultiCoilMRI,
+    PixelMask,
+    measure,
+    measurement_randn,
+    mri_magnitude,
+)
 from training.patches import patch_prior, use_seeds
 from training.posterior import (
     CS_DEFAULTS,
@@ -148,7 +158,6 @@ from training.posterior import (
     ddpm_sigmas,
     dps_sampler,
     image_denoiser,
-    mri_magnitude,
     msm_posterior_sampler,
     respaced_sigmas,
     zero_filled,
@@ -1038,39 +1047,6 @@ def metric_rows(reference: torch.Tensor, estimate: torch.Tensor, task: str) -> d
             "nmse": nmse(reference, estimate).item()}
 
 
-CONVENTIONS = ("sense", "fastmri", "msm")
-CONVENTION_TEXT = {
-    "sense": "MRI convention 'sense': the magnitude of the coil-combined (SENSE) image per image, data range = the "
-             "reference's maximum.",
-    "fastmri": "MRI convention 'fastmri' (fastMRI evaluate.py): root-sum-of-squares magnitude sqrt(sum_c |S_c x|^2) "
-               "of the coil images of each image (the reference's: of T T^H k, its coil data projected on the stored "
-               "maps), centre-cropped to at most 320 x 320; data range = the maximum of the reference VOLUME (the "
-               "selected slices of one source file); rows are per slice (PSNR, SSIM with that range), volumes.csv "
-               "holds fastMRI's per-volume PSNR (volume MSE), SSIM (mean over slices) and NMSE.",
-    "msm": "MRI convention 'msm' (the MSM paper): magnitude images each min-max normalised to [0, 1], data range 1.",
-}
-
-
-def rss_images(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """2-channel coil-combined images (N, 2, H, W) -> root-sum-of-squares magnitudes (N, 1, H, W) of their coil
-    images S_c x, cropped as fastMRI evaluates (FASTMRI_CROP)."""
-    coil_energy = (maps.abs().to(torch.float64) ** 2).sum(dim=1, keepdim=True)
-    return center_crop(mri_magnitude(images.to(torch.float64)) * coil_energy.sqrt(), FASTMRI_CROP)
-
-
-def convention_rows(convention: str, reference: torch.Tensor, estimate: torch.Tensor, maps: torch.Tensor,
-                    volume_max: float | None) -> dict:
-    """An MRI row under a non-default convention (CONVENTION_TEXT); reference / estimate: 2-channel images."""
-    if convention == "fastmri":
-        reference, estimate, data_range = rss_images(reference, maps), rss_images(estimate, maps), volume_max
-    else:
-        reference, estimate = (minmax_normalise(mri_magnitude(image.to(torch.float64)))
-                               for image in (reference, estimate))
-        data_range = 1.0
-    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
-            "nmse": nmse(reference, estimate).item()}
-
-
 def volume_rows(examples: dict, volumes: dict, outdir: str, seeds: list[int], methods: list[str]) -> list[dict]:
     """fastMRI's per-volume metrics of every (volume, seed, method), from the saved reconstructions."""
     rows = []
@@ -1541,7 +1517,7 @@ def main(network_path, data_path, measurements_path, save_path, task, outdir, me
                      **{m: image[0].numpy().astype(np.float32) for m, image in results.items()})
             if reference is not None:
                 new = {m: {**(metric_rows(reference, shown[m], task) if metric_convention == "sense" else
-                              convention_rows(metric_convention, example.reference, results[m], example.maps,
+                              convention_row(metric_convention, example.reference, results[m], example.maps,
                                               volume_max.get(volumes[i]))),
                            "nfe": costs[m][0], "seconds": costs[m][1]} for m in methods}
                 rows += [{"example": i, "seed": seed, "method": m, **({} if level is None else {"snr_db": level}), **r}

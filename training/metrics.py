@@ -17,6 +17,7 @@ import tqdm
 
 from dnnlib import UserError
 from torch_utils import distributed
+from training.operators import mri_magnitude
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -285,3 +286,36 @@ def minmax_normalise(images: torch.Tensor) -> torch.Tensor:
     low = images.flatten(1).amin(dim=1).reshape(-1, 1, 1, 1)
     span = images.flatten(1).amax(dim=1).reshape(-1, 1, 1, 1) - low
     return (images - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+CONVENTIONS = ("sense", "fastmri", "msm")
+CONVENTION_TEXT = {
+    "sense": "MRI convention 'sense': the magnitude of the coil-combined (SENSE) image per image, data range = the "
+             "reference's maximum.",
+    "fastmri": "MRI convention 'fastmri' (fastMRI evaluate.py): root-sum-of-squares magnitude sqrt(sum_c |S_c x|^2) "
+               "of the coil images of each image (the reference's: of T T^H k, its coil data projected on the stored "
+               "maps), centre-cropped to at most 320 x 320; data range = the maximum of the reference VOLUME (the "
+               "selected slices of one source file); rows are per slice (PSNR, SSIM with that range), volumes.csv "
+               "holds fastMRI's per-volume PSNR (volume MSE), SSIM (mean over slices) and NMSE.",
+    "msm": "MRI convention 'msm' (the MSM paper): magnitude images each min-max normalised to [0, 1], data range 1.",
+}
+
+
+def rss_images(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """2-channel coil-combined images (N, 2, H, W) -> root-sum-of-squares magnitudes (N, 1, H, W) of their coil
+    images S_c x, cropped as fastMRI evaluates (FASTMRI_CROP)."""
+    coil_energy = (maps.abs().to(torch.float64) ** 2).sum(dim=1, keepdim=True)
+    return center_crop(mri_magnitude(images.to(torch.float64)) * coil_energy.sqrt(), FASTMRI_CROP)
+
+
+def convention_row(convention: str, reference: torch.Tensor, estimate: torch.Tensor, maps: torch.Tensor,
+                    volume_max: float | None) -> dict:
+    """An MRI row under a non-default convention (CONVENTION_TEXT); reference / estimate: 2-channel images."""
+    if convention == "fastmri":
+        reference, estimate, data_range = rss_images(reference, maps), rss_images(estimate, maps), volume_max
+    else:
+        reference, estimate = (minmax_normalise(mri_magnitude(image.to(torch.float64)))
+                               for image in (reference, estimate))
+        data_range = 1.0
+    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
+            "nmse": nmse(reference, estimate).item()}

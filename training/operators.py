@@ -40,6 +40,11 @@ def channels_to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(x[:, 0].contiguous(), x[:, 1].contiguous())
 
 
+def mri_magnitude(images: torch.Tensor) -> torch.Tensor:
+    """2-channel complex images (N, 2, H, W) -> magnitudes (N, 1, H, W)."""
+    return channels_to_complex(images).abs()[:, None]
+
+
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Real inner product Re sum(conj(a) * b) over all entries (a scalar tensor)."""
     if a.is_complex() or b.is_complex():

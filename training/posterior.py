@@ -34,7 +34,7 @@ import torch
 from dnnlib import UserError
 from training.measurements import network_input
 from training.networks import vp_grid_sigmas
-from training.operators import channels_to_complex, complex_to_channels
+from training.operators import complex_to_channels
 from training.samplers import check_sigmas, msm_heun_sampler, msm_sampler, outer_step, vp200_sigmas
 
 
@@ -284,9 +284,3 @@ def cs_mri(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, regular
     """
     image = cs_app(kspace, maps, mask, regulariser, lamda, max_iter, show_pbar).run()
     return complex_to_channels(torch.from_numpy(np.asarray(image, dtype=np.complex64))[None])[0]
-
-
-def mri_magnitude(images: torch.Tensor) -> torch.Tensor:
-    """2-channel complex images (N, 2, H, W) -> magnitudes (N, 1, H, W)."""
-    return channels_to_complex(images).abs()[:, None]
-
