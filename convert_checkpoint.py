@@ -9,7 +9,7 @@
     # EDM-format pickles (EDM, PaDIS), read without executing the code they embed:
     python convert_checkpoint.py --from edm --source edm-cifar10-32x32-uncond-vp.pkl --dest cifar10-uncond-vp.pt
 
-The written file is an ordinary snapshot (torch_utils/checkpoint.py): generate.py, reconstruct.py and every sampler
+The written file is an ordinary snapshot (training/snapshot.py): generate.py, reconstruct.py and every sampler
 take it unchanged. A preset records the measurement process the network was trained with (mask law, noise level) and
 the reference's 200-level grid, so generate.py and reconstruct.py pick the MSM sampler and that grid by themselves.
 Nothing is downloaded: get the files from the projects' pages (docs/pretrained-models.md). Bad input is refused in

@@ -39,10 +39,10 @@ import tqdm
 
 import dnnlib
 from dnnlib import UserError
-from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators, image_grid, parse_seeds, save_image, to_uint8_images
+from training import snapshot as checkpoint
 from training.classifier import is_classifier
 from training.guidance import CFG_CONVENTIONS, POTENTIALS
 from training.loss import AmbientLoss
@@ -196,8 +196,9 @@ class GuidanceSetup:
 
     def __init__(self, net, config: dict, classifier_path, kinds, scales, sigma_range, cfg_scale: float,
                  cfg_convention: str, sampler: str, is_mri: bool, device):
-        from training.classifier import check_compatible, classifier_logits, load_classifier
+        from training.classifier import check_compatible, classifier_logits
         from training.guidance import cfg_coefficient, check_sigma_range
+        from training.snapshot import load_classifier
 
         self.kinds, self.cfg_scale, self.cfg_convention = list(kinds), cfg_scale, cfg_convention
         self.sigma_range = check_sigma_range(parse_sigma_range(sigma_range)) if sigma_range else None

@@ -109,10 +109,10 @@ import tqdm
 
 import dnnlib
 from dnnlib import ConfigError, Field, UserError, check_fields
-from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators, parse_seeds
+from training import snapshot as checkpoint
 from training.classifier import is_classifier
 from training.conditioning import dds, dps, jalal, jalal_normalized, projection
 from training.ct import ParallelBeamCT, fbp

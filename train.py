@@ -21,10 +21,10 @@ import torch
 
 import dnnlib
 from dnnlib import EasyDict, UserError
-from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.compiling import check_compiler
 from torch_utils.misc import parse_int_list
+from training import snapshot as checkpoint
 
 # Options that may change between the start of a run and its continuation without changing what is computed
 # (or that only extend it).

@@ -35,7 +35,7 @@ python - <<'PY'
 # Sampling: the snapshot network's forward (eval, no grad) at batch 32, compiled vs plain, 7 interleaved rounds of
 # 10 calls each; the compiled module is warmed up (compiled) first.
 import glob, json, os, statistics, time, torch
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 out = os.environ.get("OUT", "out/compile-bench")
 snap = checkpoint.latest_file(glob.glob(f"{out}/runs/plain/*")[0], "network-snapshot")
 net, _ = checkpoint.load_snapshot(snap)

@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dnnlib import UserError, run_cli  # noqa: E402
-from torch_utils.checkpoint import load_snapshot  # noqa: E402
 from torch_utils.misc import SeedGenerators, parse_int_list  # noqa: E402
 from training.dataset import open_dataset  # noqa: E402
 from training.masks import mask_law_from_config  # noqa: E402
 from training.measurements import skip_space_of  # noqa: E402
 from training.operators import Identity, MultiCoilMRI  # noqa: E402
 from training.samplers import msm_aggregate_denoiser, net_partial_denoiser  # noqa: E402
+from training.snapshot import load_snapshot  # noqa: E402
 
 
 def parse_sigmas(text: str) -> list[float]:

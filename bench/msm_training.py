@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.loss import AmbientLoss, EDMLoss, MSMLoss
 from training.masks import mask_law_from_config
 from training.mri import birdcage_maps

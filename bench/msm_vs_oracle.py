@@ -52,9 +52,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dnnlib import UserError  # noqa: E402
-from torch_utils import checkpoint  # noqa: E402
 from torch_utils.misc import parse_int_list  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
+from training import snapshot as checkpoint  # noqa: E402
 
 LINES_R4 = ["--loss", "msm", "--mask", "lines-random", "--accel", "4"]
 BOX = ["--loss", "msm", "--mask", "box", "--p", "0.4"]

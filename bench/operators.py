@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset_tool import ZipDatasetWriter  # noqa: E402
-from torch_utils import checkpoint  # noqa: E402
+from training import snapshot as checkpoint  # noqa: E402
 from training.dataset import open_dataset  # noqa: E402
 from training.loss import MSMLoss  # noqa: E402
 from training.masks import RandomLineMaskLaw  # noqa: E402

@@ -65,8 +65,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.msm_sampler import timed  # noqa: E402 (the same wall-clock rule as the sampler benchmark)
-from torch_utils import checkpoint  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
+from training import snapshot as checkpoint  # noqa: E402
 from training.loss import EDMLoss  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.patches import CanvasGeometry, PatchLaw, WithPositions, crop_batch  # noqa: E402

@@ -56,9 +56,9 @@ sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
 from dnnlib import UserError  # noqa: E402
-from torch_utils import checkpoint  # noqa: E402
 from torch_utils.misc import SeedGenerators  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
+from training import snapshot as checkpoint  # noqa: E402
 from training.loss import AmbientLoss, EDMLoss, MSMLoss  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.samplers import CountingNetwork, edm_sampler, net_denoiser, net_partial_denoiser, vp200_sigmas  # noqa: E402

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
+from training import snapshot as checkpoint
 from training.loss import EDMLoss
 from training.networks import network_kwargs_for
 from training.samplers import edm_sampler, net_denoiser

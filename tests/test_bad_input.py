@@ -19,7 +19,7 @@ import generate
 import reconstruct
 import train
 from tests.helpers import assert_refused_leaving_nothing, write_mri_records
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.networks import network_kwargs_for
 
 RES = 16

@@ -16,8 +16,8 @@ import torch
 from dataset_tool import ZipDatasetWriter
 from dnnlib import UserError
 from tests.helpers import HANG_GUARD_S, REPO, make_phantoms, run_cli
-from torch_utils import checkpoint
-from training.classifier import NoiseAwareClassifier, classifier_kwargs, classifier_logits, load_classifier
+from training import snapshot as checkpoint
+from training.classifier import NoiseAwareClassifier, classifier_kwargs, classifier_logits
 from training.networks import build_network, network_kwargs_for
 from training.phantoms import lesion_phantoms
 from training.training_loop import StreamSampler
@@ -74,14 +74,14 @@ def test_snapshot_says_it_is_a_classifier(tmp_path):
                                                         "dataset": dataset,
                                                         "loss": {"class_name": "training.loss.ClassifierLoss",
                                                                  "clean": False}}, net)
-    loaded, config = load_classifier(str(tmp_path / "cls.pt"))
+    loaded, config = checkpoint.load_classifier(str(tmp_path / "cls.pt"))
     assert isinstance(loaded, NoiseAwareClassifier) and config["network"]["kwargs"]["label_dim"] == 2
     diffusion = network_kwargs_for("ddpmpp", "edm", cbase=8, cres=[1], img_resolution=16, in_channels=1,
                                    num_blocks=1, attn_resolutions=[])
     checkpoint.save_snapshot(str(tmp_path / "edm.pt"), {"network": diffusion, "dataset": dataset},
                              build_network(diffusion))
     with pytest.raises(UserError, match="is a diffusion-model snapshot .* not a classifier"):
-        load_classifier(str(tmp_path / "edm.pt"))
+        checkpoint.load_classifier(str(tmp_path / "edm.pt"))
 
 
 def test_balanced_sampler_draws_classes_equally_and_depends_only_on_position():

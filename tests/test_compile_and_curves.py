@@ -23,7 +23,6 @@ import torch
 
 import train
 from tests.helpers import make_phantoms, run_cli, run_in_process, train_in_process
-from torch_utils import checkpoint
 from torch_utils.loss_curves import (
     band_names,
     band_stats,
@@ -33,6 +32,7 @@ from torch_utils.loss_curves import (
     write_loss_plot,
 )
 from torch_utils.plot import HEIGHT, PALETTE, WIDTH
+from training import snapshot as checkpoint
 from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
 from training.training_loop import SigmaRecorder, format_duration
 

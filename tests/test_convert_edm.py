@@ -22,7 +22,7 @@ import torch
 
 from dnnlib import UserError
 from tests.helpers import file_tree
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.conversion import write_converted_snapshot
 from training.conversion.edm import convert_edm, read_edm_pickle
 

@@ -18,7 +18,7 @@ import torch
 
 import convert_checkpoint
 from tests.helpers import make_phantoms, run_cli, run_in_process
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.conversion import guided_diffusion as gd
 from training.conversion import write_converted_snapshot
 from training.mri import MRIDataset

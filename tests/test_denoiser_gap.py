@@ -3,7 +3,7 @@
 import torch
 
 from tests.helpers import make_phantoms, run_cli
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.measurements import MeasurementConfig
 from training.networks import network_kwargs_for
 

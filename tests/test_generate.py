@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import make_phantoms, run_cli
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.measurements import MeasurementConfig
 from training.mri import MRIDataset, simulate_mri
 from training.networks import network_kwargs_for

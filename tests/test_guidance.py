@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.helpers import make_phantoms, run_cli
-from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
+from training import snapshot as checkpoint
 from training.bridge import decode, encode
 from training.dataset import open_dataset
 from training.guidance import (

@@ -35,7 +35,7 @@ from dnnlib import file_sha256
 from tests.helpers import REPO, assert_refused_leaving_nothing, write_mri_records
 from tests.test_fid import make_canary_detector
 from tests.test_security import image_config, small_network
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.mri import MRIDataset
 from training.networks import build_network
 

@@ -24,7 +24,7 @@ import reconstruct
 import train
 from tests.helpers import assert_refused_leaving_nothing, file_tree, run_in_process, train_in_process, write_mri_records
 from tests.test_security import mri_snapshot, small_network
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 
 RES = 8
 TRAIN = ["--cbase", "4", "--cres", "1", "--blocks", "1", "--attn", "", "--batch", "2", "--workers", "0", "--device",

@@ -214,7 +214,7 @@ def test_partial_denoiser_runs_the_operators_in_single_precision():
     same formula P T D(T^H s) evaluated in double precision."""
     cfg = network_kwargs_for(arch="ddpmpp", precond="edm", img_resolution=8, in_channels=2, out_channels=2,
                              label_dim=0, cbase=8, cres=[1], num_blocks=1, attn_resolutions=[], dropout=0.0)
-    from torch_utils import checkpoint
+    from training import snapshot as checkpoint
 
     torch.manual_seed(0)
     net = checkpoint.build_network(cfg).eval().requires_grad_(False)

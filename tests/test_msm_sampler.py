@@ -25,8 +25,8 @@ from dnnlib import UserError
 from generate import MRI_DISPLAY_MAX, mri_magnitude_images
 from tests.gaussian import exact_samples, gaussian_denoiser, random_covariance, relative_cov_error
 from tests.helpers import make_phantoms, run_cli
-from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
+from training import snapshot as checkpoint
 from training.masks import BoxMaskLaw, FullMask
 from training.measurements import MeasurementConfig
 from training.mri import MRIDataset, simulate_mri

@@ -12,7 +12,7 @@ import torch
 from dnnlib import EasyDict, UserError
 from tests.gaussian import exact_samples, random_covariance
 from tests.helpers import assert_same_training_state, cli_defaults, make_phantoms, run_cli
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training import training_loop
 from training.loss import MSMLoss
 from training.masks import BoxMaskLaw
@@ -336,7 +336,7 @@ def test_a_vp200_run_from_before_the_grid_rule_continues_on_the_section_grid(pha
     command continuing such a run is the one with --vp-grid section (and the plain command starts a new run), and
     the sampling defaults follow the snapshot."""
     import train as train_module
-    from torch_utils import checkpoint
+    from training import snapshot as checkpoint
     from training.samplers import training_sigma_max, vp_grid_of
 
     new = build(phantoms, precond="vp", sigma_dist="vp200")

@@ -19,8 +19,8 @@ import reconstruct
 import train
 from dnnlib import ConfigError, UserError
 from tests.helpers import HANG_GUARD_S, REPO, file_tree, make_phantoms, run_cli, run_in_process, train_in_process
-from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
+from training import snapshot as checkpoint
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
 from training.patches import CanvasGeometry, PatchLaw, StitchedNetwork, crop_batch, tile_grid

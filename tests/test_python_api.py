@@ -11,7 +11,7 @@ import torch
 import training.posterior
 import training.samplers
 from tests.helpers import make_phantoms, train_in_process
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.networks import network_kwargs_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

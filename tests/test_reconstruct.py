@@ -15,7 +15,7 @@ import torch
 
 from tests.gaussian import gaussian_denoiser
 from tests.helpers import make_phantoms, run_cli
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.masks import FullMask, RandomLineMaskLaw
 from training.measurements import MeasurementConfig
 from training.mri import MRIDataset

@@ -13,10 +13,10 @@ import torch
 import generate
 from dnnlib import UserError
 from tests.helpers import file_tree, run_in_process, write_mri_records
-from torch_utils import checkpoint
-from torch_utils.checkpoint import build_network
+from training import snapshot as checkpoint
 from training.mri import MRIDataset
 from training.networks import network_kwargs_for
+from training.snapshot import build_network
 
 RES = 8
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import HANG_GUARD_S, REPO, make_phantoms, run_cli
-from torch_utils import checkpoint
+from training import snapshot as checkpoint
 from training.training_loop import cpu_bf16_support
 
 # 16 steps of batch 8 = 128 images; a tick every 2 steps; a state at every tick.

@@ -111,18 +111,6 @@ def is_classifier(config: dict) -> bool:
     return config["network"]["class_name"] == CLASSIFIER_CLASS
 
 
-def load_classifier(path: str, device="cpu") -> tuple[nn.Module, dict]:
-    """A classifier snapshot (or a run directory's latest) -> (classifier in eval mode, config); a diffusion-model
-    snapshot is refused with one sentence."""
-    from torch_utils import checkpoint  # checkpoint imports this module to register the class
-
-    net, config = checkpoint.load_snapshot(path, device)
-    if not is_classifier(config):
-        raise UserError(f"--classifier {path} is a diffusion-model snapshot ({config['network']['class_name']}), "
-                        "not a classifier; train one with train.py --kind classifier.")
-    return net, config
-
-
 def classifier_logits(net: nn.Module):
     """A classifier network as `logits(x, sigma)` on float64 images (differentiable in x) -> float64 (N, K), the
     callable training.guidance.GuidanceTerm takes."""

@@ -724,7 +724,7 @@ class VPPrecond(_Precond):
 
 def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """abar_t = prod_{i<=t} (1 - beta_i), t = 0..num_steps-1, for DDPM's linear betas (float64, (num_steps,))."""
-    # On the CPU even under `torch.device("meta")`, where torch_utils.checkpoint lays out weights without memory: a
+    # On the CPU even under `torch.device("meta")`, where training.snapshot lays out weights without memory: a
     # schedule is computed with, not stored as a weight.
     betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
     return torch.cumprod(1 - betas, dim=0)
@@ -894,7 +894,7 @@ def network_kwargs_for(arch: str, precond: str, cbase: int | None = None, cres: 
 # To make a new network class loadable from snapshots, call `register_network(TheClass, arguments)` right after the
 # class, in its own module, with a table {argument name: dnnlib.Field} of every constructor argument a config may set
 # (kind, range, choices; mark the ones without default `required=True`), and import that module in
-# torch_utils/checkpoint.py (beside `training.networks`) so that loading sees the registration. A preconditioner that
+# training/snapshot.py (beside `training.networks`) so that loading sees the registration. A preconditioner that
 # wraps one of several architectures passes `architectures={model_type: table}` as well: a config then may set the
 # preconditioner's arguments plus those of the architecture its `model_type` names. The name stored in configs is
 # `module.ClassName`, as `network_kwargs_for` writes it.

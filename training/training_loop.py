@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from dnnlib import EasyDict, UserError
-from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.loss_curves import SIGMA_BAND_EDGES, band_stats, band_totals, write_loss_plot
+from training import snapshot as checkpoint
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
 from training.patches import WithPositions, crop_batch, from_patch_config

@@ -6,7 +6,7 @@ problem with fixed seeds, the way the script runs it, and returns its output arr
 reports (None where it reports none) and the forward calls counted on the network itself. Two priors:
 - "gauss": the exact denoiser of N(0, C) data (tests/gaussian.py) as the network (tests/test_reconstruct.py
   GaussianNetwork) or as the denoiser given to the library sampler the script calls;
-- "net": a tiny DDPM++ (cbase 8, 1 block, 16 px) with fixed seeded weights, saved with torch_utils/checkpoint.py
+- "net": a tiny DDPM++ (cbase 8, 1 block, 16 px) with fixed seeded weights, saved with training/snapshot.py
   save_snapshot and loaded back the way the script loads it (reconstruct.load_model; generate.py's main in-process).
 An untrained but fixed network is as deterministic as a trained one; its outputs are what the refactor must keep.
 
@@ -70,7 +70,7 @@ class Workspace:
 
 def _ddpmpp_snapshot(ws: Workspace, name: str, channels: int, dataset: dict, measurement=None, loss=None,
                      mask_channel: bool = False, patches: dict | None = None) -> str:
-    from torch_utils import checkpoint
+    from training import snapshot as checkpoint
     from training.networks import network_kwargs_for
     from training.patches import position_channels
 

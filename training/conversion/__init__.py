@@ -1,7 +1,7 @@
 """Converters from published checkpoint formats to this project's network snapshots (convert_checkpoint.py).
 
 Each converter reads a foreign file without executing anything in it and returns what a snapshot holds: a config
-(torch_utils/checkpoint.py `check_snapshot_config`: a registered network class with checked arguments, the data
+(training/snapshot.py `check_snapshot_config`: a registered network class with checked arguments, the data
 shape, and where known the measurement process and the loss the network was trained with) and the EMA state dict of
 the network that config builds. `write_converted_snapshot` (the one writer for every converter) checks both the way
 loading will, writes an ordinary snapshot atomically and reads it back, so generate.py, reconstruct.py and every
@@ -18,8 +18,8 @@ import os
 import torch
 
 from dnnlib import ConfigError, UserError, check_outdir
-from torch_utils import checkpoint
 from training import networks
+from training import snapshot as checkpoint
 
 
 def check_dest(dest: str):

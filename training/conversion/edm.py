@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from dnnlib import ConfigError, UserError
-from torch_utils import checkpoint
 from training import networks
+from training import snapshot as checkpoint
 
 _PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every EDM release
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first record of a legacy (non-zip) torch.save stream
@@ -478,7 +478,7 @@ def _check_norms_and_heads(net: torch.nn.Module, stubs: dict, table: dict):
 
 def convert_edm(path: str) -> tuple[dict, dict]:
     """Read an EDM-format network pickle without executing it -> (snapshot config for an image prior, as
-    torch_utils/checkpoint.py's save_snapshot / check_snapshot_config expect; the EMA state dict of the network that
+    training/snapshot.py's save_snapshot / check_snapshot_config expect; the EMA state dict of the network that
     config builds). Refuses (UserError, one sentence naming the file) whatever does not map exactly. Nothing the size
     of the described network is allocated before its weight count is checked against the tensors the file holds."""
     data = read_edm_pickle(path)

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from dnnlib import ConfigError, Field, UserError, check_fields
 from torch_utils import archive
-from training import classifier, networks, patches  # noqa: F401 (classifier: registers NoiseAwareClassifier)
+from training import classifier, networks, patches  # classifier also registers NoiseAwareClassifier
 from training.loss import with_recorded_vp_grid
 from training.masks import mask_law_from_config
 from training.measurements import SKIP_SPACES, MeasurementConfig
@@ -319,6 +319,16 @@ def load_snapshot(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     if data_path is not None and not os.path.isabs(data_path):
         config["dataset"]["path"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), data_path))
     return net.eval().requires_grad_(False).to(device), config
+
+
+def load_classifier(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """A classifier snapshot (or a run directory's latest) -> (classifier in eval mode, config); a diffusion-model
+    snapshot is refused with one sentence."""
+    net, config = load_snapshot(path, device)
+    if not classifier.is_classifier(config):
+        raise UserError(f"--classifier {path} is a diffusion-model snapshot ({config['network']['class_name']}), "
+                        "not a classifier; train one with train.py --kind classifier.")
+    return net, config
 
 
 def network_shapes(network_config: dict) -> torch.nn.Module:
