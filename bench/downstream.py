@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib
-from dataset_tool import ZipDatasetWriter
 from dnnlib import UserError
 from training.classifier import NoiseAwareClassifier
+from training.data_tools import ZipDatasetWriter
 from training.dataset import open_dataset
 from training.loss import ClassifierLoss
 from training.phantoms import lesion_phantoms

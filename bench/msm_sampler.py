@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_utils.misc import SeedGenerators  # noqa: E402
 from training import snapshot as checkpoint  # noqa: E402
+from training.data_tools import birdcage_maps  # noqa: E402
 from training.masks import BoxMaskLaw, RandomLineMaskLaw  # noqa: E402
-from training.mri import birdcage_maps  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.operators import Identity, MultiCoilMRI  # noqa: E402
 from training.samplers import (  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training import snapshot as checkpoint
+from training.data_tools import birdcage_maps
 from training.loss import AmbientLoss, EDMLoss, MSMLoss
 from training.masks import mask_law_from_config
-from training.mri import birdcage_maps
 from training.networks import network_kwargs_for
 from training.operators import MultiCoilMRI
 

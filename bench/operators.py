@@ -26,13 +26,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset_tool import ZipDatasetWriter  # noqa: E402
 from training import snapshot as checkpoint  # noqa: E402
+from training.data_tools import (  # noqa: E402
+    ZipDatasetWriter,  # noqa: E402
+    birdcage_maps,
+    simulate_mri,
+)
 from training.dataset import open_dataset  # noqa: E402
 from training.loss import MSMLoss  # noqa: E402
 from training.masks import RandomLineMaskLaw  # noqa: E402
 from training.measurements import measurement_config_for  # noqa: E402
-from training.mri import birdcage_maps, simulate_mri  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.operators import MultiCoilMRI  # noqa: E402
 from training.phantoms import random_ellipse_phantoms  # noqa: E402

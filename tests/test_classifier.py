@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_tool import ZipDatasetWriter
 from dnnlib import UserError
 from tests.helpers import HANG_GUARD_S, REPO, make_phantoms, run_cli
 from training import snapshot as checkpoint
 from training.classifier import NoiseAwareClassifier, classifier_kwargs, classifier_logits
+from training.data_tools import ZipDatasetWriter
 from training.networks import build_network, network_kwargs_for
 from training.phantoms import lesion_phantoms
 from training.training_loop import StreamSampler

@@ -10,10 +10,10 @@ from dnnlib import UserError
 from tests.gaussian import random_covariance
 from tests.helpers import make_phantoms
 from torch_utils.misc import SeedGenerators
+from training.data_tools import birdcage_maps, smooth_phase
 from training.loss import MSMLoss
 from training.masks import FullMask, RandomLineMaskLaw
 from training.measurements import aggregate_projection, partial_denoise, skip_space_of
-from training.mri import birdcage_maps, smooth_phase
 from training.networks import EDMPrecond
 from training.operators import Identity, MultiCoilMRI, complex_to_channels, measurement_randn
 from training.phantoms import random_ellipse_phantoms

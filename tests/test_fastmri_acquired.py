@@ -13,6 +13,7 @@ import torch
 
 from dnnlib import UserError
 from tests.helpers import run_cli
+from training.data_tools import birdcage_maps, convert_fastmri, noise_std_estimate
 from training.masks import (
     AcquiredMaskLaw,
     FastMRIEquispacedMaskLaw,
@@ -21,7 +22,7 @@ from training.masks import (
     empty_coverage,
     mask_law_from_config,
 )
-from training.mri import MRIDataset, birdcage_maps, convert_fastmri, noise_std_estimate
+from training.mri import MRIDataset
 from training.phantoms import random_ellipse_phantoms
 
 HEADER = """<?xml version="1.0" encoding="utf-8"?>

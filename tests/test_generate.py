@@ -9,8 +9,9 @@ import torch
 
 from tests.helpers import make_phantoms, run_cli
 from training import snapshot as checkpoint
+from training.data_tools import simulate_mri
 from training.measurements import MeasurementConfig
-from training.mri import MRIDataset, simulate_mri
+from training.mri import MRIDataset
 from training.networks import network_kwargs_for
 
 

@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_tool import ZipDatasetWriter, cli
+from dataset_tool import cli
 from dnnlib import UserError
 from tests.helpers import REPO
+from training.data_tools import (
+    MRIDatasetWriter,
+    ZipDatasetWriter,
+    birdcage_maps,
+    convert_fastmri,
+    espirit_maps,
+    simulate_mri,
+)
 from training.masks import RandomLineMaskLaw, default_acs
-from training.mri import MRIDataset, MRIDatasetWriter, birdcage_maps, convert_fastmri, espirit_maps, simulate_mri
+from training.mri import MRIDataset
 from training.operators import MultiCoilMRI, channels_to_complex
 from training.phantoms import random_ellipse_phantoms
 

@@ -11,11 +11,11 @@ import torch
 
 from dnnlib import EasyDict
 from tests.helpers import cli_defaults, make_phantoms
+from training.data_tools import birdcage_maps, simulate_mri
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, EDMLoss, MSMLoss
 from training.masks import BoxMaskLaw, RandomLineMaskLaw
 from training.measurements import partial_denoise
-from training.mri import birdcage_maps, simulate_mri
 from training.networks import DiscreteVPPrecond, linear_beta_alphas_cumprod, respaced_timesteps, vp_grid_sigmas
 from training.operators import Identity, MultiCoilMRI, measurement_randn
 from training.training_loop import StreamSampler

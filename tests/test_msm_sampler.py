@@ -27,9 +27,10 @@ from tests.gaussian import exact_samples, gaussian_denoiser, random_covariance, 
 from tests.helpers import make_phantoms, run_cli
 from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
+from training.data_tools import simulate_mri
 from training.masks import BoxMaskLaw, FullMask
 from training.measurements import MeasurementConfig
-from training.mri import MRIDataset, simulate_mri
+from training.mri import MRIDataset
 from training.networks import network_kwargs_for
 from training.samplers import (
     aggregate_partial_estimates,

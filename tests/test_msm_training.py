@@ -396,8 +396,8 @@ def test_bad_input_through_the_cli_writes_nothing(tmp_path, phantoms):
 
 
 def test_stored_undersampled_mri_uses_its_own_masks_and_refuses_edm(tmp_path, phantoms):
+    from training.data_tools import simulate_mri
     from training.masks import RandomLineMaskLaw
-    from training.mri import simulate_mri
 
     dest = str(tmp_path / "undersampled")
     simulate_mri(phantoms, dest, num_coils=4, max_images=4, mask_law=RandomLineMaskLaw(4, 2))
