@@ -35,7 +35,7 @@ import time
 
 import click
 
-from dnnlib import UserError, file_sha256, run_cli
+from dnnlib import UserError, atomic_write, file_sha256, run_cli
 from dnnlib.util import check_outdir, is_url, open_url
 from torch_utils import distributed
 from training.dataset import ImageFolderDataset
@@ -68,11 +68,9 @@ def _rank0_first(fn):
 def _write_json(path: str, record: dict):
     """Write a JSON record atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _dataset_sha256(path: str) -> str | None:

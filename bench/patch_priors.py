@@ -65,6 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.msm_sampler import timed  # noqa: E402 (the same wall-clock rule as the sampler benchmark)
+from dnnlib import atomic_write  # noqa: E402
 from torch_utils.plot import line_plot  # noqa: E402
 from training import snapshot as checkpoint  # noqa: E402
 from training.loss import EDMLoss  # noqa: E402
@@ -441,9 +442,8 @@ def bar_plot(path: str, title: str, groups: list[str], bars: dict, unit: str):
         draw.rectangle([x, height - 28, x + 12, height - 16], fill=colours[bi % 3])
         draw.text((x + 18, height - 22), name, fill="black", font=font, anchor="lm")
     draw.text((width / 2, 8), f"{title} ({unit})", fill="black", font=PIL.ImageFont.load_default(size=15), anchor="mt")
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
 
 
 def write_report(out: str, report: dict):

@@ -704,8 +704,9 @@ def main(out, quick, device, threads, rounds, sections):
     results["seconds"] = time.perf_counter() - start
     results["machine"]["load_average_at_end"] = _load_average()
 
-    # Everything is measured; write the outputs into a fresh folder and move it into place, so that an interrupted
-    # run leaves the previous results whole.
+    # Everything is measured; write the outputs into a fresh folder and move them into place, so that an interrupted
+    # run leaves the previous results whole. Not dnnlib.util.atomic_folder: --out may already hold other files (a
+    # folder cannot replace a non-empty one in one step), so the new files are renamed into it one by one.
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".bench-", dir=os.path.dirname(os.path.abspath(out)))
     try:

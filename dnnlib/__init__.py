@@ -5,6 +5,7 @@ from .util import (
     EasyDict,
     Field,
     UserError,
+    atomic_write,
     check_fields,
     check_outdir,
     check_outdir_settings,
@@ -13,5 +14,5 @@ from .util import (
     write_outdir_settings,
 )
 
-__all__ = ["ConfigError", "EasyDict", "Field", "UserError", "check_fields", "check_outdir", "check_outdir_settings",
-           "file_sha256", "run_cli", "write_outdir_settings"]
+__all__ = ["ConfigError", "EasyDict", "Field", "UserError", "atomic_write", "check_fields", "check_outdir",
+           "check_outdir_settings", "file_sha256", "run_cli", "write_outdir_settings"]

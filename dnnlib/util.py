@@ -1,6 +1,7 @@
-"""EasyDict, the error type for bad user input, checks of stored configs and output folders, downloads."""
+"""EasyDict, the error type for bad user input, checks of stored configs and output folders, atomic writes,
+downloads."""
 
-import abc
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,20 +33,73 @@ class UserError(Exception):
     """Bad input from the user: the scripts print the message (one sentence) and exit non-zero, without traceback."""
 
 
-class AtomicWriter(abc.ABC):
-    """Base of the writers that build an output under a temporary name and rename it on success: used as a context
-    manager, an exception inside the `with` block calls `abort()`, so rejected input leaves nothing behind."""
+def _temp_name(path: str) -> str:
+    """The temporary name of an output being written: beside `path` (same folder, so the rename is atomic), marked by
+    the writing process (a stale one names the process that was killed)."""
+    return f"{path}.tmp-{os.getpid()}"
 
-    @abc.abstractmethod
-    def abort(self):
-        """Remove the temporary output."""
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Write a file atomically: yields a file open in `mode` under a temporary name in path's folder; when the block
+    ends cleanly the file is flushed, fsync'd and renamed onto `path` (replacing any old file in one step); on any
+    exception it is removed. So `path` holds either its old content or the whole new one, never a torn file, even if
+    the process is killed (then only the `<path>.tmp-<pid>` file is left behind, never under the final name)."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """`atomic_write` for an output that is a folder of files (a dataset of records): yields a fresh temporary folder
+    beside `path`, renamed onto `path` when the block ends cleanly and removed with everything in it on any
+    exception. `path` must not exist (a folder cannot replace a non-empty one in one step): check that first."""
+    tmp = _temp_name(os.path.abspath(path))
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class AtomicWriter:
+    """Base of the writers that build an output piece by piece (datasets): a subclass opens its output with
+    `self.stage(atomic_write(...))` or `self.stage(atomic_folder(...))`, adds to it, and ends `finish()` with
+    `self.commit()`, which renames it into place. Used as a context manager: leaving the `with` block by an
+    exception, or without `finish()`, removes the temporary output, so rejected input leaves nothing behind."""
+
+    def __init__(self):
+        self._staged = contextlib.ExitStack()
+        self._committed = False
+
+    def stage(self, output):
+        """Enter the atomic context manager `output` (kept open until `commit`) -> what it yields."""
+        return self._staged.enter_context(output)
+
+    def commit(self):
+        """End the staged output cleanly: it is renamed onto its final name."""
+        self._staged.close()
+        self._committed = True
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and not self._committed:
+            exc = RuntimeError(f"{type(self).__name__} was left without finish(); its output is discarded.")
+            self._staged.__exit__(RuntimeError, exc, None)
+            raise exc
         if exc_type is not None:
-            self.abort()
+            self._staged.__exit__(exc_type, exc, tb)  # the staged output removes itself
         return False
 
 
@@ -182,9 +236,8 @@ def write_outdir_settings(outdir: str, settings: dict, option: str = "--outdir")
     path = os.path.join(outdir, SETTINGS_FILE)
     try:
         os.makedirs(outdir, exist_ok=True)
-        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(settings, f, indent=2, sort_keys=True)
-        os.replace(f"{path}.tmp-{os.getpid()}", path)
     except OSError as e:  # e.g. under /proc, which os.access calls writable
         raise UserError(f"{option} {outdir} cannot be written: {e.strerror or e}.") from e
 
@@ -228,20 +281,15 @@ def open_url(url_or_path: str, cache_dir: str | None = None, timeout_s: float = 
     while not os.path.exists(os.path.dirname(created)):
         created = os.path.dirname(created)
     created = None if os.path.exists(created) else created
-    tmp = f"{cached}.tmp-{os.getpid()}"
     try:
         with urllib.request.urlopen(url_or_path, timeout=timeout_s) as response:
             os.makedirs(directory, exist_ok=True)  # only once the server answers: offline, nothing is touched
-            with open(tmp, "wb") as f:
+            with atomic_write(cached) as f:
                 shutil.copyfileobj(response, f)
-        os.replace(tmp, cached)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return cached
 
 

@@ -34,7 +34,7 @@ def test_line_plot_writes_png_of_the_stated_size(tmp_path):
                           hlines={"ref": 2.5})
     with PIL.Image.open(path) as img:
         assert img.format == "PNG" and img.size == (plot.WIDTH, plot.HEIGHT) == (axes.width, axes.height)
-    assert not os.path.exists(f"{path}.partial")
+    assert os.listdir(tmp_path) == ["p.png"]  # no temporary file left beside it
 
 
 @pytest.mark.parametrize("series, message", [({}, "is empty"), ({"a": []}, "has no points"),

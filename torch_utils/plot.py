@@ -10,11 +10,12 @@ reference line (dashed). The PNG is written to a temporary name and renamed, so 
 """
 
 import math
-import os
 
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+
+from dnnlib import atomic_write
 
 WIDTH, HEIGHT = 900, 520
 LEFT, RIGHT, TOP, BOTTOM = 80, 220, 48, 60  # margins: tick labels left and below, legend right, title above
@@ -154,11 +155,6 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, hli
         draw.text((right + 42, legend_y), f"{name} ({_label(y)})", fill=colour, font=font, anchor="lm")
         legend_y += 20
 
-    tmp = f"{path}.partial"
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
     return axes

@@ -20,7 +20,6 @@ sigpy (ESPIRiT) and h5py are imported lazily: they are needed only by the fastMR
 import io
 import json
 import os
-import shutil
 import zipfile
 
 import numpy as np
@@ -28,7 +27,7 @@ import PIL.Image
 import torch
 
 from dnnlib import UserError
-from dnnlib.util import AtomicWriter, check_outdir
+from dnnlib.util import AtomicWriter, atomic_folder, atomic_write, check_outdir
 from training.dataset import IMAGE_ERRORS, IMAGE_EXTENSIONS, ImageFolderDataset, _FileSource, _load_image, _reason
 from training.masks import AcquiredMaskLaw, MaskLaw, acs_columns, default_acs, mask_law_from_config
 from training.mri import FORMAT_VERSION
@@ -42,7 +41,8 @@ PERCENTILE = 99.0
 
 
 class ZipDatasetWriter(AtomicWriter):
-    """Writes an EDM-layout zip atomically: `{i // 1000:05d}/img{i:08d}.png` files plus `dataset.json`."""
+    """Writes an EDM-layout zip atomically (dnnlib.util.atomic_write): `{i // 1000:05d}/img{i:08d}.png` files plus
+    `dataset.json`."""
 
     def __init__(self, dest: str):
         if not dest.endswith(".zip"):
@@ -51,9 +51,9 @@ class ZipDatasetWriter(AtomicWriter):
             raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
         check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        self.dest = dest
-        self.tmp = f"{dest}.tmp-{os.getpid()}"
-        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        super().__init__()
+        # Staged after the file, so it is closed first: its central directory lands in the file before the rename.
+        self.zip = self.stage(zipfile.ZipFile(self.stage(atomic_write(dest)), "w", compression=zipfile.ZIP_STORED))
         self.labels = []
         self.count = 0
 
@@ -70,13 +70,7 @@ class ZipDatasetWriter(AtomicWriter):
     def finish(self, extra: dict | None = None):
         meta = {"labels": self.labels if self.labels else None, **(extra or {})}
         self.zip.writestr("dataset.json", json.dumps(meta, indent=2))
-        self.zip.close()
-        os.replace(self.tmp, self.dest)
-
-    def abort(self):
-        self.zip.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.commit()
 
 
 
@@ -248,15 +242,17 @@ def center_crop_kspace(kspace: np.ndarray, resolution: int, phase_crop: str = "i
 
 
 class MRIDatasetWriter(AtomicWriter):
-    """Writes a record directory atomically: everything goes to `<dest>.tmp-<pid>/`, renamed on `finish`, deleted
-    on error (use as a context manager). `acs`: the centre lines every mask keeps, which the normalisation reads."""
+    """Writes a record directory atomically (dnnlib.util.atomic_folder): everything goes to `<dest>.tmp-<pid>/`,
+    renamed on `finish`, deleted on error (use as a context manager). `acs`: the centre lines every mask keeps, which
+    the normalisation reads."""
 
     def __init__(self, dest: str, acs: int):
         if os.path.exists(dest):
             raise UserError(f"--dest {dest} already exists; remove it or choose another name.")
         check_outdir(os.path.dirname(os.path.abspath(dest)), "--dest folder")
+        super().__init__()
         self.dest, self.acs = dest, acs
-        self.tmp = f"{os.path.abspath(dest)}.tmp-{os.getpid()}"
+        self.tmp = self.stage(atomic_folder(dest))
         os.makedirs(os.path.join(self.tmp, "slices"))
         self.slices = []
         self.shape = None
@@ -293,10 +289,7 @@ class MRIDatasetWriter(AtomicWriter):
                   "slices": self.slices}
         with open(os.path.join(self.tmp, "dataset.json"), "w") as f:
             json.dump(record, f, indent=2)
-        os.replace(self.tmp, self.dest)
-
-    def abort(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.commit()
 
 
 

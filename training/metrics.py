@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 import tqdm
 
-from dnnlib import UserError
+from dnnlib import UserError, atomic_write
 from torch_utils import distributed
 from training.operators import mri_magnitude
 
@@ -137,14 +137,8 @@ def dataset_feature_stats(
 def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num: int, detector_sha256: str):
     """Write FID reference statistics atomically: .npz with `mu` (D,), `sigma` (D, D), `num`, `detector_sha256`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, num=np.int64(num), detector_sha256=np.str_(detector_sha256))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma, num=np.int64(num), detector_sha256=np.str_(detector_sha256))
 
 
 def load_reference_stats(path: str) -> dict:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dnnlib import ConfigError, Field, UserError, check_fields
+from dnnlib import ConfigError, Field, UserError, atomic_write, check_fields
 from torch_utils import archive
 from training import classifier, networks, patches  # classifier also registers NoiseAwareClassifier
 from training.loss import with_recorded_vp_grid
@@ -41,17 +41,9 @@ STATE_FORMAT = "msm-training-state-v1"
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through dnnlib.util.atomic_write: a crash never leaves a torn file under `path`."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def remove_stale_temp_files(folder: str) -> list[str]:

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from dnnlib import EasyDict, UserError
+from dnnlib import EasyDict, UserError, atomic_write
 from torch_utils import distributed as dist
 from torch_utils.loss_curves import SIGMA_BAND_EDGES, band_stats, band_totals, write_loss_plot
 from training import snapshot as checkpoint
@@ -195,9 +195,8 @@ def _truncate_stats(path: str, nimg: int) -> int:
             break
         keep.append(line)
     if len(keep) < len(lines):
-        with open(f"{path}.tmp", "w") as f:
+        with atomic_write(path, "w") as f:
             f.write("".join(line + "\n" for line in keep))
-        os.replace(f"{path}.tmp", path)
     return len(lines) - len(keep)
 
 
