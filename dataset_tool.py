@@ -15,7 +15,7 @@ import os
 import click
 
 import dnnlib
-from training import data_tools
+from training import data_tools, masks
 
 
 @click.group()
@@ -60,10 +60,11 @@ def _mri_mask_options(command):
     command = click.option("--center-fraction", type=float, default=None,
                            help="fastmri-* masks: fraction of the columns at the centre (fastMRI's; 0.08 at 4x, 0.04 "
                            "at 8x), which sets --acs to round(W * fraction)")(command)
-    command = click.option("--accel", type=float, default=4.0, show_default=True, help="Acceleration R")(command)
+    command = click.option("--accel", type=float, default=masks.MASK_DEFAULTS["R"], show_default=True,
+                           help="Acceleration R")(command)
     command = click.option("--acs", type=click.IntRange(min=1), default=None,
                            help="Centre lines every mask keeps, read by the intensity normalisation and (fastmri) the "
-                           "ESPIRiT calibration, fully sampled or not  [default: min(20, W // 8)]")(command)
+                           f"ESPIRiT calibration, fully sampled or not  [default: {masks.ACS_RULE}]")(command)
     command = click.option("--mask-seed", type=int, default=0, show_default=True, help="Per-slice mask seed")(command)
     return command
 

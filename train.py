@@ -24,6 +24,7 @@ from dnnlib import EasyDict, UserError
 from torch_utils import distributed as dist
 from torch_utils.compiling import check_compiler
 from torch_utils.misc import parse_int_list
+from training import masks
 from training import snapshot as checkpoint
 
 # Options that may change between the start of a run and its continuation without changing what is computed
@@ -44,24 +45,15 @@ LAW_PARAMETERS = {"box": ("p",), "pixel": ("p",), "lines-random": ("accel", "acs
 
 
 def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
-    """--mask/--p/--accel/--acs -> a mask-law config. Defaults: box p = 0.4 for images, lines-random R = 4 for MRI,
-    acs = training.masks.default_acs(width) = min(20, width // 8) centre lines, the default of every tool."""
-    law = opts.mask or ("lines-random" if kind == "mri" else "box")
+    """--mask/--p/--accel/--acs/--center-fraction -> a mask-law config; what is not given takes the defaults of every
+    tool (training/masks.py: the law DEFAULT_LAW of the data kind, MASK_DEFAULTS, `default_acs`)."""
+    law = opts.mask or masks.DEFAULT_LAW[kind]
     stray = [f"--{n.replace('_', '-')}" for n in ("p", "accel", "acs", "center_fraction")
              if opts[n] is not None and n not in LAW_PARAMETERS[law]]
     if stray:
         raise UserError(f"{', '.join(stray)} do not apply to --mask {law}.")
-    if law.startswith("fastmri"):  # fastMRI's standard pair: 4x with 8% of the columns at the centre
-        return {"kind": law, "R": 4.0 if opts.accel is None else opts.accel,
-                "center_fraction": 0.08 if opts.center_fraction is None else opts.center_fraction}
-    if law in ("box", "pixel"):
-        return {"kind": law, "p": 0.4 if opts.p is None else opts.p}
-    if law == "full":
-        return {"kind": law}
-    from training.masks import default_acs
-
-    return {"kind": law, "R": 4.0 if opts.accel is None else opts.accel,
-            "acs": default_acs(width) if opts.acs is None else opts.acs}
+    return masks.mask_config(law, width, {"p": opts.p, "R": opts.accel, "acs": opts.acs,
+                                          "center_fraction": opts.center_fraction})
 
 
 def build_options(opts: EasyDict, world_size: int) -> EasyDict:
@@ -377,12 +369,16 @@ def new_run_dir(outdir: str, desc: str) -> str:
               help="edm: clean data; msm / ambient: learn from the partial measurements only")
 @click.option("--mask", type=click.Choice(["box", "pixel", "lines-random", "lines-equispaced", "fastmri-random",
                                          "fastmri-equispaced", "full"]), default=None,
-              help="Mask law of the measurements  [default: box for images, lines-random for MRI]")
-@click.option("--p", type=float, default=None, help="Drop probability of the box / pixel law  [default: 0.4]")
-@click.option("--accel", type=float, default=None, help="Acceleration R of the line laws  [default: 4]")
-@click.option("--acs", type=int, default=None, help="Always-kept centre lines  [default: min(20, W // 8)]")
+              help=f"Mask law of the measurements  [default: {masks.DEFAULT_LAW['image']} for images, "
+                   f"{masks.DEFAULT_LAW['mri']} for MRI]")
+@click.option("--p", type=float, default=None,
+              help=f"Drop probability of the box / pixel law  [default: {masks.MASK_DEFAULTS['p']:g}]")
+@click.option("--accel", type=float, default=None,
+              help=f"Acceleration R of the line laws  [default: {masks.MASK_DEFAULTS['R']:g}]")
+@click.option("--acs", type=int, default=None, help=f"Always-kept centre lines  [default: {masks.ACS_RULE}]")
 @click.option("--center-fraction", type=float, default=None,
-              help="fastMRI laws: fraction of the columns kept at the centre (docs/fastmri.md)  [default: 0.08]")
+              help="fastMRI laws: fraction of the columns kept at the centre (docs/fastmri.md)  "
+                   f"[default: {masks.MASK_DEFAULTS['center_fraction']:g}]")
 @click.option("--sigma-y", type=float, default=None, help="Measurement noise std eta  [default: 0]")
 @click.option("--protocol", type=click.Choice(["fixed", "resample"]), default=None,
               help="fixed: each example measured once; resample: a fresh mask per draw  [default: fixed; stored "

@@ -12,6 +12,7 @@ from training.masks import (
     RandomLineMaskLaw,
     coverage_aware_masks,
     empty_coverage,
+    mask_config,
     mask_law_from_config,
 )
 
@@ -113,6 +114,20 @@ def test_configs_round_trip_and_bad_parameters_are_rejected():
         RandomLineMaskLaw(4, 40).sample(1, (32, 32), _gen())  # more ACS lines than columns
     with pytest.raises(UserError):
         BoxMaskLaw(0.4).sample(1, (3, 8), _gen())
+
+
+def test_mask_config_fills_in_the_defaults_of_every_tool():
+    """The values are the documented defaults (README, train.py and dataset_tool.py help): R 4, fastMRI's 8% centre,
+    p 0.4, ACS min(20, W // 8); what is given (not None) is kept."""
+    assert mask_config("lines-random", 64) == {"kind": "lines-random", "R": 4.0, "acs": 8}
+    assert mask_config("lines-equispaced", 256, {"R": 8, "acs": None}) == {"kind": "lines-equispaced", "R": 8,
+                                                                           "acs": 20}
+    assert mask_config("fastmri-random", 64, {"acs": 3}) == {"kind": "fastmri-random", "R": 4.0,
+                                                             "center_fraction": 0.08}
+    assert mask_config("pixel", 32, {"p": 0.2}) == {"kind": "pixel", "p": 0.2}
+    assert mask_config("box", 32) == {"kind": "box", "p": 0.4} and mask_config("full", 32) == {"kind": "full"}
+    for kind in ("box", "pixel", "lines-random", "lines-equispaced", "fastmri-random", "fastmri-equispaced", "full"):
+        mask_law_from_config(mask_config(kind, 64))  # every default config is a valid law
 
 
 @pytest.mark.parametrize("law,shape", LAWS[:-1], ids=[f"{law.kind}-{shape[0]}" for law, shape in LAWS[:-1]])

@@ -29,7 +29,7 @@ import torch
 from dnnlib import UserError
 from dnnlib.util import AtomicWriter, atomic_folder, atomic_write, check_outdir
 from training.dataset import IMAGE_ERRORS, IMAGE_EXTENSIONS, ImageFolderDataset, _FileSource, _load_image, _reason
-from training.masks import AcquiredMaskLaw, MaskLaw, acs_columns, default_acs, mask_law_from_config
+from training.masks import AcquiredMaskLaw, MaskLaw, acs_columns, default_acs, mask_config, mask_law_from_config
 from training.mri import FORMAT_VERSION
 from training.operators import MultiCoilMRI, channels_to_complex, fft2c, ifft2c
 from training.phantoms import random_ellipse_phantoms
@@ -359,11 +359,11 @@ def mri_mask_law(mask_kind: str, accel: float, acs: int | None, center_fraction:
     if (center_fraction is not None) != mask_kind.startswith("fastmri"):
         raise UserError("--center-fraction is needed by, and only applies to, --mask-kind fastmri-random and "
                         "fastmri-equispaced.")
-    if mask_kind.startswith("fastmri"):
-        law = mask_law_from_config({"kind": mask_kind, "R": accel, "center_fraction": center_fraction})
-        return law, law.centre_lines(width) if acs is None else acs
-    acs = default_acs(width) if acs is None else acs
-    return None if mask_kind == "none" else mask_law_from_config({"kind": mask_kind, "R": accel, "acs": acs}), acs
+    if mask_kind == "none":
+        return None, default_acs(width) if acs is None else acs
+    law = mask_law_from_config(mask_config(mask_kind, width, {"R": accel, "acs": acs,
+                                                              "center_fraction": center_fraction}))
+    return law, law.centre_lines(width) if acs is None else acs
 
 
 

@@ -193,10 +193,30 @@ class PixelMaskLaw(MaskLaw):
         return _select_top(priority, count).reshape(uncovered.shape).to(torch.float32)
 
 
+# The defaults of the mask-law parameters: the one place train.py (its measurement), dataset_tool.py (undersampling)
+# and reconstruct.py (the MRI task) take them from. The ACS width depends on the image width: `default_acs`.
+DEFAULT_LAW = {"image": "box", "mri": "lines-random"}  # the law of each data kind when none is named
+MASK_DEFAULTS = {
+    "R": 4.0,  # acceleration of the line laws: fastMRI's standard 4x
+    "center_fraction": 0.08,  # fastMRI laws: 8% of the columns at the centre, fastMRI's pair with 4x
+    "p": 0.4,  # drop probability of the box and pixel laws
+}
+ACS_RULE = "min(20, W // 8)"  # `default_acs` in words, for help texts
+
+
 def default_acs(width: int) -> int:
     """The default number of always-kept centre lines: min(20, W // 8) (20 at 256, as fastMRI's 4x masks; fewer for
     small test data)."""
     return min(20, width // 8)
+
+
+def mask_config(kind: str, width: int, given: dict | None = None) -> dict:
+    """The config of mask law `kind` (any but 'acquired') for images `width` columns wide: each parameter of the law
+    as `given` ({name: value}, None or absent = not given), else at its default (MASK_DEFAULTS, `default_acs`)."""
+    given = given or {}
+    defaults = {**MASK_DEFAULTS, "acs": default_acs(width)}
+    return {"kind": kind, **{name: defaults[name] if given.get(name) is None else given[name]
+                             for name in _PARAMETERS[kind]}}
 
 
 def acs_columns(width: int, acs: int, device=None) -> torch.Tensor:
