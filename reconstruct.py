@@ -89,12 +89,9 @@ being the source files that dataset.json records) or msm (the MSM paper's per-im
 """
 
 import csv
-import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -108,21 +105,16 @@ import torch
 import tqdm
 
 import dnnlib
-from dnnlib import ConfigError, Field, UserError, check_fields
+from dnnlib import UserError
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators, parse_seeds
 from training.classifier import is_classifier
 from training.conditioning import dds, dps, jalal, jalal_normalized, projection
-from training.ct import ParallelBeamCT, fbp
-from training.dataset import ImageFolderDataset
+from training.ct import fbp
 from training.masks import (
-    MASK_KINDS,
     FullMask,
-    PixelMaskLaw,
-    default_acs,
-    example_generator,
     mask_law_from_config,
     with_acquired_draw,
 )
@@ -138,15 +130,8 @@ from training.metrics import (
     rss_images,
     ssim,
 )
-from training.mri import MRIDataset
 from training.operators import (
-    AvgPoolSR,
-    BoxInpainting,
     Identity,
-    MultiCoilMRI,
-    PixelMask,
-    measure,
-    measurement_randn,
     mri_magnitude,
 )
 from training.patches import patch_prior, use_seeds
@@ -188,10 +173,29 @@ from training.sde import (
     predictor_corrector,
     warm_start,
 )
+from training.tasks import (
+    ACS_HELP,
+    IMAGE_OPERATOR_TASKS,
+    LINE_MASK_KINDS,
+    NOISE_CONVENTION,
+    TASKS,
+    Example,
+    MeasurementSet,
+    TaskOptions,
+    check_against_stored,
+    check_data_kind,
+    first_estimate,
+    load_measurements,
+    measure_example,
+    open_data,
+    parse_snr_list,
+    resolve_task_options,
+    save_measurements,
+    select_indices,
+    selection_given,
+    task_operator,
+)
 
-TASKS = ("mri", "sr", "box", "pixel", "ct")
-IMAGE_OPERATOR_TASKS = ("mri", "sr", "box", "pixel")  # operators with an exact pseudo-inverse (A^+ y baseline)
-LINE_MASK_KINDS = tuple(kind for kind in MASK_KINDS if kind.startswith(("lines", "fastmri")))
 METRIC_CONVENTIONS = (
     "MRI: magnitude images |x| of the coil-combined complex image (T^H k for the reference, the method's image for a "
     "reconstruction), no further normalisation; data range = max of the reference magnitude (fastMRI).",
@@ -205,8 +209,6 @@ METRIC_CONVENTIONS = (
     "per example (a batch's time over its pairs).",
 )
 ERROR_GAIN = 4  # the |error| panel shows 4 |reference - estimate| / data range, so small errors stay visible
-MEASUREMENTS_FORMAT = "reconstruct-measurements-1"
-ACS_HELP = "min(20, W // 8), as train.py and dataset_tool.py"
 
 
 # ----------------------------------------------------------------------------
@@ -246,363 +248,6 @@ def load_model(network_path: str | None, device, patch_size=None, patch_batch=No
         net = compile_network(net, torch.device(device).type)
     net = patch_prior(net, config, patch_size, patch_batch, assembly)
     return Model(net=CountingNetwork(net), kind=kind, mask_law=law, loss_config=config.get("loss"))
-
-
-def open_data(path: str):
-    """MRI records (a folder with an MRI dataset.json) or an image zip / folder."""
-    meta_path = os.path.join(path, "dataset.json")
-    if os.path.isdir(path) and os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                if json.load(f).get("kind") == "mri":
-                    return MRIDataset(path)
-        except (json.JSONDecodeError, AttributeError):
-            pass  # not an MRI index: an image folder's dataset.json (labels), read as such below
-    if not os.path.exists(path):
-        raise UserError(f"--data {path} does not exist.")
-    return ImageFolderDataset(path)
-
-
-# ----------------------------------------------------------------------------
-# Measurements: a function of the data, the example index and the task options only.
-
-
-@dataclass(frozen=True)
-class TaskOptions:
-    """Everything a measurement depends on besides the data and the example index. Options of other tasks are None;
-    `acquired` marks stored undersampled MRI records (measured as acquired: no mask law, noise or seed of ours)."""
-
-    task: str
-    sigma_y: float | None = None
-    mask_seed: int | None = None
-    mri_mask: dict | None = None  # the MRI line law's config {'kind', 'R', 'acs' or fastMRI's 'center_fraction'}
-    sr_factor: int | None = None
-    box_size: int | None = None
-    pixel_p: float | None = None
-    views: int | None = None  # CT
-    angular_range: float | None = None  # CT, degrees
-    rel_noise: float | None = None  # noise std = rel_noise * mean |A x| over the measured entries (seed 003)
-    snr_db: float | None = None  # noise std from the measurement SNR (NOISE_CONVENTION)
-    acquired: bool = False
-
-    def to_config(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v is not False}
-
-    @staticmethod
-    def from_config(config: dict) -> "TaskOptions":
-        try:
-            return TaskOptions(**config)
-        except TypeError as e:
-            raise UserError(f"Stored task options {config} are not valid ({e}).") from e
-
-
-# The CLI flag of each task option, and the task it belongs to (None: every simulated task).
-TASK_FLAGS = {"sigma_y": ("--sigma-y", None), "mask_seed": ("--mask-seed", None), "kind": ("--mask-kind", "mri"),
-              "R": ("--accel", "mri"), "acs": ("--acs", "mri"), "center_fraction": ("--center-fraction", "mri"),
-              "sr_factor": ("--sr-factor", "sr"),
-              "box_size": ("--box-size", "box"), "pixel_p": ("--pixel-p", "pixel"), "views": ("--views", "ct"),
-              "angular_range": ("--angular-range", "ct"), "rel_noise": ("--rel-noise", None),
-              "snr_db": ("--snr-db", None)}
-NOISE_OPTIONS = ("sigma_y", "rel_noise", "snr_db")
-NOISE_CONVENTION = (
-    "Measurement noise: std sigma_y per real component (complex entries: on the real and on the imaginary part "
-    "each); --rel-noise r: sigma_y = r * mean |A x| over the measured entries (seed 003's 5% for CT); --snr-db s: "
-    "SNR = mean |M A x|^2 / E|n|^2 over the measured entries, E|n|^2 = 2 sigma_y^2 for complex entries and sigma_y^2 "
-    "for real ones, i.e. sigma_y = sqrt(mean |M A x|^2 / (c 10^(s / 10))), c = 2 or 1.")
-
-
-def flat_task_options(opts: TaskOptions) -> dict:
-    """{option name of TASK_FLAGS: value} of a task, the MRI law's parameters flattened."""
-    flat = {k: v for k, v in opts.to_config().items() if k in TASK_FLAGS}
-    flat.update(opts.mri_mask or {})
-    return flat
-
-
-def check_task_flags(task: str, acquired: bool, given: dict):
-    """Refuse task options that do not apply to the task (given: {option name: value}, only those on the command
-    line)."""
-    for name in given:
-        flag, owner = TASK_FLAGS[name]
-        if acquired:
-            raise UserError(f"{flag} does not apply to stored undersampled MRI records, which are used as acquired.")
-        if owner is not None and owner != task:
-            raise UserError(f"{flag} applies only to --task {owner}, not to --task {task}.")
-
-
-def resolve_task_options(task: str, acquired: bool, given: dict, resolution: int) -> TaskOptions:
-    """The task options from those given, the rest at their defaults (the MRI ACS: `default_acs`)."""
-    check_task_flags(task, acquired, given)
-    if acquired:
-        return TaskOptions(task=task, acquired=True)
-    noise = {name: float(given[name]) for name in NOISE_OPTIONS if name in given}
-    if len(noise) > 1:
-        raise UserError("--sigma-y, --rel-noise and --snr-db each set the measurement noise; give only one.")
-    noise = noise or ({"rel_noise": 0.05} if task == "ct" else {"sigma_y": 0.01})
-    common = dict(task=task, mask_seed=int(given.get("mask_seed", 1)), **noise)
-    for name in ("sigma_y", "rel_noise"):
-        if name in noise and not noise[name] >= 0:
-            raise UserError(f"{TASK_FLAGS[name][0]} must be >= 0, got {noise[name]}.")
-    if task == "mri":
-        kind = given.get("kind", "lines-random")
-        law = {"kind": kind, "R": float(given.get("R", 4.0))}
-        if kind.startswith("fastmri"):  # fastMRI's own parameters (docs/fastmri.md): 4x with an 8% centre
-            if "acs" in given:
-                raise UserError(f"--acs does not apply to --mask-kind {kind}; give --center-fraction.")
-            law["center_fraction"] = float(given.get("center_fraction", 0.08))
-        elif "center_fraction" in given:
-            raise UserError(f"--center-fraction applies to the fastmri mask kinds, not to --mask-kind {kind}.")
-        else:
-            law["acs"] = int(given.get("acs", default_acs(resolution)))
-        mask_law_from_config(law).observed_fraction((resolution, resolution))  # e.g. ACS wider than the image
-        return TaskOptions(**common, mri_mask=law)
-    if task == "sr":
-        factor = int(given.get("sr_factor", 4))
-        if resolution % factor:
-            raise UserError(f"--sr-factor {factor} does not divide the image size {resolution}.")
-        return TaskOptions(**common, sr_factor=factor)
-    if task == "ct":
-        views, angular_range = int(given.get("views", 20)), float(given.get("angular_range", 180.0))
-        ParallelBeamCT(resolution, views, angular_range)  # refuses a bad geometry
-        return TaskOptions(**common, views=views, angular_range=angular_range)
-    if task == "box":
-        size = int(given.get("box_size", resolution // 2))
-        if size > resolution:
-            raise UserError(f"--box-size {size} exceeds the image size {resolution}.")
-        return TaskOptions(**common, box_size=size)
-    p = float(given.get("pixel_p", 0.5))
-    if not 0 <= p < 1:
-        raise UserError(f"--pixel-p must be in [0, 1), got {p}.")
-    return TaskOptions(**common, pixel_p=p)
-
-
-EXAMPLE_FIELDS = ("y", "mask", "maps", "reference", "sigma_y")
-
-
-@dataclass
-class Example:
-    """One measured example: y (1, ...) the measurement, mask (1, ...) its mask (MRI lines or dust pixels; None
-    where the operator holds it), maps (1, C, H, W) for MRI, reference image (1, C, H, W) or None (stored data)."""
-
-    index: int
-    y: torch.Tensor
-    mask: torch.Tensor | None
-    maps: torch.Tensor | None
-    reference: torch.Tensor | None
-    sigma_y: torch.Tensor | None = None  # (1,) float64, the noise std of y (stored acquired data: the converter's
-    # per-slice estimate, None where the records have none)
-
-
-def measure_example(record: dict, opts: TaskOptions) -> Example:
-    """Simulate (or read, for stored MRI records) the measurement of one record; deterministic in
-    (--mask-seed, index) and the task options."""
-    index = int(record["index"])
-    if opts.task == "mri":
-        maps = record["maps"][None]
-        if opts.acquired:
-            if "mask" not in record:
-                raise UserError(f"MRI record {index} holds no mask, but the dataset holds stored measurements.")
-            return Example(index, record["kspace"][None], record["mask"][None], maps, None)
-        g = example_generator(opts.mask_seed, index)
-        kspace = record["kspace"][None]
-        mask = mask_law_from_config(opts.mri_mask).sample(1, tuple(kspace.shape[-2:]), g)
-        sigma_y = noise_std(opts, kspace, mask)
-        noise = sigma_y * measurement_randn(kspace, g) if sigma_y > 0 else 0
-        return Example(index, (kspace + noise) * mask, mask, maps, record["image"][None],
-                       torch.tensor([sigma_y], dtype=torch.float64))
-    g = example_generator(opts.mask_seed, index)
-    image = record["image"][None]
-    mask = PixelMaskLaw(opts.pixel_p).sample(1, tuple(image.shape[-2:]), g) if opts.task == "pixel" else None
-    operator = task_operator(opts, image.shape[-1], mask)
-    sigma_y = noise_std(opts, operator.A(image), mask)
-    y = measure(operator, image, sigma_y=sigma_y, generator=g)
-    return Example(index, y, mask, None, image, torch.tensor([sigma_y], dtype=torch.float64))
-
-
-def noise_std(opts: TaskOptions, clean: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """sigma_y of one example from the task's noise option (NOISE_CONVENTION); clean = A x, mask M or None."""
-    if opts.sigma_y is not None:
-        return opts.sigma_y
-    measured = clean[mask.expand_as(clean) > 0] if mask is not None else clean.flatten()
-    if opts.rel_noise is not None:
-        return opts.rel_noise * measured.abs().mean().item()
-    components = 2 if clean.is_complex() else 1
-    return math.sqrt(measured.abs().square().mean().item() / (components * 10 ** (opts.snr_db / 10)))
-
-
-def task_operator(opts: TaskOptions, resolution: int, mask: torch.Tensor | None = None, maps=None, device="cpu"):
-    """The operator A of a batch: MRI T = F S (its line mask M is applied separately), or the image operator (which
-    holds its mask)."""
-    if opts.task == "mri":
-        return MultiCoilMRI(maps)
-    if opts.task == "sr":
-        return AvgPoolSR(opts.sr_factor)
-    if opts.task == "box":
-        return BoxInpainting(resolution, opts.box_size, device=device)
-    if opts.task == "ct":
-        return ParallelBeamCT(resolution, opts.views, opts.angular_range)
-    return PixelMask(mask)
-
-
-@dataclass
-class MeasurementSet:
-    task: TaskOptions
-    examples: dict  # index -> Example
-    source: str  # the data it was measured from (for the record; not part of the hash)
-
-    def hash(self) -> str:
-        """sha256 over the task options and every array (name, dtype, shape, bytes) of every example, in index
-        order: equal exactly when the measurements are."""
-        digest = hashlib.sha256(json.dumps(self.task.to_config(), sort_keys=True).encode())
-        for index in sorted(self.examples):
-            digest.update(f"example {index}".encode())
-            for name in EXAMPLE_FIELDS:
-                value = getattr(self.examples[index], name)
-                array = None if value is None else value.detach().cpu().contiguous().numpy()
-                digest.update(f"{name} {None if array is None else (array.dtype.str, array.shape)}".encode())
-                if array is not None:
-                    digest.update(array.tobytes())
-        return digest.hexdigest()
-
-    def describe(self) -> dict:
-        return {"hash": self.hash(), "task": self.task.to_config(), "indices": sorted(self.examples),
-                "source": self.source}
-
-
-def save_measurements(path: str, measurements: MeasurementSet):
-    """Write the set to a new folder `path` atomically (a temporary folder beside it, renamed when complete):
-    measurements.json (format, task options, indices, source, hash) and examples/{index:06d}.npz."""
-    tmp = f"{os.path.normpath(path)}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(os.path.join(tmp, "examples"))
-        for index, example in measurements.examples.items():
-            arrays = {name: getattr(example, name)[0].numpy() for name in EXAMPLE_FIELDS
-                      if getattr(example, name) is not None}
-            np.savez(os.path.join(tmp, "examples", f"{index:06d}.npz"), index=np.int64(index), **arrays)
-        with open(os.path.join(tmp, "measurements.json"), "w") as f:
-            json.dump({"format": MEASUREMENTS_FORMAT, **measurements.describe()}, f, indent=2)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_measurements(path: str) -> MeasurementSet:
-    """Read a set written by `save_measurements`; refuse one that is not such a set or whose content no longer
-    matches its hash."""
-    meta_path = os.path.join(path, "measurements.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != MEASUREMENTS_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        examples = {}
-        for index in meta["indices"]:
-            with np.load(os.path.join(path, "examples", f"{index:06d}.npz"), allow_pickle=False) as arrays:
-                fields = {name: torch.from_numpy(arrays[name])[None] if name in arrays else None
-                          for name in EXAMPLE_FIELDS}
-            examples[int(index)] = Example(int(index), **fields)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise UserError(f"--measurements {path} is not a measurement set written by --save-measurements "
-                        f"({type(e).__name__}: {e}).") from e
-    try:
-        task = check_fields(meta["task"], TASK_FIELDS, "task")
-        if task.get("mri_mask") is not None:
-            check_fields(task["mri_mask"], MRI_MASK_FIELDS, "task.mri_mask")
-    except ConfigError as e:
-        raise UserError(f"--measurements {path} is refused: measurements.json's {e}.") from e
-    measurements = MeasurementSet(TaskOptions.from_config(task), examples, meta.get("source", path))
-    if measurements.hash() != meta.get("hash"):
-        raise UserError(f"--measurements {path}: the stored arrays do not match the set's hash {meta.get('hash')} "
-                        "(modified after they were written).")
-    check_measurement_set(measurements, path)  # a hash recomputed after tampering proves nothing about the values
-    return measurements
-
-
-# measurements.json's task options: the types and ranges the CLI allows (their consistency with the images is
-# checked by resolve_task_options, as for options given on the command line).
-TASK_FIELDS = {"task": Field("str", choices=TASKS, required=True), "sigma_y": Field("float", 0),
-               "mask_seed": Field("int", -(2**63), 2**63 - 1), "mri_mask": Field("json"),
-               "sr_factor": Field("int", 1, 2**16), "box_size": Field("int", 1, 2**16), "pixel_p": Field("float", 0, 1),
-               "views": Field("int", 1, 2**16), "angular_range": Field("float", 0, 360),
-               "rel_noise": Field("float", 0), "snr_db": Field("float"), "acquired": Field("bool")}
-MRI_MASK_FIELDS = {"kind": Field("str", choices=LINE_MASK_KINDS, required=True),
-                   "R": Field("float", 1, 2**16, required=True), "acs": Field("int", 0, 2**16, required=True)}
-
-
-def check_measurement_set(measurements: MeasurementSet, path: str):
-    """Refuse a loaded set (one sentence naming the example and array) unless every example holds exactly the arrays
-    its task stores, of the dtypes `measure_example` writes, finite, of one shape across examples, with y of the
-    shape the task's operator gives the reference (MRI: of the coil maps' shape), and unless its task options are
-    what the CLI would record for images of its size."""
-    opts = measurements.task
-    mri = opts.task == "mri"
-    dtypes = {"y": torch.complex64 if mri else torch.float32, "mask": torch.float32, "maps": torch.complex64,
-              "reference": torch.float32, "sigma_y": torch.float64}
-    present = {"y": True, "mask": mri or opts.task == "pixel", "maps": mri, "reference": not opts.acquired,
-               "sigma_y": not opts.acquired}
-    first = None
-    for index, example in measurements.examples.items():
-        where = f"--measurements {path}: example {index}"
-        arrays = {name: getattr(example, name) for name in EXAMPLE_FIELDS}
-        for name, value in arrays.items():
-            if (value is not None) != present[name]:
-                raise UserError(f"{where} {'lacks' if present[name] else 'holds an unexpected'} {name} array for "
-                                f"--task {opts.task}.")
-            if value is not None and value.dtype != dtypes[name]:
-                raise UserError(f"{where} holds {name} as {value.dtype}, expected {dtypes[name]}.")
-            if value is not None and not torch.isfinite(value).all():
-                raise UserError(f"{where} holds NaN or Inf values in {name}.")
-        shapes = {name: tuple(v.shape) for name, v in arrays.items() if v is not None}
-        first = first or shapes
-        if shapes != first:
-            name = next(n for n in shapes if shapes[n] != first[n])
-            raise UserError(f"{where} holds {name} of shape {shapes[name][1:]}, but the first example's is "
-                            f"{first[name][1:]}.")
-        if arrays["sigma_y"] is not None and not (arrays["sigma_y"] >= 0).all():
-            raise UserError(f"{where} holds a negative sigma_y.")
-    try:
-        resolved = resolve_task_options(opts.task, opts.acquired, flat_task_options(opts),
-                                        measurement_resolution(measurements))
-    except (UserError, ValueError, TypeError) as e:
-        raise UserError(f"--measurements {path} is refused: its task options are not valid ({str(e).rstrip('.')})."
-                        ) from e
-    if resolved != opts:
-        raise UserError(f"--measurements {path} is refused: its task options {opts.to_config()} are not what "
-                        "reconstruct.py records for them.")
-    for index, example in measurements.examples.items():
-        arrays = {name: getattr(example, name) for name in EXAMPLE_FIELDS}
-        y = arrays["y"]
-        if mri:
-            expected = tuple(arrays["maps"].shape)
-            fits = (expected[-1] == expected[-2] and arrays["mask"].dim() == 4
-                    and torch.broadcast_shapes(arrays["mask"].shape, y.shape) == y.shape)
-        else:
-            reference = arrays["reference"]
-            fits = reference.dim() == 4 and reference.shape[-1] == reference.shape[-2] and 1 <= reference.shape[1] <= 4
-            expected = tuple(task_operator(opts, reference.shape[-1], arrays["mask"]).A(
-                torch.zeros_like(reference)).shape) if fits else None
-        if not fits or tuple(y.shape) != expected:
-            raise UserError(f"--measurements {path}: example {index} holds y of shape {tuple(y.shape[1:])}, which "
-                            f"does not fit its {'coil maps' if mri else 'reference'} and mask for --task {opts.task}.")
-
-
-def check_against_stored(stored: TaskOptions, task: str | None, given: dict, path: str):
-    """Refuse task options given beside --measurements that contradict the stored ones (one sentence)."""
-    if task is not None and task != stored.task:
-        raise UserError(f"--task {task} contradicts --measurements {path}, which holds --task {stored.task} "
-                        "measurements.")
-    flat = flat_task_options(stored)
-    for name, value in given.items():
-        flag = TASK_FLAGS[name][0]
-        if name not in flat:
-            raise UserError(f"{flag} does not apply to the {stored.task} measurements in --measurements {path}.")
-        if type(flat[name])(value) != flat[name]:
-            raise UserError(f"{flag} {value} contradicts --measurements {path}, which was measured with {flag} "
-                            f"{flat[name]}; omit the option or give the stored value.")
-
-
-def measurement_resolution(measurements: MeasurementSet) -> int:
-    example = next(iter(measurements.examples.values()))
-    return (example.maps if example.maps is not None else example.reference).shape[-1]
 
 
 # ----------------------------------------------------------------------------
@@ -821,11 +466,6 @@ def run_dps(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor
 def family_levels(run: Run) -> tuple[torch.Tensor, str]:
     f = run.options.family
     return sigmas_in_training_range(geometric_ladder(f.sigma_max, f.sigma_min, f.levels), run.model.loss_config)
-
-
-def first_estimate(task: str, operator, y: torch.Tensor) -> torch.Tensor:
-    """The classical estimate a warm start or ALD's --init adjoint begins from: FBP for CT, else A^+ y (A^H y)."""
-    return fbp(operator, y) if task == "ct" else zero_filled(operator, y)
 
 
 def family_conditioning(name: str, f: FamilyOptions, operator, y, mask, sigma_y):
@@ -1165,25 +805,6 @@ def parse_methods(methods: str | None, task: str, model: Model | None) -> list[s
     return list(dict.fromkeys(chosen))
 
 
-def parse_snr_list(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
-        raise UserError(f"--snr-db must be a comma list of distinct SNRs in dB (e.g. 10,20,30), got {text!r}.")
-    return values
-
-
-def check_data_kind(task: str, data, data_path: str):
-    data_kind = data.describe()["kind"]
-    if (task == "mri") != (data_kind == "mri"):
-        raise UserError(f"--task {task} needs {'MRI records' if task == 'mri' else 'an image dataset'}, but --data "
-                        f"{data_path} holds {'MRI records' if data_kind == 'mri' else 'images'}.")
-
-
 def check_model(task: str, model: Model | None, measurements: MeasurementSet, network_path: str | None, source: str):
     if model is None:
         return
@@ -1199,26 +820,6 @@ def check_model(task: str, model: Model | None, measurements: MeasurementSet, ne
     if expected != found:
         raise UserError(f"The measurements of {source} have images of shape {found} (C, H, W), but the model "
                         f"{network_path} was trained on {expected}.")
-
-
-def selection_given(indices, first, num) -> bool:
-    return indices is not None or first is not None or num is not None
-
-
-def select_indices(indices: str | None, first: int | None, num: int | None, available: list[int]) -> list[int]:
-    """The examples to reconstruct among `available` (the data's 0..N-1, or the indices of a stored set)."""
-    if indices is not None:
-        chosen = parse_seeds(indices, "--indices")
-    else:
-        chosen = [i for i in available if i >= (first or 0)]
-        chosen = chosen if num is None or len(chosen) < num else chosen[:num]
-    missing = sorted(set(chosen) - set(available))
-    if not chosen or missing or (indices is None and num is not None and len(chosen) < num):
-        what = f"--indices {indices}" if indices is not None else f"--first {first or 0}" + \
-            (f" --num {num}" if num is not None else "")
-        raise UserError(f"The examples to reconstruct ({what}) must be among the {len(available)} available "
-                        f"(indices {min(available)}..{max(available)}).")
-    return chosen
 
 
 @click.command()

@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reconstruct import TaskOptions, measure_example  # noqa: E402
 from training.masks import default_acs  # noqa: E402
 from training.metrics import psnr, reference_max  # noqa: E402
 from training.mri import MRIDataset, simulate_mri  # noqa: E402
 from training.operators import complex_to_channels, mri_magnitude  # noqa: E402
 from training.phantoms import random_ellipse_phantoms  # noqa: E402
 from training.posterior import CS_REGULARISERS, cs_app  # noqa: E402
+from training.tasks import TaskOptions, measure_example  # noqa: E402
 
 
 def checkpoints(max_iter: int) -> list[int]:

@@ -26,6 +26,7 @@ from tests.test_reconstruct import (
     write_snapshot,
 )
 from torch_utils.misc import SeedGenerators
+from training import tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.operators import PixelMask
@@ -164,8 +165,8 @@ def test_padis_with_an_exact_prior_beats_the_classical_baseline(task):
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    task_options = tasks.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
                               kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
     options = reconstruct.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,

@@ -22,6 +22,7 @@ from tests.test_reconstruct import (
     smooth_covariance,
     write_snapshot,
 )
+from training import tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.samplers import CountingNetwork
@@ -100,8 +101,8 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    task_options = tasks.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
                               kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
     family = reconstruct.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
@@ -127,20 +128,20 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
 def test_noise_conventions():
     image = torch.from_numpy(np.linspace(-1, 1, RES * RES, dtype=np.float32).reshape(1, RES, RES))
     record = {"index": 3, "image": image}
-    ct = reconstruct.resolve_task_options("ct", False, {"views": 30}, RES)
+    ct = tasks.resolve_task_options("ct", False, {"views": 30}, RES)
     assert ct.rel_noise == 0.05 and ct.sigma_y is None  # seed 003's default for CT
-    example = reconstruct.measure_example(record, ct)
-    clean = reconstruct.task_operator(ct, RES).A(image[None].to(torch.float64))
+    example = tasks.measure_example(record, ct)
+    clean = tasks.task_operator(ct, RES).A(image[None].to(torch.float64))
     expected = 0.05 * clean.abs().mean().item()
     assert example.sigma_y.item() == pytest.approx(expected, rel=1e-6)
     assert (example.y - clean).std().item() == pytest.approx(expected, rel=0.1)  # 30 x 23 noise draws
     for level in (0.0, 20.0):
-        box = reconstruct.resolve_task_options("box", False, {"snr_db": level}, RES)
-        example = reconstruct.measure_example(record, box)
-        signal = reconstruct.task_operator(box, RES).A(image[None].to(torch.float64)).square().mean().item()
+        box = tasks.resolve_task_options("box", False, {"snr_db": level}, RES)
+        example = tasks.measure_example(record, box)
+        signal = tasks.task_operator(box, RES).A(image[None].to(torch.float64)).square().mean().item()
         assert example.sigma_y.item() == pytest.approx(math.sqrt(signal / 10 ** (level / 10)), rel=1e-6)
     # Complex MRI entries carry sigma_y on each part: E|n|^2 = 2 sigma_y^2.
-    assert reconstruct.noise_std(reconstruct.TaskOptions("mri", snr_db=10.0), torch.full((1, 1, 2, 2), 1 + 1j),
+    assert tasks.noise_std(tasks.TaskOptions("mri", snr_db=10.0), torch.full((1, 1, 2, 2), 1 + 1j),
                                  None) == pytest.approx(math.sqrt(2 / (2 * 10)))
 
 

@@ -338,12 +338,13 @@ def test_methods_with_an_exact_prior_beat_zero_filling(task):
     # MRI R = 4: 29.1 / 37.5 against 8.8; SR x4: 24.6 / 23.9 against 20.9; box: 30.1 / 30.6 against 21.7;
     # pixels p = 0.5: 36.1 / 39.8 against 17.1.
     import reconstruct
+    from training import tasks
 
     channels, num, num_seeds = (2 if task == "mri" else 1), 8, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    task_options = tasks.resolve_task_options(task, False, {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
                               kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
     options = reconstruct.MethodOptions(msm_steps=50, num_subsets=3, dc_step=2.0 if task == "mri" else 1.75,

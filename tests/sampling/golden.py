@@ -188,14 +188,15 @@ def reconstruct_case(method: str, task: str, prior: str | None, **options):
     def run(ws: Workspace) -> Result:
         import reconstruct
         from tests.test_reconstruct import GaussianNetwork, gaussian_records, normalised_maps, smooth_covariance
+        from training import tasks
         from training.masks import FullMask
         from training.samplers import CountingNetwork
 
         channels = 2 if task == "mri" else 1
         cov = smooth_covariance(channels)
-        task_options = reconstruct.resolve_task_options(task, False, {}, RES)
+        task_options = tasks.resolve_task_options(task, False, {}, RES)
         records = gaussian_records(cov, channels, len(SEEDS), normalised_maps() if task == "mri" else None)
-        examples = [reconstruct.measure_example(r, task_options) for r in records]
+        examples = [tasks.measure_example(r, task_options) for r in records]
         model, tally = None, CallTally()
         if prior == "gauss":  # an oracle model: the exact prior in a network's place, trained on clean data
             model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)), kind="image" if channels == 1
