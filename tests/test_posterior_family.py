@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import reconstruct
 from tests.helpers import make_phantoms, run_cli
 from tests.test_reconstruct import (
     RES,
@@ -22,10 +21,11 @@ from tests.test_reconstruct import (
     smooth_covariance,
     write_snapshot,
 )
-from training import tasks
+from training import evaluation, tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.samplers import CountingNetwork
+from training.sampling import methods
 
 FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "dds"]
 TINY = ["--levels", "3", "--steps-each", "2", "--sigma-max", "5"]
@@ -103,25 +103,25 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     maps = normalised_maps() if task == "mri" else None
     task_options = tasks.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
     examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
-    model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
-                              kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
-    family = reconstruct.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
-    options = reconstruct.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
-                                        dps_step=1.0, cs={}, family=family)
-    run = reconstruct.Run(model, task_options, options, torch.device("cpu"))
+    model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)),
+                          kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
+    family = methods.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
+    options = methods.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
+                                    dps_step=1.0, cs={}, family=family)
+    run = methods.Run(model, task_options, options, torch.device("cpu"))
     pairs = [e for e in examples for _ in range(num_seeds)]
 
     def score(method):
-        images = reconstruct.METHODS[method].run(run, pairs, list(range(len(pairs))))
+        images = methods.METHODS[method].run(run, pairs, list(range(len(pairs))))
         means = images.reshape(num, num_seeds, *images.shape[1:]).mean(dim=1)
-        return np.mean([reconstruct.metric_rows(reconstruct.display_images(e.reference, task),
-                                                reconstruct.display_images(means[j : j + 1], task), task)["psnr"]
+        return np.mean([evaluation.metric_rows(evaluation.display_images(e.reference, task),
+                                                evaluation.display_images(means[j : j + 1], task), task)["psnr"]
                         for j, e in enumerate(examples)])
 
     baseline = score("fbp" if task == "ct" else "zero-filled")
     margin = {"mri": 6.0, "box": 2.0, "ct": 1.4}[task]
     for method in FAMILY:
-        if task in reconstruct.METHODS[method].tasks:
+        if task in methods.METHODS[method].tasks:
             assert score(method) > baseline + margin, (method, baseline)
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import click
 import numpy as np
 import torch
 
@@ -439,3 +440,81 @@ def select_indices(indices: str | None, first: int | None, num: int | None, avai
                         f"(indices {min(available)}..{max(available)}).")
     return chosen
 
+
+# ----------------------------------------------------------------------------
+# The task options on the command line (reconstruct.py), declared once: click options in the order the CLI lists them.
+
+TASK_OPTIONS = (
+    click.option("--mask-kind", type=click.Choice(LINE_MASK_KINDS), default=None,
+                 help="Task option, MRI line law [default: lines-random]"),
+    click.option("--accel", type=click.FloatRange(min=1), default=None, help="Task option, MRI acceleration R "
+                 "[default: 4]"),
+    click.option("--acs", type=click.IntRange(min=0), default=None, help=f"Task option, MRI centre lines [default: "
+                 f"{ACS_HELP}]"),
+    click.option("--center-fraction", type=click.FloatRange(min=0, max=1), default=None,
+                 help="Task option, fastmri mask kinds: fraction of the columns at the centre [default: 0.08]"),
+    click.option("--mask-seed", type=int, default=None, help="Task option, seed of the simulated masks and noise "
+                 "[default: 1]"),
+    click.option("--sr-factor", type=click.IntRange(min=1), default=None, help="Task option [default: 4]"),
+    click.option("--box-size", type=click.IntRange(min=1), default=None, help="Task option, side of the centred hole "
+                 "[default: res/2]"),
+    click.option("--pixel-p", type=float, default=None, help="Task option, pixel drop probability [default: 0.5]"),
+    click.option("--sigma-y", type=float, default=None, help="Task option, measurement noise std [default: 0.01; ct: "
+                 "--rel-noise 0.05]"),
+    click.option("--rel-noise", type=float, default=None,
+                 help="Task option, noise std relative to mean |A x| (CT: 0.05)"),
+    click.option("--snr-db", default=None, help="Task option, comma list of measurement SNRs in dB: the same examples "
+                 "measured at each, tabulated per SNR"),
+    click.option("--views", type=int, default=None, help="Task option, CT projection angles [default: 20]"),
+    click.option("--angular-range", type=float, default=None, help="Task option, CT degrees covered [default: 180; "
+                 "less: limited angle]"),
+)
+# The click parameter of each task option of TASK_FLAGS but --snr-db (a list: one measurement set per SNR).
+TASK_PARAMETERS = {"sigma_y": "sigma_y", "mask_seed": "mask_seed", "kind": "mask_kind", "R": "accel", "acs": "acs",
+                   "center_fraction": "center_fraction", "sr_factor": "sr_factor", "box_size": "box_size",
+                   "pixel_p": "pixel_p", "views": "views", "angular_range": "angular_range", "rel_noise": "rel_noise"}
+
+
+def given_task_options(options: dict) -> dict:
+    """{task option name: value} of the task options on the command line (the parsed click options)."""
+    return {name: options[parameter] for name, parameter in TASK_PARAMETERS.items() if options[parameter] is not None}
+
+
+def measurement_sets(data_path: str | None, measurements_path: str | None, task: str | None, given: dict,
+                     indices: str | None, first: int | None, num: int | None, snr_list: list | None):
+    """The measurement sets to reconstruct -> ([(SNR level or None, MeasurementSet)], task, source, slices): the
+    stored set of --measurements (its selected examples), or the selected examples of --data measured with the task
+    options, one set per --snr-db level. `slices`: the MRI records' dataset.json entries ([] for a stored set or
+    images), which name each slice's volume."""
+    if measurements_path is not None:
+        if data_path is not None:
+            raise UserError("--data and --measurements exclude each other: the measurement set holds its data.")
+        if snr_list is not None:
+            raise UserError("--snr-db measures the examples anew at each SNR; it does not apply to --measurements.")
+        measurements = load_measurements(measurements_path)
+        check_against_stored(measurements.task, task, given, measurements_path)
+        if selection_given(indices, first, num):
+            chosen = select_indices(indices, first, num, sorted(measurements.examples))
+            measurements.examples = {i: measurements.examples[i] for i in chosen}
+        return [(None, measurements)], measurements.task.task, measurements_path, []
+    if data_path is None or task is None:
+        raise UserError("Give --data and --task (the data to measure and the task), or --measurements DIR.")
+    data = open_data(data_path)
+    check_data_kind(task, data, data_path)
+    acquired = task == "mri" and not data.describe()["fully_sampled"]
+    resolution = data.shape[-1] if task == "mri" else data.resolution
+    chosen = select_indices(indices, first, num, list(range(len(data))))
+    # Every rank measures every selected record: a bad record stops all ranks before anything is written, and
+    # every rank knows the whole set's hash. Held-out sets are small, so they are kept in memory. With --snr-db,
+    # one set per SNR (the same masks and noise draws, scaled to each SNR).
+    sets = []
+    for level in snr_list or [None]:
+        task_options = resolve_task_options(task, acquired, given if level is None else {**given, "snr_db": level},
+                                            resolution)
+        measured = {i: measure_example(data[i], task_options) for i in chosen}
+        if acquired:  # the converter's per-slice noise estimate, where recorded, is the noise std of the data
+            for i, example in measured.items():
+                noise = data.meta["slices"][i].get("noise_std")
+                example.sigma_y = None if noise is None else torch.tensor([float(noise)], dtype=torch.float64)
+        sets.append((level, MeasurementSet(task_options, measured, os.path.abspath(data_path))))
+    return sets, task, data_path, data.meta["slices"] if task == "mri" else []
