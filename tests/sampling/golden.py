@@ -7,7 +7,8 @@ reports (None where it reports none) and the forward calls counted on the networ
 - "gauss": the exact denoiser of N(0, C) data (tests/gaussian.py) as the network (tests/test_reconstruct.py
   GaussianNetwork) or as the denoiser given to the library sampler the script calls;
 - "net": a tiny DDPM++ (cbase 8, 1 block, 16 px) with fixed seeded weights, saved with torch_utils/checkpoint.py
-  save_snapshot and loaded back the way the script loads it (methods.load_model; generate.py's main in-process).
+  save_snapshot and loaded back the way the scripts load it (training/sampling/methods.py load_model; generate.py's
+  main in-process).
 An untrained but fixed network is as deterministic as a trained one; its outputs are what the refactor must keep.
 
     python -m tests.sampling.golden --write   # run every case twice, check bit-equality, write tests/data/golden/
@@ -168,7 +169,8 @@ BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "
 
 
 # ----------------------------------------------------------------------------
-# reconstruct.py: METHODS entries through methods.run_method, on its own measurements of Gaussian draws.
+# reconstruct.py: METHODS entries through training/sampling/methods.py run_method, on its own measurements of
+# Gaussian draws.
 
 
 def method_options(task: str, **changes):

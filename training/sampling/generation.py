@@ -30,15 +30,23 @@ from training.samplers import (
     vp_grid_of,
 )
 
-# K, the subsets (partial estimates) per noise level of MSM: generate.py draws 3; posterior sampling (methods.py
-# `posterior_subsets`) 3 on MRI and 2 on images, where the data-consistency step acts on the aggregate. An oracle
-# model's law is the full mask, for which K is 1 whatever is given.
+# K, the subsets (partial estimates) per noise level of MSM, defaulted here only: generate.py draws 3; posterior
+# sampling (reconstruct.py, training/sampling/methods.py) 3 on MRI and 2 on images, where the data-consistency step
+# acts on the aggregate. An oracle model's law is the full mask, for which K is 1 whatever is given.
 DEFAULT_SUBSETS = 3
+IMAGE_POSTERIOR_SUBSETS = 2
+
+
+def posterior_subsets(task: str) -> int:
+    return DEFAULT_SUBSETS if task == "mri" else IMAGE_POSTERIOR_SUBSETS
+
+
 SAMPLERS = ("edm", "msm", "ambient")  # generate.py's entries of METHODS
 ACQUIRED_DRAW_OPTION = click.option(
     "--acquired-draw", type=click.Choice(["frequencies", "masks"]), default=None,
     help="MSM model trained on acquired masks: draw each column with its acquired frequency, or one of the acquired "
     "masks  [default: frequencies]")
+
 
 def load_maps_file(path: str, expected_shape: tuple) -> torch.Tensor:
     """--maps: a .npy complex array (C, H, W) of the snapshot's coil count (any, where expected_shape[0] is None) and

@@ -5,9 +5,11 @@ METHODS: name -> Method. A reconstruct.py method (`run` set) reconstructs one (e
 marks a learned prior (--network); `seeded` False marks a deterministic method (computed once per example, its rows
 repeated across seeds); `settings(run)` is written beside its rows in summary.json; `network_calls(run)` is the
 number of batched network calls of one run (the progress bar's total; one small function per method). A generate.py
-sampler (`generate` set) draws images from seeds (`Generation`: the model, its measurement process and guidance).
-Each entry names its option groups (click options declared once here; the scripts build their CLIs from them), so a
-new method is one function, one entry and its options; nothing in the scripts changes.
+sampler (`sample` set) draws the images of a batch of seeds for a `Generation` (the model, its measurement process
+and guidance; training/sampling/generation.py), `sample_calls` and `sample_settings` its progress total and log line.
+Each entry names its option groups (`options` for reconstruct.py, `sample_options` for generate.py: click options
+declared once, here and in generation.py; the scripts build their CLIs from them with `cli_options`), so a new method
+is one function, one entry and its options; nothing in the scripts changes.
 
 Methods of reconstruct.py:
   msm          MSM posterior sampling: the MSM sampler with the model's training mask law (the full mask for an
@@ -99,12 +101,14 @@ from training.sampling.generation import (
     DEFAULT_SUBSETS,
     EDM_OPTIONS,
     GUIDANCE_OPTIONS,
+    IMAGE_POSTERIOR_SUBSETS,
     SAMPLER_OPTIONS,
     SAMPLERS,
     ambient_settings,
     edm_calls,
     edm_settings,
     msm_calls,
+    posterior_subsets,
     sample_ambient,
     sample_edm,
     sample_msm,
@@ -135,13 +139,6 @@ from training.tasks import (
     first_estimate,
     task_operator,
 )
-
-IMAGE_POSTERIOR_SUBSETS = 2  # K of image posteriors (generation.py DEFAULT_SUBSETS says why)
-
-
-def posterior_subsets(task: str) -> int:
-    return DEFAULT_SUBSETS if task == "mri" else IMAGE_POSTERIOR_SUBSETS
-
 
 # ----------------------------------------------------------------------------
 # The model.
