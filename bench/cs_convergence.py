@@ -4,7 +4,7 @@ changing.
 
     python bench/cs_convergence.py [--num 8] [--resolution 64] [--coils 8] [--accel 4] [--max-iter 4000]
 
-Data: random-ellipse phantoms (training/phantoms.py) simulated as --coils-coil k-space (data_tools.py), measured as
+Data: random-ellipse phantoms (training/phantoms.py) simulated as --coils-coil k-space (training/mri.py), measured as
 reconstruct.py measures them (lines-random R = --accel with the default ACS, noise std --sigma-y, mask seed 1).
 For every regulariser and weight the sigpy app runs once to --max-iter and the image is scored (PSNR of magnitudes,
 data range max of the reference, as reconstruct.py's metrics) at doubling iteration counts. Prints one table per
@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reconstruct import TaskOptions, measure_example  # noqa: E402
 from training.data_tools import simulate_mri  # noqa: E402
 from training.masks import default_acs  # noqa: E402
 from training.metrics import psnr, reference_max  # noqa: E402
@@ -29,6 +28,7 @@ from training.mri import MRIDataset  # noqa: E402
 from training.operators import complex_to_channels, mri_magnitude  # noqa: E402
 from training.phantoms import random_ellipse_phantoms  # noqa: E402
 from training.posterior import CS_REGULARISERS, cs_app  # noqa: E402
+from training.tasks import TaskOptions, measure_example  # noqa: E402
 
 
 def checkpoints(max_iter: int) -> list[int]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reconstruct import load_measurements, task_operator  # noqa: E402
+from training.tasks import load_measurements, task_operator  # noqa: E402
 
 
 def residual_ratio(example, image: torch.Tensor, opts) -> float:

@@ -229,21 +229,20 @@ def convert_preset(preset: str, sources, dest, capsys):
 def test_presets_choose_the_msm_sampler_and_the_reference_grid(sources, tmp_path, capsys):
     """What generate.py and reconstruct.py decide from a converted preset without flags (the end-to-end runs below
     are slow tests)."""
-    import generate
-    import reconstruct
+    from training.sampling import generation, methods
 
     for preset in TINY:
         snapshot = str(tmp_path / f"{preset}.pt")
         convert_preset(preset, sources, snapshot, capsys)
         _, config = checkpoint.load_snapshot(snapshot)
-        assert generate.resolve_sampler(None, config, 0) == "msm"
-        sigmas, note = generate.msm_sigmas("vp200", 18, 0.002, 80.0, 7.0, config.get("loss"))
+        assert generation.resolve_sampler(None, config, 0) == "msm"
+        sigmas, note = generation.msm_sigmas("vp200", 18, 0.002, 80.0, 7.0, config.get("loss"))
         assert len(sigmas) == 200 and abs(sigmas[0] - 151.18) < 0.01 and note.endswith("ddim grid")
-        model = reconstruct.load_model(snapshot, "cpu")
-        options = reconstruct.MethodOptions(msm_steps=4, num_subsets=2, dc_step=1.0, eta=0.85, outer="ddnm",
-                                            dps_steps=4, dps_step=1.0, cs={})
-        run = reconstruct.Run(model, None, options, torch.device("cpu"))
-        assert reconstruct.msm_grid_rule(run) == "ddim" and abs(reconstruct.msm_sigmas(run)[0][0] - 151.18) < 0.01
+        model = methods.load_model(snapshot, "cpu")
+        options = methods.MethodOptions(msm_steps=4, num_subsets=2, dc_step=1.0, eta=0.85, outer="ddnm",
+                                        dps_steps=4, dps_step=1.0, cs={})
+        run = methods.Run(model, None, options, torch.device("cpu"))
+        assert methods.msm_grid_rule(run) == "ddim" and abs(methods.msm_sigmas(run)[0][0] - 151.18) < 0.01
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import train
 from tests.helpers import assert_refused_leaving_nothing, file_tree, run_in_process, train_in_process, write_mri_records
 from tests.test_security import mri_snapshot, small_network
 from training import snapshot as checkpoint
+from training import tasks
 
 RES = 8
 TRAIN = ["--cbase", "4", "--cres", "1", "--blocks", "1", "--attn", "", "--batch", "2", "--workers", "0", "--device",
@@ -249,10 +250,10 @@ def tampered_set(name, task=None, arrays=None):
             if arrays is not None:
                 arrays(index, stored)
             np.savez(file, **stored)
-            fields = {k: torch.from_numpy(stored[k])[None] if k in stored else None for k in reconstruct.EXAMPLE_FIELDS}
-            examples[index] = reconstruct.Example(index, **fields)
-        if set(meta["task"]) <= {f.name for f in dataclasses.fields(reconstruct.TaskOptions)}:
-            meta["hash"] = reconstruct.MeasurementSet(reconstruct.TaskOptions(**meta["task"]), examples, "").hash()
+            fields = {k: torch.from_numpy(stored[k])[None] if k in stored else None for k in tasks.EXAMPLE_FIELDS}
+            examples[index] = tasks.Example(index, **fields)
+        if set(meta["task"]) <= {f.name for f in dataclasses.fields(tasks.TaskOptions)}:
+            meta["hash"] = tasks.MeasurementSet(tasks.TaskOptions(**meta["task"]), examples, "").hash()
         with open(os.path.join(path, "measurements.json"), "w") as f:
             json.dump(meta, f)
         return reconstruct.main, ["--measurements", path, "--methods", "zero-filled", "--device", "cpu", "--outdir",

@@ -26,10 +26,12 @@ from tests.test_reconstruct import (
     write_snapshot,
 )
 from torch_utils.misc import SeedGenerators
+from training import evaluation, tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.operators import PixelMask
 from training.samplers import CountingNetwork
+from training.sampling import methods
 from training.sde import padis_dps_langevin, padis_initial_state, padis_level, padis_sigmas
 
 
@@ -164,20 +166,20 @@ def test_padis_with_an_exact_prior_beats_the_classical_baseline(task):
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
-    model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
-                              kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
-    options = reconstruct.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
-                                        dps_step=1.0, cs={})
-    run = reconstruct.Run(model, task_options, options, torch.device("cpu"))
+    task_options = tasks.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)),
+                          kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
+    options = methods.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
+                                    dps_step=1.0, cs={})
+    run = methods.Run(model, task_options, options, torch.device("cpu"))
     pairs = [e for e in examples for _ in range(num_seeds)]
 
     def score(method):
-        images = reconstruct.METHODS[method].run(run, pairs, list(range(len(pairs))))
+        images = methods.METHODS[method].run(run, pairs, list(range(len(pairs))))
         means = images.reshape(num, num_seeds, *images.shape[1:]).mean(dim=1)
-        return np.mean([reconstruct.metric_rows(reconstruct.display_images(e.reference, task),
-                                                reconstruct.display_images(means[j : j + 1], task), task)["psnr"]
+        return np.mean([evaluation.metric_rows(evaluation.display_images(e.reference, task),
+                                                evaluation.display_images(means[j : j + 1], task), task)["psnr"]
                         for j, e in enumerate(examples)])
 
     gain = {"mri": 23.3, "sr": 3.2, "box": 8.1, "pixel": 24.4, "ct": 10.8}[task]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import reconstruct
 from tests.helpers import make_phantoms, run_cli
 from tests.test_reconstruct import (
     RES,
@@ -22,9 +21,11 @@ from tests.test_reconstruct import (
     smooth_covariance,
     write_snapshot,
 )
+from training import evaluation, tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.samplers import CountingNetwork
+from training.sampling import methods
 
 FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "dds"]
 TINY = ["--levels", "3", "--steps-each", "2", "--sigma-max", "5"]
@@ -100,47 +101,47 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
-    model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
-                              kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
-    family = reconstruct.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
-    options = reconstruct.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
-                                        dps_step=1.0, cs={}, family=family)
-    run = reconstruct.Run(model, task_options, options, torch.device("cpu"))
+    task_options = tasks.resolve_task_options(task, False, {"views": 6} if task == "ct" else {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)),
+                          kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
+    family = methods.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
+    options = methods.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
+                                    dps_step=1.0, cs={}, family=family)
+    run = methods.Run(model, task_options, options, torch.device("cpu"))
     pairs = [e for e in examples for _ in range(num_seeds)]
 
     def score(method):
-        images = reconstruct.METHODS[method].run(run, pairs, list(range(len(pairs))))
+        images = methods.METHODS[method].run(run, pairs, list(range(len(pairs))))
         means = images.reshape(num, num_seeds, *images.shape[1:]).mean(dim=1)
-        return np.mean([reconstruct.metric_rows(reconstruct.display_images(e.reference, task),
-                                                reconstruct.display_images(means[j : j + 1], task), task)["psnr"]
+        return np.mean([evaluation.metric_rows(evaluation.display_images(e.reference, task),
+                                                evaluation.display_images(means[j : j + 1], task), task)["psnr"]
                         for j, e in enumerate(examples)])
 
     baseline = score("fbp" if task == "ct" else "zero-filled")
     margin = {"mri": 6.0, "box": 2.0, "ct": 1.4}[task]
     for method in FAMILY:
-        if task in reconstruct.METHODS[method].tasks:
+        if task in methods.METHODS[method].tasks:
             assert score(method) > baseline + margin, (method, baseline)
 
 
 def test_noise_conventions():
     image = torch.from_numpy(np.linspace(-1, 1, RES * RES, dtype=np.float32).reshape(1, RES, RES))
     record = {"index": 3, "image": image}
-    ct = reconstruct.resolve_task_options("ct", False, {"views": 30}, RES)
+    ct = tasks.resolve_task_options("ct", False, {"views": 30}, RES)
     assert ct.rel_noise == 0.05 and ct.sigma_y is None  # seed 003's default for CT
-    example = reconstruct.measure_example(record, ct)
-    clean = reconstruct.task_operator(ct, RES).A(image[None].to(torch.float64))
+    example = tasks.measure_example(record, ct)
+    clean = tasks.task_operator(ct, RES).A(image[None].to(torch.float64))
     expected = 0.05 * clean.abs().mean().item()
     assert example.sigma_y.item() == pytest.approx(expected, rel=1e-6)
     assert (example.y - clean).std().item() == pytest.approx(expected, rel=0.1)  # 30 x 23 noise draws
     for level in (0.0, 20.0):
-        box = reconstruct.resolve_task_options("box", False, {"snr_db": level}, RES)
-        example = reconstruct.measure_example(record, box)
-        signal = reconstruct.task_operator(box, RES).A(image[None].to(torch.float64)).square().mean().item()
+        box = tasks.resolve_task_options("box", False, {"snr_db": level}, RES)
+        example = tasks.measure_example(record, box)
+        signal = tasks.task_operator(box, RES).A(image[None].to(torch.float64)).square().mean().item()
         assert example.sigma_y.item() == pytest.approx(math.sqrt(signal / 10 ** (level / 10)), rel=1e-6)
     # Complex MRI entries carry sigma_y on each part: E|n|^2 = 2 sigma_y^2.
-    assert reconstruct.noise_std(reconstruct.TaskOptions("mri", snr_db=10.0), torch.full((1, 1, 2, 2), 1 + 1j),
+    assert tasks.noise_std(tasks.TaskOptions("mri", snr_db=10.0), torch.full((1, 1, 2, 2), 1 + 1j),
                                  None) == pytest.approx(math.sqrt(2 / (2 * 10)))
 
 

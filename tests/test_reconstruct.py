@@ -143,14 +143,14 @@ def test_sample_accel_changes_only_the_sampling_masks(tmp_path, files):
     assert "sample_R" not in settings["train-law"] and settings["denser"]["sample_R"] == 1.5
     assert read_rows(tmp_path / "train-law")[0]["psnr"] != read_rows(tmp_path / "denser")[0]["psnr"]
 
-    import reconstruct
+    from training.sampling import methods
 
     law = RandomLineMaskLaw(2, 4)
     run = SimpleNamespace(model=SimpleNamespace(mask_law=law), options=SimpleNamespace(sample_accel=None,
                                                                                        acquired_draw=None))
-    assert reconstruct.sampling_law(run) is law
+    assert methods.sampling_law(run) is law
     run.options.sample_accel = 4.0
-    assert reconstruct.sampling_law(run).to_config() == {"kind": "lines-random", "R": 4.0, "acs": 4}
+    assert methods.sampling_law(run).to_config() == {"kind": "lines-random", "R": 4.0, "acs": 4}
 
 
 @pytest.mark.parametrize("task", ["sr", "box", "pixel"])
@@ -337,26 +337,27 @@ def test_methods_with_an_exact_prior_beat_zero_filling(task):
     # MARGINS dB of mean PSNR over 8 examples: about half the gains measured (MSM / DPS over zero-filled):
     # MRI R = 4: 29.1 / 37.5 against 8.8; SR x4: 24.6 / 23.9 against 20.9; box: 30.1 / 30.6 against 21.7;
     # pixels p = 0.5: 36.1 / 39.8 against 17.1.
-    import reconstruct
+    from training import evaluation, tasks
+    from training.sampling import methods
 
     channels, num, num_seeds = (2 if task == "mri" else 1), 8, 4
     cov = smooth_covariance(channels)
     maps = normalised_maps() if task == "mri" else None
-    task_options = reconstruct.resolve_task_options(task, False, {}, RES)
-    examples = [reconstruct.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
-    model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)),
-                              kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
-    options = reconstruct.MethodOptions(msm_steps=50, num_subsets=3, dc_step=2.0 if task == "mri" else 1.75,
-                                        eta=0.85, outer="ddnm", dps_steps=200, dps_step=1.0, cs={})
-    run = reconstruct.Run(model, task_options, options, torch.device("cpu"))
+    task_options = tasks.resolve_task_options(task, False, {}, RES)
+    examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
+    model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)),
+                          kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
+    options = methods.MethodOptions(msm_steps=50, num_subsets=3, dc_step=2.0 if task == "mri" else 1.75,
+                                    eta=0.85, outer="ddnm", dps_steps=200, dps_step=1.0, cs={})
+    run = methods.Run(model, task_options, options, torch.device("cpu"))
     pairs = [e for e in examples for _ in range(num_seeds)]
     scores = {}
     for method in ("msm", "dps", "zero-filled"):
-        images = reconstruct.METHODS[method].run(run, pairs, list(range(len(pairs))))
+        images = methods.METHODS[method].run(run, pairs, list(range(len(pairs))))
         means = images.reshape(num, num_seeds, *images.shape[1:]).mean(dim=1)
         scores[method] = np.mean([
-            reconstruct.metric_rows(reconstruct.display_images(e.reference, task),
-                                    reconstruct.display_images(means[j : j + 1], task), task)["psnr"]
+            evaluation.metric_rows(evaluation.display_images(e.reference, task),
+                                    evaluation.display_images(means[j : j + 1], task), task)["psnr"]
             for j, e in enumerate(examples)])
     assert scores["msm"] > scores["zero-filled"] + MARGINS[task], scores
     assert scores["dps"] > scores["zero-filled"] + MARGINS[task], scores

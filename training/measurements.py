@@ -25,7 +25,7 @@ import torch
 
 from dnnlib import Field, UserError, check_fields
 from training.masks import MaskLaw, example_generator, mask_law_from_config
-from training.operators import Identity, MultiCoilMRI, measurement_randn
+from training.operators import Identity, MultiCoilMRI, check_noise_std, measure
 
 PROTOCOLS = ("fixed", "resample", "stored")
 OPERATORS = ("identity", "mri")
@@ -40,8 +40,7 @@ class MeasurementConfig:
             raise UserError(f"Measurement operator must be one of {', '.join(OPERATORS)}, got {operator!r}.")
         if protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
-        if not sigma_y >= 0:
-            raise UserError(f"--sigma-y must be >= 0, got {sigma_y}.")
+        check_noise_std(sigma_y)
         self.law: MaskLaw = mask_law_from_config(mask)
         if operator == "identity" and self.law.is_line_law:
             raise UserError(f"Mask law {self.law.kind!r} samples k-space lines and needs an MRI dataset; this dataset "
@@ -137,8 +136,7 @@ class MeasuredDataset(torch.utils.data.Dataset):
             z = record["kspace"] if self.config.operator == "mri" else record["image"]
             g = self._generator(record["index"], position)
             mask = self.config.law.sample(1, self.shape, g)[0]
-            noise = measurement_randn(z, g) * self.config.sigma_y if self.config.sigma_y > 0 else 0
-            y = (z + noise) * mask
+            y = measure(Identity(), z, mask, self.config.sigma_y, g)
         if flip:
             y, mask = y.flip(-1), mask.flip(-1)
         item["y"], item["mask"] = y, mask

@@ -242,6 +242,12 @@ def ssim(reference: torch.Tensor, estimate: torch.Tensor, data_range) -> torch.T
     return ssim_map.flatten(1).mean(dim=1)
 
 
+def quality_row(reference: torch.Tensor, estimate: torch.Tensor, data_range) -> dict:
+    """{'psnr', 'ssim', 'nmse'} of one image pair as floats (a metrics row of reconstruct.py)."""
+    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
+            "nmse": nmse(reference, estimate).item()}
+
+
 # ----------------------------------------------------------------------------
 # Evaluation conventions for MRI, side by side (reconstruct.py --metric-convention):
 # - 'sense' (the default above): magnitude of the coil-combined (SENSE) image, per image, data range = its reference's
@@ -311,5 +317,4 @@ def convention_row(convention: str, reference: torch.Tensor, estimate: torch.Ten
         reference, estimate = (minmax_normalise(mri_magnitude(image.to(torch.float64)))
                                for image in (reference, estimate))
         data_range = 1.0
-    return {"psnr": psnr(reference, estimate, data_range).item(), "ssim": ssim(reference, estimate, data_range).item(),
-            "nmse": nmse(reference, estimate).item()}
+    return quality_row(reference, estimate, data_range)

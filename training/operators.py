@@ -64,6 +64,12 @@ def measurement_randn(like: torch.Tensor, generator: torch.Generator | None) -> 
     return torch.randn(like.shape, generator=generator, dtype=real_dtype, device=like.device)
 
 
+def check_noise_std(value: float, flag: str = "--sigma-y"):
+    """The one check of a measurement noise std (sigma_y, or a relative noise level): >= 0 and not NaN."""
+    if not value >= 0:
+        raise UserError(f"{flag} must be >= 0, got {value}.")
+
+
 def measure(
     operator,
     x: torch.Tensor,
@@ -74,8 +80,7 @@ def measure(
     """y = P (A x + sigma_y n): `mask` broadcastable to the measurement (None = everything observed), `n` from
     `measurement_randn` (complex entries: std sigma_y on the real and on the imaginary part each). Unobserved entries
     are exact zeros in a full-size tensor. A noise draw needs an explicit `generator` (None = torch's default one)."""
-    if sigma_y < 0:
-        raise UserError(f"measure: sigma_y must be >= 0, got {sigma_y}.")
+    check_noise_std(sigma_y)
     y = operator.A(x)
     if sigma_y > 0:
         y = y + sigma_y * measurement_randn(y, generator)

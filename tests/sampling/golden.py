@@ -7,7 +7,8 @@ reports (None where it reports none) and the forward calls counted on the networ
 - "gauss": the exact denoiser of N(0, C) data (tests/gaussian.py) as the network (tests/test_reconstruct.py
   GaussianNetwork) or as the denoiser given to the library sampler the script calls;
 - "net": a tiny DDPM++ (cbase 8, 1 block, 16 px) with fixed seeded weights, saved with training/snapshot.py
-  save_snapshot and loaded back the way the script loads it (reconstruct.load_model; generate.py's main in-process).
+  save_snapshot and loaded back the way the scripts load it (training/sampling/methods.py load_model; generate.py's
+  main in-process).
 An untrained but fixed network is as deterministic as a trained one; its outputs are what the refactor must keep.
 
     python -m tests.sampling.golden --write   # run every case twice, check bit-equality, write tests/data/golden/
@@ -168,49 +169,51 @@ BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "
 
 
 # ----------------------------------------------------------------------------
-# reconstruct.py: METHODS entries through reconstruct.run_method, on its own measurements of Gaussian draws.
+# reconstruct.py: METHODS entries through training/sampling/methods.py run_method, on its own measurements of
+# Gaussian draws.
 
 
 def method_options(task: str, **changes):
-    import reconstruct
     from training.posterior import CS_DEFAULTS
+    from training.sampling import methods
 
-    family = reconstruct.FamilyOptions(levels=4, steps_each=2)
+    family = methods.FamilyOptions(levels=4, steps_each=2)
     family = replace(family, **changes.pop("family", {}))
     cs = {kind: {**CS_DEFAULTS[kind], "max_iter": 10} for kind in ("tv", "l1-wavelet")}
-    base = reconstruct.MethodOptions(msm_steps=4, num_subsets=2, dc_step=2.0 if task == "mri" else 1.75, eta=0.85,
-                                     outer="ddnm", dps_steps=4, dps_step=1.0, cs=cs,
-                                     padis=reconstruct.PadisOptions(steps=3, inner_steps=2))
+    base = methods.MethodOptions(msm_steps=4, num_subsets=2, dc_step=2.0 if task == "mri" else 1.75, eta=0.85,
+                                 outer="ddnm", dps_steps=4, dps_step=1.0, cs=cs,
+                                 padis=methods.PadisOptions(steps=3, inner_steps=2))
     return replace(base, family=family, **changes)
 
 
 def reconstruct_case(method: str, task: str, prior: str | None, **options):
     def run(ws: Workspace) -> Result:
-        import reconstruct
         from tests.test_reconstruct import GaussianNetwork, gaussian_records, normalised_maps, smooth_covariance
+        from training import tasks
         from training.masks import FullMask
         from training.samplers import CountingNetwork
+        from training.sampling import methods
 
         channels = 2 if task == "mri" else 1
         cov = smooth_covariance(channels)
-        task_options = reconstruct.resolve_task_options(task, False, {}, RES)
+        task_options = tasks.resolve_task_options(task, False, {}, RES)
         records = gaussian_records(cov, channels, len(SEEDS), normalised_maps() if task == "mri" else None)
-        examples = [reconstruct.measure_example(r, task_options) for r in records]
+        examples = [tasks.measure_example(r, task_options) for r in records]
         model, tally = None, CallTally()
         if prior == "gauss":  # an oracle model: the exact prior in a network's place, trained on clean data
-            model = reconstruct.Model(CountingNetwork(GaussianNetwork(cov, channels)), kind="image" if channels == 1
-                                      else "mri", mask_law=FullMask(), loss_config=None)
+            model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)), kind="image" if channels == 1
+                                  else "mri", mask_law=FullMask(), loss_config=None)
         elif prior == "net":
-            model = reconstruct.load_model(ws.get("msm-mri" if task == "mri" else "msm-image"), "cpu")
+            model = methods.load_model(ws.get("msm-mri" if task == "mri" else "msm-image"), "cpu")
         elif prior == "patch":  # the stitched whole-image network of a patch prior, an oracle model
-            model = reconstruct.load_model(ws.get("patch"), "cpu")
+            model = methods.load_model(ws.get("patch"), "cpu")
         if model is not None:
             model.net.net = CountingNetwork(model.net.net)  # inside the script's counter: calls, not images
             model.net.net.bar = tally
-        run = reconstruct.Run(model, task_options, method_options(task, **options), torch.device("cpu"))
-        entry = reconstruct.METHODS[method]
+        run = methods.Run(model, task_options, method_options(task, **options), torch.device("cpu"))
+        entry = methods.METHODS[method]
         reported = entry.network_calls(run) if entry.network_calls is not None else None
-        images, _, _ = reconstruct.run_method(method, run, examples, SEEDS, "golden")
+        images, _, _ = methods.run_method(method, run, examples, SEEDS, "golden")
         return Result(images.numpy(), reported, tally.calls)
 
     return run
@@ -225,6 +228,7 @@ def generate_case(snapshot: str, *args: str):
         import generate
         from dnnlib.util import run_cli
         from training.samplers import CountingNetwork
+        from training.sampling import methods
 
         images, totals, tally, real_bar = [], [], CallTally(), generate.tqdm.tqdm
 
@@ -248,10 +252,11 @@ def generate_case(snapshot: str, *args: str):
         argv = [a if not a.startswith("@") else ws.get(a[1:]) for a in args]
         argv = ["--network", network, "--outdir", ws.fresh_dir(), "--device", "cpu", "--batch", "8", *argv]
         with contextlib.ExitStack() as stack:
-            for name, value in (("to_uint8_images", catching(generate.to_uint8_images)),
-                                ("mri_magnitude_images", catching(generate.mri_magnitude_images)),
-                                ("CountingNetwork", counting), ("tqdm", SimpleNamespace(tqdm=recording_bar))):
-                stack.enter_context(mock.patch.object(generate, name, value))
+            for module, name, value in ((generate, "to_uint8_images", catching(generate.to_uint8_images)),
+                                        (generate, "mri_magnitude_images", catching(generate.mri_magnitude_images)),
+                                        (methods, "CountingNetwork", counting),
+                                        (generate, "tqdm", SimpleNamespace(tqdm=recording_bar))):
+                stack.enter_context(mock.patch.object(module, name, value))
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
                 try:
                     run_cli(generate.main, argv)
