@@ -11,15 +11,8 @@ to 0) so that it retraces the encoding path.
 
 import torch
 
-from training.samplers import rho_schedule
+from training.sampling.schedules import bridge_sigmas
 from training.sde import probability_flow
-
-
-def bridge_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  device="cpu") -> torch.Tensor:
-    """EDM's rho schedule without its final 0: float64 (num_steps + 1,), decreasing from sigma_max to sigma_min, so
-    that num_steps ODE steps join them."""
-    return rho_schedule(num_steps + 1, sigma_min, sigma_max, rho, device=device)[:-1]
 
 
 def encode(denoiser, images: torch.Tensor, num_steps: int = 64, sigma_min: float = 0.002, sigma_max: float = 80.0,

@@ -33,25 +33,14 @@ import torch
 
 from dnnlib import UserError
 from training.measurements import network_input
-from training.networks import vp_grid_sigmas
 from training.operators import complex_to_channels
-from training.samplers import check_sigmas, msm_heun_sampler, msm_sampler, outer_step, vp200_sigmas
+from training.samplers import msm_heun_sampler, msm_sampler, outer_step
+from training.sampling.schedules import check_sigmas, ddpm_sigmas, respaced_sigmas  # noqa: F401 (the scripts)
 
 
 def check_dc_step(dc_step: float):
     if not (isinstance(dc_step, (int, float)) and dc_step > 0):
         raise UserError(f"--dc-step (the data-consistency step lambda) must be a number > 0, got {dc_step!r}.")
-
-
-def respaced_sigmas(num_steps: int | None = None, rule: str = "ddim") -> torch.Tensor:
-    """`num_steps` levels of the VP-200 grid (`vp200_sigmas` by `rule`) at evenly spaced indices, first and last
-    kept; None or 200 gives the grid itself. float64 (num_steps,), decreasing."""
-    grid = vp200_sigmas(rule=rule)
-    if num_steps is None or num_steps == len(grid):
-        return grid
-    if not (isinstance(num_steps, int) and 1 <= num_steps <= len(grid)):
-        raise UserError(f"--steps must be an integer in 1..{len(grid)} (levels of the VP-200 grid), got {num_steps}.")
-    return grid[torch.linspace(0, len(grid) - 1, num_steps, dtype=torch.float64).round().long()]
 
 
 # ----------------------------------------------------------------------------
@@ -136,17 +125,6 @@ def image_denoiser(net, class_labels=None):
         return net(network_input(x.to(torch.float32), full_mask, net.in_channels), s, class_labels).to(torch.float64)
 
     return denoise
-
-
-def ddpm_sigmas(num_steps: int = 1000) -> torch.Tensor:
-    """DDPM's 1000-step linear-beta grid (beta 1e-4 .. 0.02, the schedule DPS samples on) in EDM's sigma form,
-    sigma_t = sqrt(1 / abar_t - 1), respaced to `num_steps` levels as guided-diffusion's `space_timesteps` does for
-    DPS's plain step count (its section rule: first and last step kept; `networks.respaced_timesteps`). float64
-    (num_steps,), decreasing from about 157.4 to 0.0100."""
-    if not (isinstance(num_steps, int) and 2 <= num_steps <= 1000):
-        raise UserError(f"--steps for DPS must be an integer in 2..1000 (levels of DDPM's 1000-step grid), "
-                        f"got {num_steps}.")
-    return vp_grid_sigmas(num_levels=num_steps, rule="section").flip(0)
 
 
 def dps_gradient(denoiser, x: torch.Tensor, sigma: float, operator, y: torch.Tensor, mask: torch.Tensor | None = None,

@@ -14,8 +14,16 @@ import torch
 from dnnlib import UserError
 from training.masks import coverage_aware_select, empty_coverage
 from training.measurements import partial_denoise
-from training.networks import vp_grid_sigmas
 from training.operators import Identity, measurement_randn
+from training.sampling.schedules import (  # noqa: F401 (re-exported for the scripts until methods.py lands)
+    EDM_SIGMA_MAX,
+    check_sigmas,
+    rho_schedule,
+    sigmas_in_training_range,
+    training_sigma_max,
+    vp200_sigmas,
+    vp_grid_of,
+)
 
 
 def net_denoiser(net, class_labels=None):
@@ -52,20 +60,6 @@ class CountingNetwork:
 
     def __getattr__(self, name):
         return getattr(self.net, name)
-
-
-def rho_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 device="cpu") -> torch.Tensor:
-    """EDM's time steps: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0.
-
-    Returns float64 (num_steps + 1,), decreasing, ending in 0.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
-    frac = i / max(num_steps - 1, 1)
-    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
 def edm_sampler(
@@ -112,90 +106,6 @@ def ode_step(denoiser, x: torch.Tensor, t_cur: float, t_next: float, solver: str
         d_prime = (x_next - denoiser(x_next, t_next)) / t_next
         x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
-
-
-# ----------------------------------------------------------------------------
-# Noise-level grids of the MSM reference.
-
-
-def vp200_sigmas(device="cpu", rule: str = "ddim") -> torch.Tensor:
-    """The MSM reference's 200 noise levels, float64 (200,), decreasing from about 151.2 to about 0.0100.
-
-    The reference trains and samples a VP diffusion with 1000 linearly spaced betas in [1e-4, 0.02], respaced to 200
-    steps by guided-diffusion's `space_timesteps(1000, 'ddim200')`: kept time steps t = 0, 5, 10, ..., 995. rule
-    'section' gives instead the respacing string '200' (t_i = round(i * 999 / 199), from 157.4), which this project
-    used before the rule was recorded (`vp_grid_of`). Respacing keeps alpha_bar at the kept steps, so the
-    VE-equivalent noise level of step t is sigma = sqrt(1 / alpha_bar_t - 1). One definition:
-    `networks.vp_grid_sigmas` (which training draws from), here in decreasing order.
-    """
-    return vp_grid_sigmas(rule=rule).flip(0).to(device)
-
-
-def vp_grid_of(loss_config: dict | None) -> str:
-    """The rule of the 200-level VP grid (networks.VP_GRID_RULES) a snapshot is sampled on by default: the one its
-    loss records ('vp_grid'; train.py records it for --sigma-dist vp200, converted reference models record 'ddim');
-    otherwise the reference's 'ddim'. A loss config of --sigma-dist vp200 written before the rule was recorded is
-    read as 'section' (`training.loss.with_recorded_vp_grid`, applied when a snapshot or training state is loaded):
-    its network was trained on that grid."""
-    loss = loss_config or {}
-    if "vp_grid" in loss:
-        return loss["vp_grid"]
-    return "section" if loss.get("sigma_dist") == "vp200" else "ddim"
-
-
-EDM_SIGMA_MAX = 80.0  # EDM's sampling sigma_max for networks trained with its log-normal sigma
-LOGNORMAL_TAIL_Z = 4.753  # the standard normal's 1 - 1e-6 quantile
-
-
-def training_sigma_max(loss_config: dict | None) -> tuple[float, str]:
-    """The highest noise level a network was trained on, from its snapshot's loss config ('loss': class_name and
-    kwargs), and the reason, for the log:
-      log-normal sigma (EDMLoss; MSM and Ambient losses with sigma_dist 'lognormal'): min(80, exp(P_mean + 4.753
-        P_std)), the 1 - 1e-6 quantile capped at EDM's sigma_max 80 (the level EDM samples these networks from;
-        80 for the defaults P_mean -1.2, P_std 1.2, whose quantile is 90);
-      sigma_dist 'vp200' (the reference's grid): its top, sigma_max of `vp_grid_sigmas` by the rule of `vp_grid_of`
-        (151.2 for 'ddim', 157.4 for 'section');
-      VPLoss: sigma_vp(1) = sqrt(exp(beta_d / 2 + beta_min) - 1) (152.3); VELoss: its sigma_max (100);
-      anything else (no loss in the config): inf, nothing to clip to."""
-    loss = dict(loss_config or {})
-    name = str(loss.get("class_name", "")).rsplit(".", 1)[-1]
-    if name == "VPLoss":
-        top = math.sqrt(math.exp(0.5 * loss.get("beta_d", 19.9) + loss.get("beta_min", 0.1)) - 1)
-        return top, f"trained with VP sigma up to {top:.1f}"
-    if name == "VELoss":
-        top = float(loss.get("sigma_max", 100.0))
-        return top, f"trained with VE sigma up to {top:g}"
-    if loss.get("sigma_dist") == "vp200":
-        rule = vp_grid_of(loss)
-        top = float(vp_grid_sigmas(rule=rule)[-1])
-        return top, f"trained on the VP-200 grid ({rule} rule) up to {top:.1f}"
-    if name == "EDMLoss" or loss.get("sigma_dist") == "lognormal":
-        p_mean, p_std = loss.get("P_mean", -1.2), loss.get("P_std", 1.2)
-        top = min(EDM_SIGMA_MAX, math.exp(p_mean + LOGNORMAL_TAIL_Z * p_std))
-        return top, (f"trained with log-normal sigma (P_mean {p_mean}, P_std {p_std}); starting at most at "
-                     f"min(EDM's 80, its 1 - 1e-6 quantile) = {top:.1f}")
-    return math.inf, "the snapshot does not say which noise levels it was trained on"
-
-
-def sigmas_in_training_range(sigmas: torch.Tensor, loss_config: dict | None) -> tuple[torch.Tensor, str]:
-    """The levels of a decreasing grid at or below `training_sigma_max` (at least the last one), and one sentence
-    for the log saying where sampling starts and why."""
-    top, reason = training_sigma_max(loss_config)
-    kept = sigmas[sigmas <= top * (1 + 1e-9)]
-    kept = kept if len(kept) else sigmas[-1:]
-    dropped = len(sigmas) - len(kept)
-    where = f"{len(kept)} levels from sigma {kept[0].item():.3g}"
-    return kept, (f"{where} ({reason}; {dropped} higher levels of the grid dropped)" if dropped else
-                  f"{where} ({reason})")
-
-
-def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    decreasing = bool((sigmas[1:] < sigmas[:-1]).all()) if sigmas.ndim == 1 else False
-    if sigmas.ndim != 1 or len(sigmas) < 1 or not bool((sigmas > 0).all()) or not decreasing:
-        raise ValueError("sigmas must be a 1-D tensor of positive, strictly decreasing noise levels "
-                         "(drop the trailing 0 of rho_schedule)")
-    return sigmas
 
 
 # ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 
 from dnnlib import UserError
 from training.posterior import dps_gradient
-from training.samplers import check_sigmas, ode_step, rho_schedule
+from training.samplers import ode_step
+from training.sampling.schedules import check_sigmas, geometric_ladder, padis_sigmas  # noqa: F401 (the scripts)
 
 SDE_KINDS = ("ve", "vp")
 ALD_INITS = ("noise", "uniform", "adjoint")
@@ -41,19 +42,6 @@ def per_example_norm(v: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------
 # Sigma ladders and the ALD step rule (SEED_METHODS.md 2.1, 2.3).
-
-
-def geometric_ladder(sigma_max: float, sigma_min: float, levels: int) -> torch.Tensor:
-    """sigma_i = sigma_max r^i, i = 0..levels-1, with r = (sigma_min / sigma_max)^(1 / (levels - 1)): float64,
-    decreasing from sigma_max to sigma_min (NCSNv2's geometric ladder, independent of the training sigmas)."""
-    if not (isinstance(levels, int) and levels >= 2):
-        raise UserError(f"--levels must be an integer >= 2, got {levels!r}.")
-    if not 0 < sigma_min < sigma_max:
-        raise UserError(f"The sigma ladder needs 0 < --sigma-min < --sigma-max, got {sigma_min} and {sigma_max}.")
-    rate = (sigma_min / sigma_max) ** (1 / (levels - 1))
-    sigmas = sigma_max * rate ** torch.arange(levels, dtype=torch.float64)
-    sigmas[-1] = sigma_min  # exact ends (the power rounds in the last bits)
-    return sigmas
 
 
 def ald_step_sizes(sigmas: torch.Tensor, eps: float) -> torch.Tensor:
@@ -277,17 +265,6 @@ def probability_flow(denoiser, x: torch.Tensor, sigmas, conditioning=None, solve
 # PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4; PADIS inverse_nodist.py `dps`).
 
 PADIS_INITS = ("adjoint", "noise")
-
-
-def padis_sigmas(num_steps: int = 100, sigma_min: float = 0.003, sigma_max: float = 10.0, rho: float = 7.0):
-    """EDM's rho schedule without its trailing 0 (`samplers.rho_schedule`): PaDIS's levels, float64 (num_steps,).
-    The defaults are PaDIS's README (100 steps from 10 to 0.003, rho 7)."""
-    if not (isinstance(num_steps, int) and num_steps >= 2):
-        raise UserError(f"--padis-steps must be an integer >= 2, got {num_steps!r}.")
-    if not 0 < sigma_min < sigma_max:
-        raise UserError(f"PaDIS's schedule needs 0 < --padis-sigma-min < --padis-sigma-max, got {sigma_min} and "
-                        f"{sigma_max}.")
-    return rho_schedule(num_steps, sigma_min, sigma_max, rho)[:-1]
 
 
 def check_padis_options(zeta: float, inner_steps: int, alpha_factor: float):
