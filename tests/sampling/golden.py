@@ -129,7 +129,7 @@ def _patch(ws):
 
 def _guided(name, label_dim, measurement=None):
     def build(ws):
-        from tests.test_guidance import _diffusion_snapshot
+        from tests.sampling.test_guidance import _diffusion_snapshot
 
         return _diffusion_snapshot(ws.path(name), label_dim, measurement=measurement, resolution=RES)
 
@@ -144,7 +144,7 @@ def _msm_guided(ws):
 
 
 def _classifier(ws):
-    from tests.test_guidance import _classifier_snapshot
+    from tests.sampling.test_guidance import _classifier_snapshot
 
     return _classifier_snapshot(ws.path("classifier.pt"), resolution=RES)
 

@@ -1,4 +1,4 @@
-"""Guidance (training/guidance.py) and probability-flow inversion (training/bridge.py) on closed forms.
+"""Guidance (training/sampling/guidance.py) and probability-flow inversion (training/bridge.py) on closed forms.
 
 Data: a mixture of K isotropic Gaussians N(mu_k, s^2 I) with priors pi_k. In EDM's noising x = x0 + sigma n, class k
 gives N(mu_k, (s^2 + sigma^2) I), so everything is exact (SEED_METHODS.md section 1.8):
@@ -20,18 +20,17 @@ from torch_utils import checkpoint
 from torch_utils.misc import SeedGenerators
 from training.bridge import decode, encode
 from training.dataset import open_dataset
-from training.guidance import (
+from training.masks import FullMask
+from training.networks import build_network
+from training.samplers import ancestral_sampler, edm_sampler, msm_sampler
+from training.sampling.guidance import (
     GuidanceTerm,
     cfg_coefficient,
     cfg_denoiser,
-    cfg_partial_denoiser,
     correction,
     guided,
     potential,
 )
-from training.masks import FullMask
-from training.networks import build_network
-from training.samplers import ancestral_sampler, edm_sampler, msm_sampler
 
 SHAPE = (1, 2, 2)  # images of 4 pixels
 
@@ -138,7 +137,7 @@ def test_cfg_identities_and_one_batched_call():
     assert calls == [6]  # outside the band: the conditional denoiser alone
 
 
-def test_cfg_partial_denoiser_layout_matches_separate_passes():
+def test_cfg_of_a_partial_denoiser_layout_matches_separate_passes():
     """The doubled subset-major layout gives (1 + w) s_c - w s_u for every subset, labels lined up per row."""
     gmm = two_class()
     n, k = 3, 2
@@ -154,7 +153,7 @@ def test_cfg_partial_denoiser_layout_matches_separate_passes():
     s = random_images(n * k, 2)
     mask = (random_images(n * k, 3) > 0).to(torch.float64)
     w = 1.5
-    got = cfg_partial_denoiser(make_partial, labels, w, "mgdm")(s, mask, 0.7)
+    got = cfg_denoiser(make_partial, labels, w, "mgdm")(s, mask, 0.7)
     want = (1 + w) * make_partial(labels)(s, mask, 0.7) - w * make_partial(torch.zeros_like(labels))(s, mask, 0.7)
     assert (got - want).abs().max().item() < 1e-12
 
