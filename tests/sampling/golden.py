@@ -39,7 +39,7 @@ class Result:
 
 
 class CallTally:
-    """The progress bar of an inner training.samplers.CountingNetwork: it ticks once per forward call."""
+    """The progress bar of an inner training.sampling.denoisers.CountingNetwork: it ticks once per forward call."""
 
     def __init__(self):
         self.calls = 0
@@ -173,7 +173,7 @@ BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "
 
 def method_options(task: str, **changes):
     import reconstruct
-    from training.posterior import CS_DEFAULTS
+    from training.sampling.baselines import CS_DEFAULTS
 
     family = reconstruct.FamilyOptions(levels=4, steps_each=2)
     family = replace(family, **changes.pop("family", {}))
@@ -189,7 +189,7 @@ def reconstruct_case(method: str, task: str, prior: str | None, **options):
         import reconstruct
         from tests.test_reconstruct import GaussianNetwork, gaussian_records, normalised_maps, smooth_covariance
         from training.masks import FullMask
-        from training.samplers import CountingNetwork
+        from training.sampling.denoisers import CountingNetwork
 
         channels = 2 if task == "mri" else 1
         cov = smooth_covariance(channels)
@@ -224,7 +224,7 @@ def generate_case(snapshot: str, *args: str):
     def run(ws: Workspace) -> Result:
         import generate
         from dnnlib.util import run_cli
-        from training.samplers import CountingNetwork
+        from training.sampling.denoisers import CountingNetwork
 
         images, totals, tally, real_bar = [], [], CallTally(), generate.tqdm.tqdm
 
@@ -271,8 +271,8 @@ def gaussian_generation_case(kind: str, **options):
     def run(ws: Workspace) -> Result:
         from tests.gaussian import gaussian_denoiser, random_covariance
         from torch_utils.misc import SeedGenerators
-        from training.bridge import dual_bridge
-        from training.samplers import edm_sampler
+        from training.sampling.schedules import rho_schedule
+        from training.sampling.solvers import ODE, dual_bridge, noise_start
 
         shape = (1, 8, 8)
         cov = random_covariance(64, 8, seed=5)
@@ -287,7 +287,8 @@ def gaussian_generation_case(kind: str, **options):
         if kind == "bridge":  # encode and decode with the same exact denoiser: a round trip of the ODE
             out = dual_bridge(denoiser, denoiser, latents * 0.5, num_steps=6, sigma_min=0.002, sigma_max=80.0, rho=7.0)
             return Result(out.numpy(), None, tally.calls)
-        out = edm_sampler(denoiser, latents, gen, num_steps=6, **options)
+        sigmas = rho_schedule(6)
+        out = ODE(**options)(denoiser, noise_start(latents, sigmas[0].item()), gen, sigmas)
         return Result(out.numpy(), None, tally.calls)
 
     return run
