@@ -1,6 +1,7 @@
-"""training/sde.py on closed forms (SEED_METHODS.md 2.5 and 3.5): Gaussian data N(0, s^2 I) has the exact denoiser
-s^2 / (s^2 + sigma^2) x, and with a linear operator the annealed Langevin targets and the posterior are Gaussians
-with known moments (tests/linear_gaussian.py)."""
+"""The solvers of training/sampling/solvers.py on closed forms (SEED_METHODS.md 2.5 and 3.5): Gaussian data N(0, C)
+has the exact denoiser C (C + sigma^2 I)^-1 x (tests/gaussian.py), and with a linear operator the annealed Langevin
+targets and the posterior are Gaussians with known moments (tests/linear_gaussian.py). Every solver reports the NFE
+it makes; every conditioning term moves samples towards the exact posterior through the solvers it is meant for."""
 
 import math
 
@@ -10,24 +11,61 @@ import scipy.optimize
 import torch
 
 from dnnlib import UserError
+from tests.gaussian import exact_samples, gaussian_denoiser, random_covariance, relative_cov_error
 from tests.linear_gaussian import BatchGenerator, DenseOperator, annealed_target, isotropic_denoiser, moments
+from tests.sampling.conftest import edm_generate
 from torch_utils.misc import SeedGenerators
-from training.conditioning import jalal, projection
-from training.operators import MultiCoilMRI, measure
-from training.sde import (
+from training.masks import BoxMaskLaw, PixelMaskLaw, RandomLineMaskLaw
+from training.operators import Identity, MultiCoilMRI, measure
+from training.sampling.conditioning import jalal, projection
+from training.sampling.denoisers import ambient_masks, masked_denoiser, net_ambient_denoiser, net_denoiser, real_view
+from training.sampling.schedules import geometric_ladder, rho_schedule
+from training.sampling.solvers import (
+    ODE,
+    Langevin,
+    PredictorCorrector,
     ald_initial_state,
     ald_step_sizes,
-    annealed_langevin,
     auto_eps,
     corrector_step_size,
-    euler_maruyama,
-    geometric_ladder,
-    langevin_corrector,
     ncsnv2_criterion,
-    predictor_corrector,
-    probability_flow,
     warm_start,
 )
+
+
+def ald(denoiser, x, generator, sigmas, step_sizes, steps_each, *, conditioning=None, **options):
+    """ALD: the Langevin solver with one step size per level (`ald_step_sizes`)."""
+    return Langevin(step_sizes, steps_each, **options)(denoiser, x, generator, sigmas, conditioning=conditioning)
+
+
+def pc(denoiser, x, generator, sigmas, *, conditioning=None, **options):
+    return PredictorCorrector(**options)(denoiser, x, generator, sigmas, conditioning=conditioning)
+
+
+def euler_maruyama(denoiser, x, generator, sigmas, sde="ve"):
+    return PredictorCorrector(corrector_steps=0, sde=sde)(denoiser, x, generator, sigmas)
+
+
+def corrector(denoiser, x, generator, sigma, steps, snr):
+    """`steps` corrector steps at the level sigma alone: predictor 'none' on a grid whose second level is sigma."""
+    return PredictorCorrector("none", steps, snr)(denoiser, x, generator, torch.tensor([2 * sigma, sigma]))
+
+
+def flow(denoiser, x, sigmas):
+    return ODE()(denoiser, x, None, sigmas)
+
+
+def ambient_generate(masked, latents, mask_law, delta, generator, **edm_options):
+    """Ambient Diffusion's sampler: the ODE solver over the masked denoiser at each seed's fixed mask (complex
+    k-space stepped as (re, im) pairs)."""
+    masks = ambient_masks(mask_law, delta, tuple(latents.shape[-2:]), generator)
+    denoiser = masked_denoiser(masked, masks)
+    if latents.is_complex():
+        out = edm_generate(real_view(denoiser), torch.view_as_real(latents.to(torch.complex128)), generator,
+                           **edm_options)
+        return torch.view_as_complex(out.contiguous())
+    return edm_generate(denoiser, latents, generator, **edm_options)
+
 
 S = 1.0  # prior std of the linear-Gaussian problems
 
@@ -102,27 +140,27 @@ def test_ald_sigma_offset_dc_boost_zero_and_seed_independence():
     x = ald_initial_state("noise", (3, 4), SeedGenerators([7, 8, 9]), sigmas[0].item())
     # --sigma-offset k: L - k levels starting at sigmas[k], each visited steps_each times.
     log = []
-    out = annealed_langevin(counting_denoiser(log), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 3, sigma_offset=2)
+    out = ald(counting_denoiser(log), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 3, offset=2)
     assert log == [s for s in sigmas[2:].tolist() for _ in range(3)]
-    assert torch.equal(out, annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[2:],
+    assert torch.equal(out, ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[2:],
                                               alphas[2:], 3))
     # dc_boost = 0 is prior sampling, iterate for iterate (each prefix of the ladder is the chain up to that level),
     # and dc_boost > 0 is not.
     for k in range(1, len(sigmas) + 1):
-        prior = annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[:k], alphas[:k], 2)
-        zero = annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[:k], alphas[:k], 2,
+        prior = ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[:k], alphas[:k], 2)
+        zero = ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas[:k], alphas[:k], 2,
                                  conditioning=jalal(operator, y, sigma_y=0.1, scale=0.0))
         assert torch.equal(prior, zero)
-    boosted = annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 2,
+    boosted = ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 2,
                                 conditioning=jalal(operator, y, sigma_y=0.1, scale=1.0))
     assert not torch.allclose(boosted, prior)
     # A sample depends only on its seed.
-    alone = annealed_langevin(isotropic_denoiser(S), x[1:2], SeedGenerators([8]), sigmas, alphas, 2)
+    alone = ald(isotropic_denoiser(S), x[1:2], SeedGenerators([8]), sigmas, alphas, 2)
     assert torch.equal(alone[0], prior[1])
     with pytest.raises(UserError, match="steps-each"):
-        annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 0)
+        ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 0)
     with pytest.raises(UserError, match="sigma-offset"):
-        annealed_langevin(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 1, sigma_offset=6)
+        ald(isotropic_denoiser(S), x, SeedGenerators([7, 8, 9]), sigmas, alphas, 1, offset=6)
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +179,7 @@ def test_ald_fixed_level_matches_annealed_target(problem):
     cond = jalal(operator, y, mask, sigma_y=sigma_y)
 
     def run(noise_boost):
-        out = annealed_langevin(isotropic_denoiser(S), x0, BatchGenerator(2), torch.tensor([sigma]),
+        out = ald(isotropic_denoiser(S), x0, BatchGenerator(2), torch.tensor([sigma]),
                                 torch.tensor([alpha]), steps, noise_boost=noise_boost, conditioning=cond)
         return moments(flat_view(out) if problem == "mri" else out)
 
@@ -182,7 +220,7 @@ def test_ald_ladder_approaches_posterior_as_last_level_goes_to_zero():
                                                                                        (sigmas**2).tolist()))
         alphas = ald_step_sizes(sigmas, eps)
         start = BatchGenerator(0).randn_like(torch.zeros(chains, 4, dtype=torch.float64)) * sigmas[0].item()
-        out = annealed_langevin(isotropic_denoiser(S), start, BatchGenerator(3), sigmas, alphas, steps_each,
+        out = ald(isotropic_denoiser(S), start, BatchGenerator(3), sigmas, alphas, steps_each,
                                 conditioning=jalal(operator, y, sigma_y=sigma_y))
         exact_mean, exact_cov = propagated_ald_moments(normal, adjoint_y, sigma_y, sigmas, alphas, steps_each,
                                                        torch.zeros(4, dtype=torch.float64),
@@ -234,7 +272,7 @@ def test_corrector_step_rule_and_invariance():
     eps = corrector_step_size(score, snr).item()
     assert eps == pytest.approx(2 * (snr * math.sqrt(x.numel()) / score.norm().item()) ** 2, rel=1e-12)
     assert eps == pytest.approx(2 * snr**2 * v, rel=0.01)  # ||score||^2 = ||x||^2 / v^2 ~ d / v
-    out = langevin_corrector(isotropic_denoiser(s), x, SeedGenerators([3]), sigma, 1, snr)
+    out = corrector(isotropic_denoiser(s), x, SeedGenerators([3]), sigma, 1, snr)
     # Exactly: v' = v (1 - eps / v)^2 + 2 eps = v + eps^2 / v, an O(eps^2) change of the marginal.
     assert out.var().item() / v - 1 == pytest.approx((eps / v) ** 2, abs=0.013)
     assert abs(out.var().item() / v - 1) < 0.013 + 1.5 * (eps / v) ** 2
@@ -246,7 +284,7 @@ def test_predictor_corrector_with_jalal_approaches_posterior():
     post_mean, post_cov, _ = annealed_target(normal, adjoint_y, S, sigma_y, 0.0)
     sigmas = geometric_ladder(5.0, 0.01, 100)
     start = one_example_chains((chains, 4), 5.0)
-    out = predictor_corrector(isotropic_denoiser(S), start, BatchGenerator(5), sigmas, corrector_steps=20, snr=0.16,
+    out = pc(isotropic_denoiser(S), start, BatchGenerator(5), sigmas, corrector_steps=20, snr=0.16,
                               conditioning=jalal(operator, y, sigma_y=sigma_y))
     emp_mean, emp_cov, se_mean, se_cov = moments(out)
     _, level_cov, _ = annealed_target(normal, adjoint_y, S, sigma_y, 0.01)
@@ -265,7 +303,7 @@ def test_predictor_corrector_with_projection_samples_noiseless_posterior():
     post_mean = operator.pinv(y)
     post_cov = S**2 * (torch.eye(4, dtype=torch.float64) - operator.pseudo_inverse @ operator.matrix)
     sigmas = geometric_ladder(5.0, 0.01, 100)
-    out = predictor_corrector(isotropic_denoiser(S), one_example_chains((3000, 4), 5.0), BatchGenerator(6), sigmas,
+    out = pc(isotropic_denoiser(S), one_example_chains((3000, 4), 5.0), BatchGenerator(6), sigmas,
                               corrector_steps=2, snr=0.1, conditioning=projection(operator, y), final_denoise=True)
     emp_mean, emp_cov, se_mean, se_cov = moments(out)
     assert ((emp_mean - post_mean).abs() <= 4.5 * se_mean + 1e-9).all()
@@ -283,7 +321,7 @@ def test_predictor_corrector_with_projection_on_masked_mri():
     mask = (torch.rand(1, 1, size, size, generator=g) < 0.4).to(torch.float64)
     y = measure(operator, torch.randn(1, 2, size, size, generator=g, dtype=torch.float64), mask)
     start = SeedGenerators(range(chains)).randn((chains, 2, size, size), dtype=torch.float64) * 5.0
-    out = predictor_corrector(isotropic_denoiser(S), start, SeedGenerators(range(chains)),
+    out = pc(isotropic_denoiser(S), start, SeedGenerators(range(chains)),
                               geometric_ladder(5.0, 0.01, 100), corrector_steps=2, snr=0.1,
                               conditioning=projection(operator, y, mask), final_denoise=True)
     kspace = operator.A(out)
@@ -307,18 +345,18 @@ def test_probability_flow_closed_form_both_directions():
     errors, errors_up = [], []
     for steps in (4, 8, 16):
         down = geometric_ladder(10.0, 0.05, steps + 1)
-        errors.append((probability_flow(isotropic_denoiser(s), x, down) - exact(x, 10.0, 0.05)).abs().max().item())
-        up = probability_flow(isotropic_denoiser(s), x, down.flip(0))
+        errors.append((flow(isotropic_denoiser(s), x, down) - exact(x, 10.0, 0.05)).abs().max().item())
+        up = flow(isotropic_denoiser(s), x, down.flip(0))
         errors_up.append((up / exact(x, 0.05, 10.0) - 1).abs().max().item())
     assert errors[0] / errors[1] > 3 and errors[1] / errors[2] > 3  # second order
     assert errors_up[0] / errors_up[1] > 3 and errors_up[1] / errors_up[2] > 3
     assert errors[2] < 1e-2 and errors_up[2] < 0.05
-    round_trip = probability_flow(isotropic_denoiser(s), probability_flow(isotropic_denoiser(s), x,
+    round_trip = flow(isotropic_denoiser(s), flow(isotropic_denoiser(s), x,
                                                                           geometric_ladder(10.0, 0.05, 65)),
                                   geometric_ladder(10.0, 0.05, 65).flip(0))
     assert torch.allclose(round_trip, x, rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError):
-        probability_flow(isotropic_denoiser(s), x, torch.tensor([1.0, 2.0, 1.5]))
+        flow(isotropic_denoiser(s), x, torch.tensor([1.0, 2.0, 1.5]))
 
 
 def test_warm_start_index_and_variance():
@@ -335,3 +373,174 @@ def test_warm_start_index_and_variance():
     with pytest.raises(UserError):
         warm_start(truth, sigmas, SeedGenerators([4]), start_sigma=1e-3)
     assert np.isfinite(x.numpy()).all()
+
+
+# ----------------------------------------------------------------------------
+# EDM's ODE sampler and Ambient Diffusion's.
+
+
+SHAPE = (1, 4, 4)  # 16-dimensional "images"
+
+
+def test_rho_schedule_matches_formula():
+    t = rho_schedule(5, sigma_min=0.01, sigma_max=10.0, rho=3.0)
+    i = torch.arange(5, dtype=torch.float64)
+    expected = (10 ** (1 / 3) + i / 4 * (0.01 ** (1 / 3) - 10 ** (1 / 3))) ** 3
+    assert torch.allclose(t[:-1], expected) and t[-1] == 0
+    assert math.isclose(t[0].item(), 10.0, rel_tol=1e-12) and math.isclose(t[-2].item(), 0.01, rel_tol=1e-12)
+
+
+def test_solvers_converge_to_the_exact_probability_flow_at_their_order():
+    """For Gaussian data the ODE maps x_T to x_s = V diag(sqrt((l + s^2) / (l + T^2))) V^T x_T exactly; the sampler's
+    last step (sigma_min -> 0) returns D(x_s; s). Heun's error must fall ~4x per doubling of steps, Euler's ~2x."""
+    cov = random_covariance(16, rank=4, seed=1)
+    evals, evecs = torch.linalg.eigh(cov)
+    gen = SeedGenerators(range(32))
+    latents = gen.randn([32, *SHAPE], dtype=torch.float64)
+    T, s = 80.0, 1e-4
+    x_t = latents.reshape(32, -1) * T
+    exact = ((x_t @ evecs) * torch.sqrt((evals + s**2) / (evals + T**2)) * (evals / (evals + s**2))) @ evecs.T
+
+    def error(num_steps, solver):
+        out = edm_generate(gaussian_denoiser(cov, SHAPE), latents, gen, num_steps=num_steps, sigma_min=s,
+                          sigma_max=T, rho=7, solver=solver)
+        return ((out.reshape(32, -1) - exact).norm() / exact.norm()).item()
+
+    heun = [error(n, "heun") for n in (64, 128)]
+    euler = [error(n, "euler") for n in (64, 128)]
+    assert heun[1] < 1e-3, heun
+    assert 3.5 < heun[0] / heun[1] < 4.5, heun
+    assert 1.8 < euler[0] / euler[1] < 2.2, euler
+
+
+def test_sample_covariance_matches_the_data_covariance():
+    """Heun with and without churn: the empirical covariance is C within Monte-Carlo error. 64 steps keep the
+    discretisation bias (about 0.10 at EDM's 18 steps on this spectrum, whose smallest variance is 0.05) well below
+    the Monte-Carlo floor; the order test above covers the discretisation itself."""
+    n = 4000
+    cov = random_covariance(16, rank=4, seed=2)
+    gen = SeedGenerators(range(n))
+    latents = gen.randn([n, *SHAPE], dtype=torch.float64)
+    for churn in (0.0, 10.0):
+        out = edm_generate(gaussian_denoiser(cov, SHAPE), latents, gen, num_steps=64, S_churn=churn)
+        err = relative_cov_error(out, cov)
+        floor = sum(relative_cov_error(exact_samples(cov, n, seed), cov) for seed in range(5)) / 5
+        # floor ~ 0.03 here; the tolerance allows two standard deviations of one estimate on top.
+        assert err < floor + 0.03, (churn, err, floor)
+        assert out.reshape(n, -1).mean(0).abs().max() < 4 * math.sqrt(cov.diag().max() / n)
+
+
+def test_seed_generators_do_not_depend_on_batching():
+    a = SeedGenerators([3, 4, 5]).randn([3, 2, 2])
+    b = torch.cat([SeedGenerators([3]).randn([1, 2, 2]), SeedGenerators([4, 5]).randn([2, 2, 2])])
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# Ambient Diffusion's sampler.
+
+
+def masked_gaussian_denoiser(cov: torch.Tensor):
+    """The exact Ambient denoiser of N(0, C) data: E[z_0 | M (z_0 + sigma n), M] = C M (M C M + sigma^2 M + I - M)^-1
+    M s on every entry, with the mask M per batch element (what AmbientLoss trains a network towards)."""
+    dim = cov.shape[0]
+
+    def denoise(s, mask, sigma):
+        n = s.shape[0]
+        m = torch.diag_embed(mask.expand(s.shape).reshape(n, dim).to(torch.float64))
+        eye = torch.eye(dim, dtype=torch.float64)
+        system = m @ cov @ m + float(sigma) ** 2 * m + (eye - m)
+        flat = torch.linalg.solve(system, (m @ s.reshape(n, dim, 1).to(torch.float64)))
+        return (cov @ m @ flat).reshape(s.shape)
+
+    return denoise
+
+
+def test_ambient_sampler_covariance_matches_the_closed_form():
+    """With the exact masked denoiser, the probability-flow ODE samples the observed entries o of each seed's mask
+    from N(0, C_oo), and the last step returns the conditional mean C_uo C_oo^-1 z_o on the others; so a seed with
+    mask M has covariance C P^T (P C P^T)^-1 P C, and the samples' covariance is its mean over the seeds' masks.
+    A sampler that showed the network the unmasked state would give C (far from it, checked), one that drew a new
+    mask per step another covariance."""
+    n, law, delta = 4000, PixelMaskLaw(0.4), 0.3
+    cov = random_covariance(16, rank=4, seed=3, diag=0.15)  # a diagonal part no other entry predicts
+    gen = SeedGenerators(range(n))
+    latents = gen.randn([n, *SHAPE], dtype=torch.float64)
+    out = ambient_generate(masked_gaussian_denoiser(cov), latents, law, delta, gen, num_steps=64)
+    masks = ambient_masks(law, delta, SHAPE[-2:], gen).reshape(n, 16).bool()
+    expected = torch.zeros(16, 16, dtype=torch.float64)
+    for observed in masks:
+        rows = cov[observed]  # P C
+        expected += rows.T @ torch.linalg.solve(rows[:, observed], rows)
+    expected /= n
+    err = relative_cov_error(out, expected)
+    floor = sum(relative_cov_error(exact_samples(expected, n, seed), expected) for seed in range(5)) / 5
+    assert err < floor + 0.03, (err, floor)
+    assert relative_cov_error(out, cov) > 3 * (floor + 0.03), (relative_cov_error(out, cov), floor)
+
+
+def test_ambient_masks_have_the_stated_survival_rate():
+    """Entries survive with probability E[P] (1 - delta): (1 - p)(1 - delta) for the pixel law, (1 - 6/16)(1 - delta)
+    for the box law with p = 0.4, per phase-encode line for line laws (ACS lines too, as AmbientLoss drops them);
+    within 4 binomial standard deviations."""
+    seeds = range(2000)
+    for law, shape, survival in ((PixelMaskLaw(0.4), (4, 4), 0.6 * 0.9), (BoxMaskLaw(0.4), (8, 8), 0.625 * 0.9),
+                                 (RandomLineMaskLaw(4, 4), (1, 16), 0.25 * 0.9)):
+        masks = ambient_masks(law, 0.1, shape, SeedGenerators(seeds))
+        assert masks.shape == law.mask_shape(len(seeds), shape) and set(masks.unique().tolist()) <= {0.0, 1.0}
+        count = masks.numel() if law.kind == "pixel" else len(seeds)  # box cells and line counts are not iid
+        tolerance = 4 * math.sqrt(survival * (1 - survival) / count)
+        assert abs(masks.mean().item() - survival) < tolerance, (law, masks.mean().item(), survival)
+    masks = ambient_masks(PixelMaskLaw(0.4), 0.1, (4, 4), SeedGenerators([5, 6]))
+    assert torch.equal(masks[1], ambient_masks(PixelMaskLaw(0.4), 0.1, (4, 4), SeedGenerators([6]))[0])
+
+
+class _RecordingNetwork(torch.nn.Module):
+    """A stand-in for an Ambient image network (1 image channel + 1 mask channel) that records its inputs."""
+
+    in_channels, out_channels = 2, 1
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.inputs.append(x.clone())
+        return torch.tanh(x[:, :1] * (1 + x[:, 1:]) / (1 + sigma.reshape(-1, 1, 1, 1)))
+
+
+def test_ambient_sampler_feeds_the_network_its_seed_mask_and_the_masked_state():
+    net, law, delta, seeds = _RecordingNetwork(), PixelMaskLaw(0.4), 0.1, [3, 4, 5, 6]
+    gen = SeedGenerators(seeds)
+    latents = gen.randn([4, 1, 8, 8], dtype=torch.float64)
+    ambient_generate(net_ambient_denoiser(net, Identity()), latents, law, delta, gen, num_steps=4)
+    masks = ambient_masks(law, delta, (8, 8), SeedGenerators(seeds)).to(torch.float32)
+    assert len(net.inputs) == 7  # Heun: 2 calls per step but the last
+    for x in net.inputs:
+        assert torch.equal(x[:, 1:], masks)  # the same mask at every step
+        assert (x[:, :1][masks == 0] == 0).all() and (x[:, :1][masks == 1] != 0).all()
+    with pytest.raises(UserError, match="mask channel"):
+        net_denoiser(net)
+
+
+@pytest.mark.parametrize("complex_state", [False, True])
+def test_ambient_samples_depend_only_on_their_seeds(complex_state):
+    """Per-seed masks, latents and churn noise: a seed's sample is the same in any batch (real images, and complex
+    MRI-like k-space with a line law)."""
+    law = RandomLineMaskLaw(2, 2) if complex_state else BoxMaskLaw(0.4)
+
+    def denoiser(s, mask, sigma):
+        return s / (1 + sigma**2) + 0.1 * mask.flatten(1).mean(1).reshape(-1, 1, 1, 1)  # per element
+
+    def run(seeds):
+        gen = SeedGenerators(seeds)
+        latents = gen.randn([len(seeds), 2, 8, 8], dtype=torch.float64)
+        latents = torch.complex(latents, gen.randn([len(seeds), 2, 8, 8], dtype=torch.float64)) if complex_state \
+            else latents
+        return ambient_generate(denoiser, latents, law, 0.1, gen, num_steps=5, S_churn=10)
+
+    together = run([3, 4, 5, 6])
+    apart = torch.cat([run([3]), run([4, 5]), run([6])])
+    assert together.is_complex() == complex_state
+    assert (together - apart).abs().max() < 1e-12 and (together[0] - together[1]).abs().max() > 1e-3
+    assert torch.equal(run([3, 4]), run([3, 4]))
