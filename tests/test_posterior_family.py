@@ -24,7 +24,7 @@ from tests.test_reconstruct import (
 )
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
-from training.samplers import CountingNetwork
+from training.sampling.denoisers import CountingNetwork
 
 FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "dds"]
 TINY = ["--levels", "3", "--steps-each", "2", "--sigma-max", "5"]

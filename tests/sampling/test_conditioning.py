@@ -1,6 +1,6 @@
 """training/sampling/conditioning.py against identities and closed forms: the likelihood gradient is autograd's
-gradient of the data misfit, the DPS term is its closed form for a linear denoiser, projection and DDS are the exact solutions of
-their linear problems (dense matrices on small problems)."""
+gradient of the data misfit, the DPS term is its closed form for a linear denoiser, projection and DDS are the exact
+solutions of their linear problems (dense matrices on small problems)."""
 
 import math
 
