@@ -108,33 +108,33 @@ def sampler_outputs() -> dict:
     for name in ("box", "pixel"):
         for variant in ("batched", "reference"):
             x = msm_generate(diagonal_partial_denoiser(var_image), image_latents(),
-                                     mask_law_from_config(LAWS[name]), SeedGenerators(SEEDS), num_subsets=3,
-                                     sigmas=SIGMAS, variant=variant, precision="double")
+                             mask_law_from_config(LAWS[name]), SeedGenerators(SEEDS), num_subsets=3,
+                             sigmas=SIGMAS, variant=variant, precision="double")
             out[f"msm/{name}/{variant}"] = checksum(x)
     for name in ("lines-random", "lines-equispaced"):
         law = mask_law_from_config(LAWS[name])
         x = msm_generate(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
-                                 num_subsets=2, sigmas=SIGMAS, outer="ddnm", eta=0.5, precision="double")
+                         num_subsets=2, sigmas=SIGMAS, outer="ddnm", eta=0.5, precision="double")
         out[f"msm/{name}/mri"] = checksum(x)
         x = msm_generate(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
                          num_subsets=2, num_steps=4, variant="heun")
         out[f"heun/{name}/mri"] = checksum(x)
     observed = (torch.arange(8) % 2 == 0).to(torch.float32).reshape(1, 1, 1, 8)
     x = msm_posterior(diagonal_partial_denoiser(var_mri), mri_latents(),
-                              mask_law_from_config(LAWS["lines-random"]), SeedGenerators(SEEDS),
-                              mri_latents() * observed, placement="partial", dc_step=0.5, mask=observed,
-                              num_subsets=2, sigmas=SIGMAS, precision="double")
+                      mask_law_from_config(LAWS["lines-random"]), SeedGenerators(SEEDS),
+                      mri_latents() * observed, placement="partial", dc_step=0.5, mask=observed,
+                      num_subsets=2, sigmas=SIGMAS, precision="double")
     out["posterior/partial"] = checksum(x)
     aggregate = MSMAggregate(diagonal_partial_denoiser(var_image), mask_law_from_config(LAWS["box"]),
                              SeedGenerators(SEEDS), 2, fallback="shrink", operator=Identity())
     x = edm_generate(aggregate, image_latents(), SeedGenerators([s + 1 for s in SEEDS]), num_steps=4,
-                             S_churn=2.0)
+                     S_churn=2.0)
     out["aggregate/edm"] = checksum(x)
     x = ancestral_generate(lambda z, s: z * (var_image / (var_image + s**2)), image_latents(),
                            SeedGenerators(SEEDS), SIGMAS, precision="double")
     out["ancestral"] = checksum(x)
     x = ambient_generate(lambda s, m, sigma: s * (var_image / (var_image + sigma**2)), image_latents(),
-                                 mask_law_from_config(LAWS["pixel"]), 0.1, SeedGenerators(SEEDS), num_steps=4)
+                         mask_law_from_config(LAWS["pixel"]), 0.1, SeedGenerators(SEEDS), num_steps=4)
     out["ambient"] = checksum(x)
     return out
 
@@ -178,7 +178,7 @@ def test_single_precision_state_gives_the_same_samples():
         assert error < 1e-5 * scale and error > 0, (name, error, scale)
     with pytest.raises(ValueError, match="precision"):
         msm_generate(diagonal_partial_denoiser(var_image), image_latents(), mask_law_from_config(LAWS["box"]),
-                             SeedGenerators(SEEDS), sigmas=SIGMAS, precision="half")
+                     SeedGenerators(SEEDS), sigmas=SIGMAS, precision="half")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])

@@ -79,7 +79,7 @@ def test_independent_entries_are_exact_once_covered_and_shrunk_where_not():
     errors = {}
     for k in (1, 2, 8):
         out = image_aggregate(gaussian_partial_denoiser(cov), Identity(), BoxMaskLaw(0.4),
-                                     SeedGenerators(range(4)), k)(x, sigma)
+                              SeedGenerators(range(4)), k)(x, sigma)
         exact_entries = (out - exact(x, sigma)).abs() < 1e-12
         fallback_entries = (out - x * (0.25 / (0.25 + sigma**2))).abs() < 1e-12
         assert bool((exact_entries | fallback_entries).all())
@@ -93,13 +93,13 @@ def test_rows_depend_only_on_their_seed():
     operator, _, kspace_cov = mri_problem()
     x = torch.randn(2, 2, RES, RES, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     both = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                  SeedGenerators([3, 5]), 2)
+                           SeedGenerators([3, 5]), 2)
     alone = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                   SeedGenerators([5]), 2)
+                            SeedGenerators([5]), 2)
     for sigma in (2.0, 0.3):  # successive calls: the coverage record and the streams move on per seed
         torch.testing.assert_close(both(x, sigma)[1:], alone(x[1:], sigma), rtol=0, atol=1e-12)
     other = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                   SeedGenerators([4]), 2)
+                            SeedGenerators([4]), 2)
     assert (other(x[1:], 2.0) - alone(x[1:], 2.0)).abs().max() > 1e-3
 
 

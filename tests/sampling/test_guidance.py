@@ -1,4 +1,5 @@
-"""Guidance (training/sampling/guidance.py) and probability-flow inversion (training/bridge.py) on closed forms.
+"""Guidance (training/sampling/guidance.py) and probability-flow inversion (training/sampling/solvers.py `encode`,
+`decode`) on closed forms.
 
 Data: a mixture of K isotropic Gaussians N(mu_k, s^2 I) with priors pi_k. In EDM's noising x = x0 + sigma n, class k
 gives N(mu_k, (s^2 + sigma^2) I), so everything is exact (SEED_METHODS.md section 1.8):

@@ -116,14 +116,14 @@ def test_iterates_equal_the_algorithm_written_out(zeta):
     for k in range(1, len(sigmas) + 1):
         for inner in (1, 3):
             out = padis(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas[:k],
-                                     PixelMask(mask), y, zeta=zeta, inner_steps=inner)
+                        PixelMask(mask), y, zeta=zeta, inner_steps=inner)
             expected = reference_padis(cov, mask, y, x0, seeds, sigmas[:k], inner, zeta)
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     # A sample depends only on its seed.
     alone = padis(gaussian_denoiser(cov, (1, 4, 4)), x0[1:2], SeedGenerators([5]), sigmas,
-                               PixelMask(mask), y[1:2], zeta=zeta, inner_steps=2)
+                  PixelMask(mask), y[1:2], zeta=zeta, inner_steps=2)
     together = padis(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas,
-                                  PixelMask(mask), y, zeta=zeta, inner_steps=2)
+                     PixelMask(mask), y, zeta=zeta, inner_steps=2)
     torch.testing.assert_close(alone[0], together[1], rtol=0, atol=1e-14)
 
 
@@ -142,8 +142,8 @@ def test_schedule_and_starting_states():
             padis_sigmas(**bad)
     for bad in [dict(zeta=-1.0), dict(zeta=0.3, inner_steps=0), dict(zeta=0.3, alpha_factor=0.0)]:
         with pytest.raises(UserError):
-            padis(lambda x, s: x, estimate, SeedGenerators([0, 1]), sigmas, PixelMask(
-                torch.ones(1, 1, 4, 4)), estimate, **bad)
+            padis(lambda x, s: x, estimate, SeedGenerators([0, 1]), sigmas, PixelMask(torch.ones(1, 1, 4, 4)),
+                  estimate, **bad)
 
 
 # ----------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_dps_term_approaches_the_posterior_mean(zeta, max_ratio):
     n = 128
     gen = SeedGenerators(range(n))
     samples = padis(gaussian_denoiser(cov, (1, SIZE, SIZE)), y.expand(n, -1, -1, -1).clone(), gen,
-                                 padis_sigmas(20), PixelMask(mask), y.expand(n, -1, -1, -1), zeta=zeta)
+                    padis_sigmas(20), PixelMask(mask), y.expand(n, -1, -1, -1), zeta=zeta)
     if max_ratio is not None:
         assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
     else:

@@ -127,8 +127,8 @@ def test_msm_posterior_with_exact_column_experts_approaches_the_posterior_mean(s
     gen = SeedGenerators(range(n))
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
     samples = msm_posterior(exact_partial, latents, RandomLineMaskLaw(4, 0), gen, y.expand(n, -1, -1, -1),
-                                    placement="partial", mask=mask, dc_step=2.0, num_subsets=3, solver=solver,
-                                    **options)
+                            placement="partial", mask=mask, dc_step=2.0, num_subsets=3, solver=solver,
+                            **options)
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
 
 
@@ -142,8 +142,8 @@ def test_full_law_msm_posterior_approaches_the_posterior_mean():
     ys = y.expand(n, -1, -1, -1)
     # An oracle model's run: the full mask law, DC on the aggregate (image placement) with the default lambda.
     samples = msm_posterior(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
-                                    placement="aggregate", operator=PixelMask(mask), dc_step=1.75, num_subsets=1,
-                                    sigmas=sigmas, outer="ddnm", eta=0.85)
+                            placement="aggregate", operator=PixelMask(mask), dc_step=1.75, num_subsets=1,
+                            sigmas=sigmas, outer="ddnm", eta=0.85)
     # Measured at n = 256: 0.11 against zero-filled 1.59 (Monte-Carlo floor at n = 128: 0.12).
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=0.2)
 
@@ -159,8 +159,8 @@ def test_heun_posterior_with_the_full_law_is_edm_heun_on_the_consistent_denoiser
     gen = SeedGenerators(range(n))
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
     ours = msm_posterior(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
-                                 placement="aggregate", operator=operator, dc_step=1.75, solver="heun",
-                                 num_subsets=1, num_steps=12)
+                         placement="aggregate", operator=operator, dc_step=1.75, solver="heun",
+                         num_subsets=1, num_steps=12)
     dc = msm_aggregate_step(operator, ys, 1.75)
     reference = edm_generate(lambda x, sigma: dc(full, x, Step(sigma, 0.0, 1.0)), latents, SeedGenerators(range(n)),
                              num_steps=12, sigma_max=80.0)
@@ -234,7 +234,7 @@ def ddpm_dps_reference(denoiser, x_edm, abar, noise, operator, y, mask, zeta):
     """DPS's Algorithm 1 with its code's unsquared norm, computed in DDPM's own coordinates on the levels abar
     (decreasing noise, a final abar_prev = 1), with an epsilon predictor built from the EDM denoiser. Returns the
     final image; noise[i] is the ancestral noise of step i. Written from the paper's equations, independently of
-    training/posterior.py."""
+    training/sampling/ (the `dps` term's 'ddpm' law and the ancestral solver)."""
     x = x_edm * abar[0].sqrt()  # x_T = sqrt(abar_T) (x0 + sigma n) = sqrt(abar_T) x_edm
     for i in range(len(abar)):
         a_t, a_prev = abar[i], abar[i + 1] if i + 1 < len(abar) else torch.tensor(1.0, dtype=torch.float64)
