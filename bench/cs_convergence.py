@@ -27,7 +27,7 @@ from training.metrics import psnr, reference_max  # noqa: E402
 from training.mri import MRIDataset  # noqa: E402
 from training.operators import complex_to_channels, mri_magnitude  # noqa: E402
 from training.phantoms import random_ellipse_phantoms  # noqa: E402
-from training.posterior import CS_REGULARISERS, cs_app  # noqa: E402
+from training.sampling.baselines import CS_REGULARISERS, cs_app  # noqa: E402
 from training.tasks import TaskOptions, measure_example  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Where an MSM prior stands against a clean-data prior, before any sampler: the denoising error per noise level of
-MSM's aggregate denoiser (K partial estimates, training/samplers.py `msm_aggregate_denoiser`) and of an oracle's
+MSM's aggregate denoiser (K partial estimates, training/sampling/denoisers.py `MSMAggregate`) and of an oracle's
 network, on the same held-out images and the same noise.
 
     python bench/denoiser_gap.py --data out/mri/mri-test --indices 8-15 \\
@@ -27,7 +27,7 @@ from training.dataset import open_dataset  # noqa: E402
 from training.masks import mask_law_from_config  # noqa: E402
 from training.measurements import skip_space_of  # noqa: E402
 from training.operators import Identity, MultiCoilMRI  # noqa: E402
-from training.samplers import msm_aggregate_denoiser, net_partial_denoiser  # noqa: E402
+from training.sampling.denoisers import MSMAggregate, net_partial_denoiser  # noqa: E402
 from training.snapshot import load_snapshot  # noqa: E402
 
 
@@ -59,7 +59,9 @@ def denoiser_errors(net, config: dict, images: torch.Tensor, maps: torch.Tensor 
                     operator = MultiCoilMRI(maps) if maps is not None else Identity()
                     partial = net_partial_denoiser(net, operator, skip_space=skip_space_of(config.get("loss")))
                     law = mask_law_from_config(measurement["mask"])
-                    out = msm_aggregate_denoiser(partial, operator, law, SeedGenerators(seeds), k)(noisy, sigma)
+                    aggregate = MSMAggregate(partial, law, SeedGenerators(seeds), k, fallback="shrink",
+                                             operator=operator)
+                    out = aggregate(noisy, sigma)
             errors.append(float(((out - images) ** 2).sum() / (images**2).sum()))
         rows["network" if k is None else f"K {k}"] = errors
     return rows

@@ -43,12 +43,13 @@ from training.data_tools import birdcage_maps  # noqa: E402
 from training.masks import BoxMaskLaw, RandomLineMaskLaw  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.operators import Identity, MultiCoilMRI  # noqa: E402
-from training.samplers import (  # noqa: E402
-    _SubsetDraws,
-    msm_sampler,
-    net_partial_denoiser,
+from training.sampling.denoisers import MSMAggregate, SubsetDraws, net_partial_denoiser  # noqa: E402
+from training.sampling.schedules import vp200_sigmas  # noqa: E402
+from training.sampling.solvers import (  # noqa: E402
+    Ancestral,
+    msm_reference,
+    noise_start,
     seed_measurement_randn,
-    vp200_sigmas,
 )
 
 # name -> (network channels, resolution, coils or 0 for images)
@@ -101,8 +102,12 @@ class Case:
         if column in ("msm batched", "msm reference", "outside (stub)"):
             gen = SeedGenerators(self.seeds, device=self.device)
             latents = seed_measurement_randn(gen, self.latent_template).to(self.device)
-            msm_sampler(self.stub_partial if column == "outside (stub)" else self.partial, latents, self.law, gen,
-                        num_subsets=k, sigmas=sigmas, variant="reference" if column == "msm reference" else "batched")
+            partial = self.stub_partial if column == "outside (stub)" else self.partial
+            x = noise_start(latents, sigmas[0].item(), "single")
+            if column == "msm reference":
+                msm_reference(partial, x, gen, sigmas, self.law, k)
+            else:
+                Ancestral()(MSMAggregate(partial, self.law, gen, k), x, gen, sigmas)
         elif column in ("floor", "K calls of B"):
             calls, size = (len(sigmas), k * self.batch) if column == "floor" else (len(sigmas) * k, self.batch)
             x = torch.randn(size, *self.image_shape, device=self.device)
@@ -110,7 +115,7 @@ class Case:
             for _ in range(calls):
                 self.net(x, sigma)
         else:
-            draws = _SubsetDraws(self.law, self.image_shape[-2:], SeedGenerators(self.seeds), self.device)
+            draws = SubsetDraws(self.law, self.image_shape[-2:], SeedGenerators(self.seeds), self.device)
             for _ in range(len(sigmas)):
                 draws.next(k)
 

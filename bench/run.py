@@ -61,7 +61,9 @@ from torch_utils.plot import line_plot  # noqa: E402
 from training import snapshot as checkpoint  # noqa: E402
 from training.loss import AmbientLoss, EDMLoss, MSMLoss  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
-from training.samplers import CountingNetwork, edm_sampler, net_denoiser, net_partial_denoiser, vp200_sigmas  # noqa: E402
+from training.sampling.denoisers import CountingNetwork, net_denoiser, net_partial_denoiser  # noqa: E402
+from training.sampling.schedules import rho_schedule, vp200_sigmas  # noqa: E402
+from training.sampling.solvers import ODE, noise_start  # noqa: E402
 from training.training_loop import StreamSampler  # noqa: E402
 
 
@@ -427,15 +429,15 @@ def bench_loader(p: dict, device, log) -> dict:
 def bench_edm_sampler(p: dict, device, log) -> dict:
     batches = [int(b) for b in p["edm_batches"].split(",")]
     steps = p["edm_steps"]
-    items, nfe = {}, {}
+    items, nfe, levels = {}, {}, rho_schedule(steps)
     for b in batches:
         case = sampler_case("gray64", b, device, p["tiny"])
         gen = SeedGenerators(range(b), device=device)
         latents = gen.randn([b, *case.image_shape]).to(device)
         counter = CountingNetwork(case.net)
         with torch.no_grad():
-            edm_sampler(net_denoiser(counter), latents, gen, num_steps=steps)
-        nfe[b] = counter.images // b  # network calls of one run (Heun: 2 per step, the last step Euler)
+            ODE()(net_denoiser(counter), noise_start(latents, levels[0].item()), gen, levels)
+        nfe[b] = counter.images // b  # network calls of one run (ODE().evaluations: 2 per step, the last Euler)
         x = torch.randn(b, *case.image_shape, device=device)
         sigma = torch.full((b,), 1.0, device=device)
 
@@ -443,8 +445,8 @@ def bench_edm_sampler(p: dict, device, log) -> dict:
             for _ in range(n):
                 net(x, sigma)
 
-        items[f"B={b}/sampler"] = seconds(lambda c=case, lat=latents, g=gen: edm_sampler(
-            net_denoiser(c.net), lat, g, num_steps=steps), device)
+        items[f"B={b}/sampler"] = seconds(lambda c=case, lat=latents, g=gen: ODE()(
+            net_denoiser(c.net), noise_start(lat, levels[0].item()), g, levels), device)
         items[f"B={b}/network calls"] = seconds(network_calls, device)
     b = max(batches)
     memory = {f"B={b}/sampler": f"EDM sampler, B = {b}", f"B={b}/network calls": f"its network calls, B = {b}"}

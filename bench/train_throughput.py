@@ -25,7 +25,9 @@ from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
 from training.loss import EDMLoss
 from training.networks import network_kwargs_for
-from training.samplers import edm_sampler, net_denoiser
+from training.sampling.denoisers import net_denoiser
+from training.sampling.schedules import rho_schedule
+from training.sampling.solvers import ODE, noise_start
 from training.training_loop import cpu_bf16_support
 
 
@@ -70,10 +72,11 @@ def time_sampling(net_cfg, batch, device, num_steps=18):
     k = net_cfg["kwargs"]
     gen = SeedGenerators(range(batch), device=device)
     latents = gen.randn([batch, k["in_channels"], k["img_resolution"], k["img_resolution"]])
+    warm_up, levels = rho_schedule(2), rho_schedule(num_steps)
     with torch.no_grad():
-        edm_sampler(net_denoiser(net), latents, gen, num_steps=2)  # warm-up
+        ODE()(net_denoiser(net), noise_start(latents, warm_up[0].item()), gen, warm_up)
         t0 = time.perf_counter()
-        edm_sampler(net_denoiser(net), latents, gen, num_steps=num_steps)
+        ODE()(net_denoiser(net), noise_start(latents, levels[0].item()), gen, levels)  # EDM's Heun sampler
     return batch / (time.perf_counter() - t0)
 
 

@@ -17,7 +17,8 @@ from training.measurements import aggregate_projection, partial_denoise, skip_sp
 from training.networks import EDMPrecond
 from training.operators import Identity, MultiCoilMRI, complex_to_channels, measurement_randn
 from training.phantoms import random_ellipse_phantoms
-from training.samplers import msm_sampler
+from training.sampling.denoisers import MSMAggregate
+from training.sampling.solvers import Ancestral, noise_start
 
 SIGMA_DATA = 0.5
 
@@ -237,8 +238,9 @@ def test_sampler_projection_removes_what_the_skip_leaves_outside_range_t():
     latents = torch.view_as_complex(torch.randn(3, coils, size, size, 2, dtype=torch.float64,
                                                 generator=torch.Generator().manual_seed(5)))
     sigmas = torch.tensor([20.0, 5.0, 1.0, 0.2, 0.02], dtype=torch.float64)
-    run = {name: msm_sampler(fn, latents, FullMask(), SeedGenerators([0, 1, 2]), num_subsets=1, sigmas=sigmas,
-                             project=project, precision="double")
+    start = noise_start(latents, sigmas[0].item())
+    run = {name: Ancestral(precision="double")(MSMAggregate(fn, FullMask(), SeedGenerators([0, 1, 2]), 1,
+                                                            project=project), start, SeedGenerators([0, 1, 2]), sigmas)
            for name, fn, project in (("exact", exact, None),
                                      ("projected", with_skip_noise, aggregate_projection("measurement", operator)),
                                      ("raw", with_skip_noise, None))}

@@ -20,12 +20,24 @@ import pytest
 import scipy.stats
 import torch
 
+from tests.sampling.conftest import (
+    ald,
+    ambient_generate,
+    ancestral_generate,
+    dps_generate,
+    edm_generate,
+    msm_generate,
+    msm_posterior,
+    padis,
+    pc,
+)
 from torch_utils.misc import SeedGenerators
-from training import conditioning, samplers, sde
 from training.masks import coverage_aware_masks, example_generator, mask_law_from_config
 from training.networks import network_kwargs_for
 from training.operators import Identity, MultiCoilMRI, PixelMask
-from training.posterior import dps_sampler, msm_posterior_sampler
+from training.sampling import conditioning
+from training.sampling.denoisers import MSMAggregate, SubsetDraws, mask_generators, net_partial_denoiser
+from training.sampling.solvers import ODE, seed_measurement_randn
 
 SEEDS = [0, 7, 123]
 SIGMAS = torch.tensor([40.0, 10.0, 3.0, 1.0, 0.3, 0.05], dtype=torch.float64)
@@ -82,7 +94,7 @@ def image_latents():
 
 def mri_latents():
     like = torch.empty(len(SEEDS), 2, 8, 8, dtype=torch.complex128)
-    return samplers.seed_measurement_randn(SeedGenerators(SEEDS), like).to(torch.complex128)
+    return seed_measurement_randn(SeedGenerators(SEEDS), like).to(torch.complex128)
 
 
 def sampler_outputs() -> dict:
@@ -90,39 +102,39 @@ def sampler_outputs() -> dict:
     var_image, var_mri = variances()
     out = {}
     for name, config in LAWS.items():
-        draws = samplers._SubsetDraws(mask_law_from_config(config), (8, 8), SeedGenerators(SEEDS), "cpu")
+        draws = SubsetDraws(mask_law_from_config(config), (8, 8), SeedGenerators(SEEDS), "cpu")
         masks = torch.cat([draws.next(k) for k in (1, 3, 2, 4)])
         out[f"masks/{name}"] = checksum(masks * torch.arange(1, masks[0].numel() + 1).reshape(masks.shape[1:]))
     for name in ("box", "pixel"):
         for variant in ("batched", "reference"):
-            x = samplers.msm_sampler(diagonal_partial_denoiser(var_image), image_latents(),
-                                     mask_law_from_config(LAWS[name]), SeedGenerators(SEEDS), num_subsets=3,
-                                     sigmas=SIGMAS, variant=variant, precision="double")
+            x = msm_generate(diagonal_partial_denoiser(var_image), image_latents(),
+                             mask_law_from_config(LAWS[name]), SeedGenerators(SEEDS), num_subsets=3,
+                             sigmas=SIGMAS, variant=variant, precision="double")
             out[f"msm/{name}/{variant}"] = checksum(x)
     for name in ("lines-random", "lines-equispaced"):
         law = mask_law_from_config(LAWS[name])
-        x = samplers.msm_sampler(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
-                                 num_subsets=2, sigmas=SIGMAS, outer="ddnm", eta=0.5, precision="double")
+        x = msm_generate(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
+                         num_subsets=2, sigmas=SIGMAS, outer="ddnm", eta=0.5, precision="double")
         out[f"msm/{name}/mri"] = checksum(x)
-        x = samplers.msm_heun_sampler(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
-                                      num_subsets=2, num_steps=4)
+        x = msm_generate(diagonal_partial_denoiser(var_mri), mri_latents(), law, SeedGenerators(SEEDS),
+                         num_subsets=2, num_steps=4, variant="heun")
         out[f"heun/{name}/mri"] = checksum(x)
     observed = (torch.arange(8) % 2 == 0).to(torch.float32).reshape(1, 1, 1, 8)
-    x = msm_posterior_sampler(diagonal_partial_denoiser(var_mri), mri_latents(),
-                              mask_law_from_config(LAWS["lines-random"]), SeedGenerators(SEEDS),
-                              mri_latents() * observed, placement="partial", dc_step=0.5, mask=observed,
-                              num_subsets=2, sigmas=SIGMAS, precision="double")
+    x = msm_posterior(diagonal_partial_denoiser(var_mri), mri_latents(),
+                      mask_law_from_config(LAWS["lines-random"]), SeedGenerators(SEEDS),
+                      mri_latents() * observed, placement="partial", dc_step=0.5, mask=observed,
+                      num_subsets=2, sigmas=SIGMAS, precision="double")
     out["posterior/partial"] = checksum(x)
-    aggregate = samplers.msm_aggregate_denoiser(diagonal_partial_denoiser(var_image), Identity(),
-                                                mask_law_from_config(LAWS["box"]), SeedGenerators(SEEDS), 2)
-    x = samplers.edm_sampler(aggregate, image_latents(), SeedGenerators([s + 1 for s in SEEDS]), num_steps=4,
-                             S_churn=2.0)
+    aggregate = MSMAggregate(diagonal_partial_denoiser(var_image), mask_law_from_config(LAWS["box"]),
+                             SeedGenerators(SEEDS), 2, fallback="shrink", operator=Identity())
+    x = edm_generate(aggregate, image_latents(), SeedGenerators([s + 1 for s in SEEDS]), num_steps=4,
+                     S_churn=2.0)
     out["aggregate/edm"] = checksum(x)
-    x = samplers.ancestral_sampler(lambda z, s: z * (var_image / (var_image + s**2)), image_latents(),
-                                   SeedGenerators(SEEDS), sigmas=SIGMAS, precision="double")
+    x = ancestral_generate(lambda z, s: z * (var_image / (var_image + s**2)), image_latents(),
+                           SeedGenerators(SEEDS), SIGMAS, precision="double")
     out["ancestral"] = checksum(x)
-    x = samplers.ambient_sampler(lambda s, m, sigma: s * (var_image / (var_image + sigma**2)), image_latents(),
-                                 mask_law_from_config(LAWS["pixel"]), 0.1, SeedGenerators(SEEDS), num_steps=4)
+    x = ambient_generate(lambda s, m, sigma: s * (var_image / (var_image + sigma**2)), image_latents(),
+                         mask_law_from_config(LAWS["pixel"]), 0.1, SeedGenerators(SEEDS), num_steps=4)
     out["ambient"] = checksum(x)
     return out
 
@@ -145,18 +157,18 @@ def test_single_precision_state_gives_the_same_samples():
     single state really is single (so the comparison is not double against double)."""
     var_image, var_mri = variances()
     runs = {
-        "box batched": lambda p: samplers.msm_sampler(
+        "box batched": lambda p: msm_generate(
             diagonal_partial_denoiser(var_image), image_latents(), mask_law_from_config(LAWS["box"]),
             SeedGenerators(SEEDS), num_subsets=3, sigmas=SIGMAS, precision=p),
-        "pixel reference": lambda p: samplers.msm_sampler(
+        "pixel reference": lambda p: msm_generate(
             diagonal_partial_denoiser(var_image), image_latents(), mask_law_from_config(LAWS["pixel"]),
             SeedGenerators(SEEDS), num_subsets=3, sigmas=SIGMAS, variant="reference", precision=p),
-        "mri ddnm": lambda p: samplers.msm_sampler(
+        "mri ddnm": lambda p: msm_generate(
             diagonal_partial_denoiser(var_mri), mri_latents(), mask_law_from_config(LAWS["lines-random"]),
             SeedGenerators(SEEDS), num_subsets=2, sigmas=SIGMAS, outer="ddnm", eta=0.5, precision=p),
-        "ancestral": lambda p: samplers.ancestral_sampler(
+        "ancestral": lambda p: ancestral_generate(
             lambda z, s: z * (var_image / (var_image + s**2)).to(z.dtype), image_latents(), SeedGenerators(SEEDS),
-            sigmas=SIGMAS, precision=p),
+            SIGMAS, precision=p),
     }
     for name, run in runs.items():
         single, double = run("single"), run("double")
@@ -165,15 +177,15 @@ def test_single_precision_state_gives_the_same_samples():
         error = (single.to(double.dtype) - double).abs().max().item()
         assert error < 1e-5 * scale and error > 0, (name, error, scale)
     with pytest.raises(ValueError, match="precision"):
-        samplers.msm_sampler(diagonal_partial_denoiser(var_image), image_latents(), mask_law_from_config(LAWS["box"]),
-                             SeedGenerators(SEEDS), sigmas=SIGMAS, precision="half")
+        msm_generate(diagonal_partial_denoiser(var_image), image_latents(), mask_law_from_config(LAWS["box"]),
+                     SeedGenerators(SEEDS), sigmas=SIGMAS, precision="half")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_single_precision_noise_is_standard_normal_per_seed(dtype):
     seeds = list(range(40))
     like = torch.empty(len(seeds), 3, 16, 16, dtype=dtype)
-    noise = samplers.seed_measurement_randn(SeedGenerators(seeds), like)
+    noise = seed_measurement_randn(SeedGenerators(seeds), like)
     assert noise.dtype == (torch.complex64 if dtype.is_complex else torch.float32)
     parts = torch.view_as_real(noise) if noise.is_complex() else noise
     # Each real component N(0, 1): the pooled draws pass a KS test, and real / imaginary parts are uncorrelated.
@@ -181,7 +193,7 @@ def test_single_precision_noise_is_standard_normal_per_seed(dtype):
     if noise.is_complex():
         assert abs(float((noise.real * noise.imag).mean())) < 4 / math.sqrt(noise.numel())
     # Row i depends only on seeds[i].
-    alone = samplers.seed_measurement_randn(SeedGenerators([seeds[5]]), like[:1])
+    alone = seed_measurement_randn(SeedGenerators([seeds[5]]), like[:1])
     torch.testing.assert_close(alone[0], noise[5], rtol=0, atol=0)
 
 
@@ -191,9 +203,9 @@ def test_batched_mask_draws_equal_each_seed_drawn_alone(name):
     and its own coverage record, alone."""
     law = mask_law_from_config(LAWS[name])
     seeds, shape = [3, 11, 4, 2**40 + 1], (8, 12)
-    draws = samplers._SubsetDraws(law, shape, SeedGenerators(seeds), "cpu")
+    draws = SubsetDraws(law, shape, SeedGenerators(seeds), "cpu")
     batched = [draws.next(k) for k in (2, 5, 1)]
-    for i, g in enumerate(samplers._mask_generators(SeedGenerators(seeds))):
+    for i, g in enumerate(mask_generators(SeedGenerators(seeds))):
         covered = torch.zeros(law.mask_shape(1, shape), dtype=torch.bool)
         for k, masks in zip((2, 5, 1), batched, strict=True):
             alone, covered = coverage_aware_masks(law, k, shape, covered, g)
@@ -229,7 +241,7 @@ def test_partial_denoiser_runs_the_operators_in_single_precision():
     mask = (torch.rand(2, 1, 1, 8, generator=g) < 0.5).to(torch.float32)
     s = torch.view_as_complex(torch.randn(2, 3, 8, 8, 2, generator=g, dtype=torch.float64)) * mask
     with torch.no_grad():
-        s_hat = samplers.net_partial_denoiser(net, operator)(s, mask, 0.7)
+        s_hat = net_partial_denoiser(net, operator)(s, mask, 0.7)
         x0 = net(original_ah(s).to(torch.float32), torch.full((2,), 0.7), None).to(torch.float64)
     expected = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(
         maps.to(torch.complex128) * torch.complex(x0[:, 0], x0[:, 1])[:, None], dim=(-2, -1)), norm="ortho"),
@@ -294,35 +306,35 @@ def _sampler_runs():
     sigma_y = torch.full((len(SEEDS), 1, 1, 1), 0.1, dtype=torch.float64)
     gen = lambda: SeedGenerators(SEEDS)  # noqa: E731
     return {
-        "edm": lambda n: samplers.edm_sampler(denoiser, image_latents(), gen(), num_steps=n, S_churn=5.0),
-        "ancestral": lambda n: samplers.ancestral_sampler(denoiser, image_latents(), gen(), sigmas=_levels(n)),
-        "msm batched": lambda n: samplers.msm_sampler(partial_image, image_latents(), box, gen(), sigmas=_levels(n)),
-        "msm reference": lambda n: samplers.msm_sampler(partial_image, image_latents(), box, gen(),
+        "edm": lambda n: edm_generate(denoiser, image_latents(), gen(), num_steps=n, S_churn=5.0),
+        "ancestral": lambda n: ancestral_generate(denoiser, image_latents(), gen(), _levels(n)),
+        "msm batched": lambda n: msm_generate(partial_image, image_latents(), box, gen(), sigmas=_levels(n)),
+        "msm reference": lambda n: msm_generate(partial_image, image_latents(), box, gen(),
                                                         sigmas=_levels(n), variant="reference"),
-        "msm heun": lambda n: samplers.msm_heun_sampler(partial_mri, mri_latents(), lines, gen(), num_steps=n),
-        "msm posterior partial": lambda n: msm_posterior_sampler(
+        "msm heun": lambda n: msm_generate(partial_mri, mri_latents(), lines, gen(), num_steps=n, variant="heun"),
+        "msm posterior partial": lambda n: msm_posterior(
             partial_mri, mri_latents(), lines, gen(), mri_latents() * observed, placement="partial", dc_step=0.5,
             mask=observed, sigmas=_levels(n)),
-        "msm posterior aggregate": lambda n: msm_posterior_sampler(
+        "msm posterior aggregate": lambda n: msm_posterior(
             partial_image, image_latents(), box, gen(), y, placement="aggregate", dc_step=0.5,
             operator=PixelMask(mask), sigmas=_levels(n)),
-        "msm aggregate denoiser": lambda n: samplers.edm_sampler(
-            samplers.msm_aggregate_denoiser(partial_image, Identity(), box, gen(), 2), image_latents(), gen(),
+        "msm aggregate denoiser": lambda n: edm_generate(
+            MSMAggregate(partial_image, box, gen(), 2, fallback="shrink", operator=Identity()), image_latents(), gen(),
             num_steps=n),
-        "ambient": lambda n: samplers.ambient_sampler(lambda s, m, sigma: denoiser(s, sigma), image_latents(),
+        "ambient": lambda n: ambient_generate(lambda s, m, sigma: denoiser(s, sigma), image_latents(),
                                                       box, 0.1, gen(), num_steps=n),
-        "dps": lambda n: dps_sampler(denoiser, image_latents(), gen(), Identity(), y, mask, sigmas=_levels(n)),
-        "ald jalal": lambda n: sde.annealed_langevin(
+        "dps": lambda n: dps_generate(denoiser, image_latents(), gen(), Identity(), y, mask, sigmas=_levels(n)),
+        "ald jalal": lambda n: ald(
             denoiser, image_latents(), gen(), _levels(n), torch.full((n,), 1e-3), 2,
             conditioning=conditioning.jalal(Identity(), y, mask, sigma_y=sigma_y)),
-        "pc dds": lambda n: sde.predictor_corrector(denoiser, image_latents() * 30, gen(), _levels(n),
+        "pc dds": lambda n: pc(denoiser, image_latents() * 30, gen(), _levels(n),
                                                     conditioning=conditioning.dds(Identity(), y, mask)),
-        "pc normalized": lambda n: sde.predictor_corrector(
+        "pc normalized": lambda n: pc(
             denoiser, image_latents() * 30, gen(), _levels(n),
             conditioning=conditioning.jalal_normalized(Identity(), y, mask)),
-        "probability flow projection": lambda n: sde.probability_flow(
-            denoiser, image_latents() * 30, _levels(n), conditioning=conditioning.projection(PixelMask(mask), y)),
-        "padis": lambda n: sde.padis_dps_langevin(denoiser, image_latents(), gen(), _levels(n), Identity(), y, mask,
+        "probability flow projection": lambda n: ODE()(
+            denoiser, image_latents() * 30, None, _levels(n), conditioning=conditioning.projection(PixelMask(mask), y)),
+        "padis": lambda n: padis(denoiser, image_latents(), gen(), _levels(n), Identity(), y, mask,
                                                   zeta=0.1, inner_steps=2),
     }
 

@@ -1,4 +1,5 @@
-"""MSM stochastic partial-score sampler (training/samplers.py) against exact Gaussian partial denoisers.
+"""MSM stochastic partial-score sampler (training/sampling/: the ancestral solver on `MSMAggregate`, and the
+reference write-back loop `msm_reference`) against exact Gaussian partial denoisers.
 
 For zero-mean Gaussian data z ~ N(0, C) every quantity of the method has a closed form:
 - the partial denoiser of a mask P is the Gaussian conditional E[z_O | z_O + sigma n_O] = C_OO (C_OO + sigma^2)^-1 s_O
@@ -25,6 +26,7 @@ from dnnlib import UserError
 from generate import MRI_DISPLAY_MAX, mri_magnitude_images
 from tests.gaussian import exact_samples, gaussian_denoiser, random_covariance, relative_cov_error
 from tests.helpers import make_phantoms, run_cli
+from tests.sampling.conftest import ancestral_generate, msm_generate
 from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
 from training.data_tools import simulate_mri
@@ -32,16 +34,8 @@ from training.masks import BoxMaskLaw, FullMask
 from training.measurements import MeasurementConfig
 from training.mri import MRIDataset
 from training.networks import network_kwargs_for
-from training.samplers import (
-    aggregate_partial_estimates,
-    ancestral_sampler,
-    msm_heun_sampler,
-    msm_sampler,
-    vp200_sigmas,
-)
-
-# ----------------------------------------------------------------------------
-# Exact Gaussian references.
+from training.sampling.denoisers import MSMAggregate, aggregate_partial_estimates
+from training.sampling.schedules import vp200_sigmas
 
 
 def gaussian_partial_denoiser(cov: torch.Tensor):
@@ -136,8 +130,8 @@ def _msm_samples_chunk(cov, shape, law, seeds, sigmas, num_subsets, variant):
     torch.set_num_threads(1)
     gen = SeedGenerators(seeds)
     latents = gen.randn([len(seeds), *shape], dtype=torch.float64)
-    out = msm_sampler(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=num_subsets, sigmas=sigmas,
-                      variant=variant, precision="double")  # exact identities below compare to 1e-12
+    out = msm_generate(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=num_subsets, sigmas=sigmas,
+                       variant=variant, precision="double")  # exact identities below compare to 1e-12
     return out.reshape(len(seeds), -1)
 
 
@@ -160,8 +154,8 @@ def ancestral_samples(cov, shape, seeds, sigmas):
     seeds = list(seeds)
     gen = SeedGenerators(seeds)
     latents = gen.randn([len(seeds), *shape], dtype=torch.float64)
-    return ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas,
-                             precision="double").reshape(len(seeds), -1)
+    return ancestral_generate(gaussian_denoiser(cov, shape), latents, gen, sigmas,
+                              precision="double").reshape(len(seeds), -1)
 
 
 def covariance_table(cov, shape, law, num_samples, sigmas, ks=(1, 2, 4, 8), variants=("reference", "batched"),
@@ -195,25 +189,6 @@ def covariance_table(cov, shape, law, num_samples, sigmas, ks=(1, 2, 4, 8), vari
 # Tests.
 
 
-def test_vp200_grid_matches_the_respaced_linear_schedule():
-    sigmas = vp200_sigmas()
-    assert sigmas.shape == (200,) and bool((sigmas[1:] < sigmas[:-1]).all())
-    # Endpoints: t = 0 keeps alpha_bar = 1 - 1e-4; the reference's 'ddim200' top is t = 995, the product over the
-    # first 996 betas.
-    assert math.isclose(sigmas[-1].item(), math.sqrt(1 / (1 - 1e-4) - 1), rel_tol=1e-12)
-    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
-    alpha_bar_995 = math.prod(1 - b for b in betas[:996])
-    assert math.isclose(sigmas[0].item(), math.sqrt(1 / alpha_bar_995 - 1), rel_tol=1e-9)
-    # Level i (from the bottom) is time step 5 i: check one in the middle, step 500 (i = 100).
-    alpha_bar_500 = math.prod(1 - b for b in betas[:501])
-    assert math.isclose(sigmas.flip(0)[100].item(), math.sqrt(1 / alpha_bar_500 - 1), rel_tol=1e-9)
-    # The section rule of runs from before the rule was recorded: level i is step round(i * 999 / 199), from 999.
-    section = vp200_sigmas(rule="section")
-    alpha_bar_last, alpha_bar_502 = math.prod(1 - b for b in betas), math.prod(1 - b for b in betas[:503])
-    assert math.isclose(section[0].item(), math.sqrt(1 / alpha_bar_last - 1), rel_tol=1e-9)
-    assert math.isclose(section.flip(0)[100].item(), math.sqrt(1 / alpha_bar_502 - 1), rel_tol=1e-9)
-
-
 @pytest.mark.parametrize("law", [FullMask(), BoxMaskLaw(0.0)], ids=["full", "box-p0"])
 def test_full_coverage_reduces_to_the_ancestral_sampler(law):
     cov = random_covariance(64, rank=8, seed=0)
@@ -222,11 +197,11 @@ def test_full_coverage_reduces_to_the_ancestral_sampler(law):
         for outer, eta in (("ddim", 1.0), ("ddim", 0.5), ("ddnm", 0.85)):
             gen = SeedGenerators(seeds)
             latents = gen.randn([6, *shape], dtype=torch.float64)
-            expected = ancestral_sampler(gaussian_denoiser(cov, shape), latents, gen, sigmas, eta=eta, outer=outer,
-                                         precision="double")
+            expected = ancestral_generate(gaussian_denoiser(cov, shape), latents, gen, sigmas, eta=eta, outer=outer,
+                                          precision="double")
             gen = SeedGenerators(seeds)
-            out = msm_sampler(gaussian_partial_denoiser(cov), gen.randn([6, *shape], dtype=torch.float64), law, gen,
-                              num_subsets=num_subsets, sigmas=sigmas, eta=eta, outer=outer, precision="double")
+            out = msm_generate(gaussian_partial_denoiser(cov), gen.randn([6, *shape], dtype=torch.float64), law, gen,
+                               num_subsets=num_subsets, sigmas=sigmas, eta=eta, outer=outer, precision="double")
             assert (out - expected).abs().max() < 1e-12, (num_subsets, outer)
 
 
@@ -249,8 +224,9 @@ def test_aggregation_returns_z_star_where_covered_and_the_previous_estimate_else
         seen.append(mask.reshape(2, 4, 1, 8, 8))
         return mask * z_star.repeat(2, 1, 1, 1)
 
-    _, trajectory = msm_sampler(partial_denoiser, torch.zeros(4, 3, 8, 8), BoxMaskLaw(0.6), SeedGenerators(range(4)),
-                                num_subsets=2, sigmas=vp200_sigmas()[::50], return_trajectory=True)
+    trajectory = []
+    msm_generate(partial_denoiser, torch.zeros(4, 3, 8, 8), BoxMaskLaw(0.6), SeedGenerators(range(4)), num_subsets=2,
+                 sigmas=vp200_sigmas()[::50], callback=lambda sigma, z_hat: trajectory.append(z_hat))
     ever_covered = torch.zeros(4, 3, 8, 8, dtype=torch.bool)
     uncovered_per_level = []
     for masks, z_hat in zip(seen, trajectory, strict=True):
@@ -407,9 +383,10 @@ def test_samples_depend_only_on_their_seeds(variant):
         gen = SeedGenerators(seeds)
         latents = gen.randn([len(seeds), 1, 4, 4], dtype=torch.float64)
         if variant == "heun":
-            return msm_heun_sampler(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=2, num_steps=6)
-        return msm_sampler(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=2, sigmas=sigmas,
-                           variant=variant)
+            return msm_generate(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=2, variant="heun",
+                                num_steps=6)
+        return msm_generate(gaussian_partial_denoiser(cov), latents, law, gen, num_subsets=2, sigmas=sigmas,
+                            variant=variant)
 
     together = run([3, 4, 5, 6])
     apart = torch.cat([run([3]), run([4, 5]), run([6])])
@@ -456,4 +433,4 @@ def test_generate_bad_input(tmp_path, image_snapshots):
     assert proc.returncode != 0 and "--maps applies only" in proc.stderr
     assert not out.exists()
     with pytest.raises(UserError, match="K must be an integer >= 1"):
-        msm_sampler(None, torch.zeros(1, 1, 8, 8), FullMask(), SeedGenerators([0]), num_subsets=0)
+        MSMAggregate(None, FullMask(), SeedGenerators([0]), 0)

@@ -19,12 +19,13 @@ import reconstruct
 import train
 from dnnlib import ConfigError, UserError
 from tests.helpers import HANG_GUARD_S, REPO, file_tree, make_phantoms, run_cli, run_in_process, train_in_process
+from tests.sampling.conftest import edm_generate
 from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
 from training.patches import CanvasGeometry, PatchLaw, StitchedNetwork, crop_batch, tile_grid
-from training.samplers import edm_sampler, net_denoiser
+from training.sampling.denoisers import net_denoiser
 
 # 16 px phantoms padded by 4 (canvas 24); patches 4, 8, 16 with 4, 2, 1 crops per image.
 BASE = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,2", "--blocks", "1", "--attn", "", "--batch", "8",
@@ -263,7 +264,7 @@ def test_sampling_with_the_stitched_exact_prior_equals_whole_image_sampling_for_
     def sample(seeds, denoiser_for):
         gen = SeedGenerators(seeds)
         latents = gen.randn([len(seeds), 1, 12, 12])
-        return edm_sampler(denoiser_for(seeds), latents, gen, **options)
+        return edm_generate(denoiser_for(seeds), latents, gen, **options)
 
     def whole(seeds):
         return lambda x, sigma: prior.denoise(x, float(sigma), X.double(), Y.double())

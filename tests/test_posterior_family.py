@@ -1,5 +1,5 @@
-"""reconstruct.py with the ALD / predictor-corrector family (training/sde.py, training/conditioning.py) and the CT
-task (training/ct.py): every method runs on MRI, an image task and CT with a clean and an MSM prior; with an exact
+"""reconstruct.py with the ALD / predictor-corrector family (training/sampling/solvers.py and conditioning.py) and the
+CT task (training/ct.py): every method runs on MRI, an image task and CT with a clean and an MSM prior; with an exact
 Gaussian prior each beats the classical baseline; the noise conventions (--rel-noise, --snr-db); an SNR sweep gives one
 table row per SNR; bad input is one sentence and writes nothing."""
 
@@ -24,8 +24,8 @@ from tests.test_reconstruct import (
 from training import evaluation, tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
-from training.samplers import CountingNetwork
 from training.sampling import methods
+from training.sampling.denoisers import CountingNetwork
 
 FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "dds"]
 TINY = ["--levels", "3", "--steps-each", "2", "--sigma-max", "5"]

@@ -21,7 +21,7 @@ from training.measurements import MeasurementConfig
 from training.mri import MRIDataset
 from training.networks import network_kwargs_for
 from training.operators import MultiCoilMRI
-from training.samplers import CountingNetwork
+from training.sampling.denoisers import CountingNetwork
 
 RES = 16
 MARGINS = {"mri": 10.0, "sr": 1.5, "box": 4.0, "pixel": 10.0}  # dB over zero-filling, exact prior (see its test)

@@ -19,9 +19,9 @@ theta). Sinograms are (N, C, views, D).
 
 Scale: A returns those ray sums divided by sqrt(n views) (`ParallelBeamCT.scale`), so that ||A||_2 is about 1
 (the ray sums' normal operator has top eigenvalue about 0.965 n views) like every other operator of the house (masks,
-super-resolution, MRI with normalised maps). The likelihood terms of training/conditioning.py take explicit steps of
-about sigma^2 ||A||^2 / (sigma_y^2 + sigma^2), stable only for ||A|| of order 1; raw ray sums (||A||^2 ~ n views,
-thousands) would need task-specific step sizes. scikit-image's `radon` is A x / scale.
+super-resolution, MRI with normalised maps). The likelihood terms of training/sampling/conditioning.py take explicit
+steps of about sigma^2 ||A||^2 / (sigma_y^2 + sigma^2), stable only for ||A|| of order 1; raw ray sums (||A||^2 ~ n
+views, thousands) would need task-specific step sizes. scikit-image's `radon` is A x / scale.
 
 FBP: the Ram-Lak ramp sampled in the spatial domain (Kak & Slaney eq. 3.61, which avoids the DC bias of |f|; the
 same filter as scikit-image's 'ramp'), optionally with a Shepp-Logan window, applied along the detector axis with

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib import ConfigError, Field, UserError, check_fields
+from training.sampling.schedules import linear_beta_alphas_cumprod
 
 
 class NetworkConfigError(UserError, ValueError):
@@ -720,51 +721,6 @@ class VPPrecond(_Precond):
 
     def coefficients(self, sigma):
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
-
-
-def linear_beta_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """abar_t = prod_{i<=t} (1 - beta_i), t = 0..num_steps-1, for DDPM's linear betas (float64, (num_steps,))."""
-    # On the CPU even under `torch.device("meta")`, where training.snapshot lays out weights without memory: a
-    # schedule is computed with, not stored as a weight.
-    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
-    return torch.cumprod(1 - betas, dim=0)
-
-
-VP_GRID_RULES = ("ddim", "section")
-
-
-def respaced_timesteps(num_steps: int = 1000, num_levels: int = 200, rule: str = "ddim") -> torch.Tensor:
-    """The timesteps guided-diffusion keeps when it respaces a num_steps schedule to num_levels levels (its
-    `space_timesteps`), increasing int64 (num_levels,):
-
-    'ddim' (the respacing string 'ddimN', the MSM reference's 'ddim200'): the multiples of the smallest integer
-        stride s with ceil(num_steps / s) = num_levels, t = 0, s, 2 s, ... (1000 -> 200: s = 5, t = 0 .. 995); counts
-        that no integer stride gives are refused.
-    'section' (the string 'N', one section): round(i (num_steps - 1) / (num_levels - 1)), i = 0..num_levels-1, so
-        the first and the last step are kept (1000 -> 200: t = 0, 5, ..., 120, 126, 131, ..., 999); Python's
-        round, and no value falls on a .5 tie for 1000 -> 200. DPS samples on this rule.
-    """
-    if rule not in VP_GRID_RULES:
-        raise ValueError(f"the grid rule must be one of {', '.join(VP_GRID_RULES)}, got {rule!r}")
-    if not 2 <= num_levels <= num_steps:
-        raise ValueError(f"cannot respace {num_steps} steps to {num_levels} levels")
-    if rule == "ddim":
-        stride = next((s for s in range(1, num_steps) if -(-num_steps // s) == num_levels), None)
-        if stride is None:
-            raise ValueError(f"no integer stride respaces {num_steps} steps to exactly {num_levels} levels")
-        return torch.arange(0, num_steps, stride, dtype=torch.int64)
-    stride = (num_steps - 1) / (num_levels - 1)
-    return torch.tensor([round(i * stride) for i in range(num_levels)], dtype=torch.int64)
-
-
-def vp_grid_sigmas(num_levels: int = 200, num_steps: int = 1000, beta_start: float = 1e-4,
-                   beta_end: float = 0.02, rule: str = "ddim") -> torch.Tensor:
-    """The MSM reference's noise levels: sigma_k = sqrt(1 / abar_{t_k} - 1) at the respaced timesteps t_k
-    (`respaced_timesteps`, by `rule`) of the linear-beta schedule (float64, increasing; for the defaults 0.0100 to
-    151.18 by the reference's 'ddim' rule, to 157.41 by the 'section' rule). Respacing keeps abar at the kept steps,
-    so these are the levels the reference trains and samples on."""
-    alphas_cumprod = linear_beta_alphas_cumprod(num_steps, beta_start, beta_end)
-    return (1 / alphas_cumprod[respaced_timesteps(num_steps, num_levels, rule)] - 1).sqrt()
 
 
 class DiscreteVPPrecond(_Precond):

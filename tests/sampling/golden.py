@@ -40,7 +40,7 @@ class Result:
 
 
 class CallTally:
-    """The progress bar of an inner training.samplers.CountingNetwork: it ticks once per forward call."""
+    """The progress bar of an inner training.sampling.denoisers.CountingNetwork: it ticks once per forward call."""
 
     def __init__(self):
         self.calls = 0
@@ -130,7 +130,7 @@ def _patch(ws):
 
 def _guided(name, label_dim, measurement=None):
     def build(ws):
-        from tests.test_guidance import _diffusion_snapshot
+        from tests.sampling.test_guidance import _diffusion_snapshot
 
         return _diffusion_snapshot(ws.path(name), label_dim, measurement=measurement, resolution=RES)
 
@@ -145,7 +145,7 @@ def _msm_guided(ws):
 
 
 def _classifier(ws):
-    from tests.test_guidance import _classifier_snapshot
+    from tests.sampling.test_guidance import _classifier_snapshot
 
     return _classifier_snapshot(ws.path("classifier.pt"), resolution=RES)
 
@@ -174,8 +174,8 @@ BUILDERS = {"msm-mri": _msm_mri, "msm-image": _msm_image, "ambient": _ambient, "
 
 
 def method_options(task: str, **changes):
-    from training.posterior import CS_DEFAULTS
     from training.sampling import methods
+    from training.sampling.baselines import CS_DEFAULTS
 
     family = methods.FamilyOptions(levels=4, steps_each=2)
     family = replace(family, **changes.pop("family", {}))
@@ -191,8 +191,8 @@ def reconstruct_case(method: str, task: str, prior: str | None, **options):
         from tests.test_reconstruct import GaussianNetwork, gaussian_records, normalised_maps, smooth_covariance
         from training import tasks
         from training.masks import FullMask
-        from training.samplers import CountingNetwork
         from training.sampling import methods
+        from training.sampling.denoisers import CountingNetwork
 
         channels = 2 if task == "mri" else 1
         cov = smooth_covariance(channels)
@@ -227,8 +227,8 @@ def generate_case(snapshot: str, *args: str):
     def run(ws: Workspace) -> Result:
         import generate
         from dnnlib.util import run_cli
-        from training.samplers import CountingNetwork
         from training.sampling import methods
+        from training.sampling.denoisers import CountingNetwork
 
         images, totals, tally, real_bar = [], [], CallTally(), generate.tqdm.tqdm
 
@@ -276,8 +276,8 @@ def gaussian_generation_case(kind: str, **options):
     def run(ws: Workspace) -> Result:
         from tests.gaussian import gaussian_denoiser, random_covariance
         from torch_utils.misc import SeedGenerators
-        from training.bridge import dual_bridge
-        from training.samplers import edm_sampler
+        from training.sampling.schedules import rho_schedule
+        from training.sampling.solvers import ODE, dual_bridge, noise_start
 
         shape = (1, 8, 8)
         cov = random_covariance(64, 8, seed=5)
@@ -292,7 +292,8 @@ def gaussian_generation_case(kind: str, **options):
         if kind == "bridge":  # encode and decode with the same exact denoiser: a round trip of the ODE
             out = dual_bridge(denoiser, denoiser, latents * 0.5, num_steps=6, sigma_min=0.002, sigma_max=80.0, rho=7.0)
             return Result(out.numpy(), None, tally.calls)
-        out = edm_sampler(denoiser, latents, gen, num_steps=6, **options)
+        sigmas = rho_schedule(6)
+        out = ODE(**options)(denoiser, noise_start(latents, sigmas[0].item()), gen, sigmas)
         return Result(out.numpy(), None, tally.calls)
 
     return run

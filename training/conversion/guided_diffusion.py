@@ -5,7 +5,7 @@ What guided-diffusion computes, and where it lands here (training/networks.py):
 - eps(x_t, t): a UNet of the timestep index t of its 1000-step linear-beta schedule. DiscreteVPPrecond is exactly
   that epsilon predictor: D(x; s) = x - s F(x / sqrt(1 + s^2); t(s)) with x_t = sqrt(abar_t) x and t(s) the integer
   step of noise level s, so every sampler here drives the converted network at the reference's integer timesteps
-  (on the reference's 'ddim200' grid, networks.respaced_timesteps). The schedule is not stored in the file: the
+  (on the reference's 'ddim200' grid, schedules.respaced_timesteps). The schedule is not stored in the file: the
   conversion assumes guided-diffusion's linear betas 1e-4 .. 0.02 over 1000 steps (the MSM reference's).
 - timestep_embedding(t, C): [cos | sin] of t exp(-ln(10000) k / (C / 2)): DhariwalUNet's PositionalEmbedding
   (endpoint False) with timestep_embedding='guided-diffusion', its float32 rounding of the frequencies.

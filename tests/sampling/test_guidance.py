@@ -1,4 +1,5 @@
-"""Guidance (training/guidance.py) and probability-flow inversion (training/bridge.py) on closed forms.
+"""Guidance (training/sampling/guidance.py) and probability-flow inversion (training/sampling/solvers.py `encode`,
+`decode`) on closed forms.
 
 Data: a mixture of K isotropic Gaussians N(mu_k, s^2 I) with priors pi_k. In EDM's noising x = x0 + sigma n, class k
 gives N(mu_k, (s^2 + sigma^2) I), so everything is exact (SEED_METHODS.md section 1.8):
@@ -16,22 +17,23 @@ import pytest
 import torch
 
 from tests.helpers import make_phantoms, run_cli
+from tests.sampling.conftest import edm_generate
 from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
-from training.bridge import decode, encode
 from training.dataset import open_dataset
-from training.guidance import (
+from training.masks import FullMask
+from training.networks import build_network
+from training.sampling.denoisers import MSMAggregate
+from training.sampling.guidance import (
     GuidanceTerm,
     cfg_coefficient,
     cfg_denoiser,
-    cfg_partial_denoiser,
     correction,
     guided,
     potential,
 )
-from training.masks import FullMask
-from training.networks import build_network
-from training.samplers import ancestral_sampler, edm_sampler, msm_sampler
+from training.sampling.schedules import bridge_sigmas
+from training.sampling.solvers import Ancestral, decode, encode, noise_start
 
 SHAPE = (1, 2, 2)  # images of 4 pixels
 
@@ -138,7 +140,7 @@ def test_cfg_identities_and_one_batched_call():
     assert calls == [6]  # outside the band: the conditional denoiser alone
 
 
-def test_cfg_partial_denoiser_layout_matches_separate_passes():
+def test_cfg_of_a_partial_denoiser_layout_matches_separate_passes():
     """The doubled subset-major layout gives (1 + w) s_c - w s_u for every subset, labels lined up per row."""
     gmm = two_class()
     n, k = 3, 2
@@ -154,7 +156,7 @@ def test_cfg_partial_denoiser_layout_matches_separate_passes():
     s = random_images(n * k, 2)
     mask = (random_images(n * k, 3) > 0).to(torch.float64)
     w = 1.5
-    got = cfg_partial_denoiser(make_partial, labels, w, "mgdm")(s, mask, 0.7)
+    got = cfg_denoiser(make_partial, labels, w, "mgdm")(s, mask, 0.7)
     want = (1 + w) * make_partial(labels)(s, mask, 0.7) - w * make_partial(torch.zeros_like(labels))(s, mask, 0.7)
     assert (got - want).abs().max().item() < 1e-12
 
@@ -247,8 +249,8 @@ def test_classifier_guided_edm_sampler_draws_the_class_component():
     term = GuidanceTerm(gmm.logits, "classifier", 1.0, target=torch.ones(n, dtype=torch.int64))
     for solver, churn, steps in (("heun", 0.0, 32), ("heun", 10.0, 128), ("euler", 0.0, 512)):
         gen = SeedGenerators(range(n))
-        samples = edm_sampler(guided(gmm.unconditional(), [term]), gen.randn([n, *SHAPE], dtype=torch.float64), gen,
-                              num_steps=steps, solver=solver, S_churn=churn).reshape(n, -1)
+        samples = edm_generate(guided(gmm.unconditional(), [term]), gen.randn([n, *SHAPE], dtype=torch.float64), gen,
+                               num_steps=steps, solver=solver, S_churn=churn).reshape(n, -1)
         mean_error = (samples.mean(0) - gmm.means[1]).abs().max().item()
         var_error = (samples.var(0) / gmm.s**2 - 1).abs().max().item()
         assert mean_error < 5 * gmm.s / math.sqrt(n), (solver, mean_error)
@@ -263,17 +265,17 @@ def test_entropy_guidance_raises_the_predictive_entropy_of_samples():
 
     def mean_entropy(terms):
         gen = SeedGenerators(range(n))
-        samples = edm_sampler(guided(gmm.unconditional(), terms), gen.randn([n, *SHAPE], dtype=torch.float64), gen,
-                              num_steps=32)
+        samples = edm_generate(guided(gmm.unconditional(), terms), gen.randn([n, *SHAPE], dtype=torch.float64), gen,
+                               num_steps=32)
         return potential(gmm.logits(samples, 0.0), "entropy").mean().item()
 
     unguided, entropy_guided = mean_entropy([]), mean_entropy([GuidanceTerm(gmm.logits, "entropy", 2.0)])
     assert entropy_guided > unguided + 0.1, (unguided, entropy_guided)
 
 
-def test_guided_msm_sampler_with_full_coverage_equals_the_guided_ancestral_sampler():
-    """With a mask law that always covers everything the MSM sampler reduces to the ancestral one; guidance passed
-    as its correction must give exactly the ancestral sampler run on the guided denoiser."""
+def test_guided_msm_aggregate_with_full_coverage_equals_the_guided_full_denoiser():
+    """With a mask law that always covers everything the MSM aggregate reduces to the full denoiser; guided, the
+    ancestral solver on it must give exactly the ancestral solver run on the guided full denoiser."""
     gmm = two_class()
     n = 8
     target = torch.tensor([0, 1] * 4)
@@ -284,12 +286,12 @@ def test_guided_msm_sampler_with_full_coverage_equals_the_guided_ancestral_sampl
     def partial(s, mask, sigma):
         return mask * base(s, sigma)
 
-    latents = SeedGenerators(range(100, 100 + n)).randn([n, *SHAPE], dtype=torch.float64)
-    msm = msm_sampler(partial, latents, FullMask(), SeedGenerators(range(n)), num_subsets=2, sigmas=sigmas,
-                      guidance=lambda z, sigma: correction(terms, z, sigma), precision="double")
-    ancestral = ancestral_sampler(guided(base, terms), latents, SeedGenerators(range(n)), sigmas=sigmas,
-                                  precision="double")
-    unguided = ancestral_sampler(base, latents, SeedGenerators(range(n)), sigmas=sigmas)
+    x = noise_start(SeedGenerators(range(100, 100 + n)).randn([n, *SHAPE], dtype=torch.float64), sigmas[0].item())
+    solver = Ancestral(precision="double")
+    aggregate = MSMAggregate(partial, FullMask(), SeedGenerators(range(n)), 2)
+    msm = solver(guided(aggregate, terms), x, SeedGenerators(range(n)), sigmas)
+    ancestral = solver(guided(base, terms), x, SeedGenerators(range(n)), sigmas)
+    unguided = solver(base, x, SeedGenerators(range(n)), sigmas)
     assert (msm - ancestral).abs().max().item() < 1e-10
     assert (msm - unguided).abs().max().item() > 0.1
 
@@ -308,7 +310,7 @@ def test_encoding_matches_the_closed_form_ode_map_at_second_order():
     exact = mu + (x - mu) * math.sqrt((s**2 + sigma_max**2) / (s**2 + sigma_min**2))
     errors = {}
     for steps in (32, 64, 128):
-        latents = encode(gaussian_denoiser(mu, s), x, num_steps=steps)
+        latents = encode(gaussian_denoiser(mu, s), x, bridge_sigmas(steps))
         errors[steps] = ((latents - exact).abs().max() / (exact - mu).abs().max()).item()
     assert errors[128] < 1e-3  # measured 8.4e-4 (relative to the largest latent deviation)
     for coarse, fine in ((32, 64), (64, 128)):
@@ -321,7 +323,7 @@ def test_decode_of_encode_returns_the_image_at_scale_zero():
     mu, s = -0.2, 0.5
     denoiser = gaussian_denoiser(mu, s)
     x = random_images(64, 10, scale=s) + mu
-    roundtrip = decode(denoiser, encode(denoiser, x, num_steps=256), num_steps=256)
+    roundtrip = decode(denoiser, encode(denoiser, x, bridge_sigmas(256)), bridge_sigmas(256))
     assert (roundtrip - x).abs().max().item() < 2e-5
 
 

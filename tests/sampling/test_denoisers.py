@@ -1,4 +1,5 @@
-"""MSM's aggregate as an image-space denoiser (training/samplers.py `msm_aggregate_denoiser`) on exact Gaussian
+"""The denoisers of training/sampling/denoisers.py. MSM's aggregate as an image-space denoiser (`MSMAggregate` with
+an operator and the 'shrink' fallback) on exact Gaussian
 partial denoisers: full coverage reduces to the exact full denoiser, independent entries are denoised exactly once
 covered, a row depends only on its seed, and the partial measurements of a multi-coil operator (T T^H != I) carry
 white noise, as the partial denoisers were trained on."""
@@ -10,9 +11,14 @@ from tests.test_msm_sampler import diagonal_covariance, gaussian_partial_denoise
 from torch_utils.misc import SeedGenerators
 from training.masks import BoxMaskLaw, FullMask
 from training.operators import Identity, MultiCoilMRI
-from training.samplers import msm_aggregate_denoiser
+from training.sampling.denoisers import MSMAggregate
 
 RES, COILS = 4, 2
+
+
+def image_aggregate(partial, operator, law, generator, num_subsets):
+    """The MSM aggregate as the image denoiser DPS and the ALD family sample MSM models with."""
+    return MSMAggregate(partial, law, generator, num_subsets, fallback="shrink", operator=operator)
 
 
 def coil_maps(seed: int = 0) -> torch.Tensor:
@@ -54,8 +60,8 @@ def test_a_law_that_covers_everything_gives_the_exact_full_denoiser():
     x_mri = torch.randn(3, 2, RES, RES, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     exact_mri = gaussian_denoiser(image_cov, (2, RES, RES))
     for law in (FullMask(), BoxMaskLaw(0.0)):
-        images = msm_aggregate_denoiser(gaussian_partial_denoiser(cov), Identity(), law, SeedGenerators([0, 1, 2]), 3)
-        mri = msm_aggregate_denoiser(complex_partial_denoiser(kspace_cov), operator, law, SeedGenerators([0, 1, 2]), 3)
+        images = image_aggregate(gaussian_partial_denoiser(cov), Identity(), law, SeedGenerators([0, 1, 2]), 3)
+        mri = image_aggregate(complex_partial_denoiser(kspace_cov), operator, law, SeedGenerators([0, 1, 2]), 3)
         for sigma in (0.05, 0.7, 20.0):
             torch.testing.assert_close(images(x, sigma), exact(x, sigma), rtol=0, atol=1e-10)
             # The out-of-range noise is drawn here too, and T^H (I - T T^H) = 0 removes it.
@@ -72,8 +78,8 @@ def test_independent_entries_are_exact_once_covered_and_shrunk_where_not():
     sigma = 0.8
     errors = {}
     for k in (1, 2, 8):
-        out = msm_aggregate_denoiser(gaussian_partial_denoiser(cov), Identity(), BoxMaskLaw(0.4),
-                                     SeedGenerators(range(4)), k)(x, sigma)
+        out = image_aggregate(gaussian_partial_denoiser(cov), Identity(), BoxMaskLaw(0.4),
+                              SeedGenerators(range(4)), k)(x, sigma)
         exact_entries = (out - exact(x, sigma)).abs() < 1e-12
         fallback_entries = (out - x * (0.25 / (0.25 + sigma**2))).abs() < 1e-12
         assert bool((exact_entries | fallback_entries).all())
@@ -86,14 +92,14 @@ def test_independent_entries_are_exact_once_covered_and_shrunk_where_not():
 def test_rows_depend_only_on_their_seed():
     operator, _, kspace_cov = mri_problem()
     x = torch.randn(2, 2, RES, RES, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    both = msm_aggregate_denoiser(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                  SeedGenerators([3, 5]), 2)
-    alone = msm_aggregate_denoiser(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                   SeedGenerators([5]), 2)
+    both = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
+                           SeedGenerators([3, 5]), 2)
+    alone = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
+                            SeedGenerators([5]), 2)
     for sigma in (2.0, 0.3):  # successive calls: the coverage record and the streams move on per seed
         torch.testing.assert_close(both(x, sigma)[1:], alone(x[1:], sigma), rtol=0, atol=1e-12)
-    other = msm_aggregate_denoiser(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
-                                   SeedGenerators([4]), 2)
+    other = image_aggregate(complex_partial_denoiser(kspace_cov), operator, BoxMaskLaw(0.4),
+                            SeedGenerators([4]), 2)
     assert (other(x[1:], 2.0) - alone(x[1:], 2.0)).abs().max() > 1e-3
 
 
@@ -112,7 +118,7 @@ def test_partial_measurements_of_a_multi_coil_operator_carry_white_noise():
         seen.append(s)
         return s
 
-    msm_aggregate_denoiser(recording_partial_denoiser, operator, FullMask(), SeedGenerators(range(num)), 1)(x, sigma)
+    image_aggregate(recording_partial_denoiser, operator, FullMask(), SeedGenerators(range(num)), 1)(x, sigma)
     noise = torch.view_as_real(seen[0] - operator.A(x0)).reshape(num, -1) / sigma
     covariance = noise.T @ noise / num
     eye = torch.eye(covariance.shape[0], dtype=torch.float64)

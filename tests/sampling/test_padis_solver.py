@@ -1,4 +1,5 @@
-"""PaDIS's DPS-Langevin solver (training/sde.py `padis_level`, `padis_dps_langevin`; SEED_METHODS.md 4.4) on closed
+"""PaDIS's DPS-Langevin solver (training/sampling/solvers.py `padis_solver` with the `dps` term's 'state' law;
+SEED_METHODS.md 4.4) on closed
 forms: Gaussian data N(mu, C) has the exact denoiser mu + C (C + sigma^2 I)^-1 (x - mu), so the Langevin part's
 stationary law at a fixed level, the DPS gradient and the posterior mean are known; and reconstruct.py's `padis`
 method on every task, with an exact prior and end to end on tiny snapshots."""
@@ -15,7 +16,8 @@ from dnnlib import UserError
 from tests.gaussian import gaussian_denoiser, random_covariance
 from tests.helpers import make_phantoms, run_cli, run_in_process
 from tests.linear_gaussian import BatchGenerator, DenseOperator, moments
-from tests.test_posterior import SIZE, assert_close_to_posterior_mean, gaussian_problem
+from tests.sampling.conftest import padis
+from tests.sampling.test_posterior import SIZE, assert_close_to_posterior_mean, gaussian_problem
 from tests.test_reconstruct import (
     RES,
     GaussianNetwork,
@@ -30,9 +32,18 @@ from training import evaluation, tasks
 from training.masks import FullMask
 from training.measurements import MeasurementConfig
 from training.operators import PixelMask
-from training.samplers import CountingNetwork
 from training.sampling import methods
-from training.sde import padis_dps_langevin, padis_initial_state, padis_level, padis_sigmas
+from training.sampling.conditioning import dps
+from training.sampling.denoisers import CountingNetwork
+from training.sampling.schedules import padis_sigmas
+from training.sampling.solvers import Langevin, padis_initial_state, padis_step_sizes
+
+
+def padis_level(denoiser, x, generator, sigma, inner_steps, operator, y, mask=None, *, zeta, alpha_factor=0.5):
+    """inner_steps PaDIS iterations at the one level sigma, with noise."""
+    sigmas = torch.tensor([sigma], dtype=torch.float64)
+    return Langevin(padis_step_sizes(sigmas, alpha_factor), inner_steps)(
+        denoiser, x, generator, sigmas, conditioning=dps(operator, y, mask, zeta=zeta, law="state"))
 
 
 def shifted_denoiser(mu: torch.Tensor, cov: torch.Tensor):
@@ -104,15 +115,15 @@ def test_iterates_equal_the_algorithm_written_out(zeta):
     sigmas, seeds = padis_sigmas(5, 0.05, 3.0), [4, 5, 6]
     for k in range(1, len(sigmas) + 1):
         for inner in (1, 3):
-            out = padis_dps_langevin(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas[:k],
-                                     PixelMask(mask), y, zeta=zeta, inner_steps=inner)
+            out = padis(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas[:k],
+                        PixelMask(mask), y, zeta=zeta, inner_steps=inner)
             expected = reference_padis(cov, mask, y, x0, seeds, sigmas[:k], inner, zeta)
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     # A sample depends only on its seed.
-    alone = padis_dps_langevin(gaussian_denoiser(cov, (1, 4, 4)), x0[1:2], SeedGenerators([5]), sigmas,
-                               PixelMask(mask), y[1:2], zeta=zeta, inner_steps=2)
-    together = padis_dps_langevin(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas,
-                                  PixelMask(mask), y, zeta=zeta, inner_steps=2)
+    alone = padis(gaussian_denoiser(cov, (1, 4, 4)), x0[1:2], SeedGenerators([5]), sigmas,
+                  PixelMask(mask), y[1:2], zeta=zeta, inner_steps=2)
+    together = padis(gaussian_denoiser(cov, (1, 4, 4)), x0, SeedGenerators(seeds), sigmas,
+                     PixelMask(mask), y, zeta=zeta, inner_steps=2)
     torch.testing.assert_close(alone[0], together[1], rtol=0, atol=1e-14)
 
 
@@ -131,8 +142,8 @@ def test_schedule_and_starting_states():
             padis_sigmas(**bad)
     for bad in [dict(zeta=-1.0), dict(zeta=0.3, inner_steps=0), dict(zeta=0.3, alpha_factor=0.0)]:
         with pytest.raises(UserError):
-            padis_dps_langevin(lambda x, s: x, estimate, SeedGenerators([0, 1]), sigmas, PixelMask(
-                torch.ones(1, 1, 4, 4)), estimate, **bad)
+            padis(lambda x, s: x, estimate, SeedGenerators([0, 1]), sigmas, PixelMask(torch.ones(1, 1, 4, 4)),
+                  estimate, **bad)
 
 
 # ----------------------------------------------------------------------------
@@ -148,8 +159,8 @@ def test_dps_term_approaches_the_posterior_mean(zeta, max_ratio):
     y, mask, posterior_mean = gaussian_problem(cov, seed=0)
     n = 128
     gen = SeedGenerators(range(n))
-    samples = padis_dps_langevin(gaussian_denoiser(cov, (1, SIZE, SIZE)), y.expand(n, -1, -1, -1).clone(), gen,
-                                 padis_sigmas(20), PixelMask(mask), y.expand(n, -1, -1, -1), zeta=zeta)
+    samples = padis(gaussian_denoiser(cov, (1, SIZE, SIZE)), y.expand(n, -1, -1, -1).clone(), gen,
+                    padis_sigmas(20), PixelMask(mask), y.expand(n, -1, -1, -1), zeta=zeta)
     if max_ratio is not None:
         assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
     else:

@@ -1,6 +1,6 @@
-"""training/conditioning.py against identities and closed forms: the likelihood gradient is autograd's gradient of
-the data misfit, the DPS term is its closed form for a linear denoiser, projection and DDS are the exact solutions of
-their linear problems (dense matrices on small problems)."""
+"""training/sampling/conditioning.py against identities and closed forms: the likelihood gradient is autograd's
+gradient of the data misfit, the DPS term is its closed form for a linear denoiser, projection and DDS are the exact
+solutions of their linear problems (dense matrices on small problems)."""
 
 import math
 
@@ -9,10 +9,23 @@ import torch
 
 from dnnlib import UserError
 from tests.linear_gaussian import DenseOperator, isotropic_denoiser
-from training.conditioning import dds, dps, jalal, jalal_normalized, likelihood_gradient, projection
 from training.operators import AvgPoolSR, BoxInpainting, GaussianBlur, MultiCoilMRI, PixelMask, measure
+from training.sampling.conditioning import (
+    Step,
+    dds,
+    dps,
+    jalal,
+    jalal_normalized,
+    likelihood_gradient,
+    projection,
+)
 
 S = 0.8
+
+
+def at(sigma: float) -> Step:
+    """The Step of an evaluation whose estimate the update takes as it is (x0_weight 1)."""
+    return Step(sigma, 0.0, 1.0)
 
 
 def mri_setup(size=5, coils=3, batch=2, seed=0):
@@ -49,17 +62,18 @@ def test_likelihood_gradient_is_the_misfit_gradient_and_jalal_adds_it(setup):
     assert g.abs().max() > 0.1
     sigma, sigma_y = 0.4, 0.05
     denoiser = isotropic_denoiser(S)
-    annealed = jalal(operator, y, mask, sigma_y=sigma_y, scale=2.0)(denoiser, x, sigma)
+    annealed = jalal(operator, y, mask, sigma_y=sigma_y, scale=2.0)(denoiser, x, at(sigma))
     assert torch.allclose(annealed, denoiser(x, sigma) + sigma**2 * 2.0 * g / (sigma_y**2 + sigma**2), rtol=1e-12)
-    constant = jalal(operator, y, mask, sigma_y=sigma_y, gamma=0.1)(denoiser, x, sigma)
+    constant = jalal(operator, y, mask, sigma_y=sigma_y, gamma=0.1)(denoiser, x, at(sigma))
     assert torch.allclose(constant, denoiser(x, sigma) + sigma**2 * g / (sigma_y**2 + 0.01), rtol=1e-12)
-    assert torch.equal(jalal(operator, y, mask, sigma_y=sigma_y, scale=0.0)(denoiser, x, sigma), denoiser(x, sigma))
+    unscaled = jalal(operator, y, mask, sigma_y=sigma_y, scale=0.0)(denoiser, x, at(sigma))
+    assert torch.equal(unscaled, denoiser(x, sigma))
 
 
 def test_normalized_term_has_weight_times_the_score_norm():
     operator, mask, y, x = mri_setup(batch=3)
     sigma, denoiser = 0.3, isotropic_denoiser(S)
-    out = jalal_normalized(operator, y, mask, weight=5.0)(denoiser, x, sigma)
+    out = jalal_normalized(operator, y, mask, weight=5.0)(denoiser, x, at(sigma))
     score = (denoiser(x, sigma) - x) / sigma**2
     term = (out - denoiser(x, sigma)) / sigma**2
     assert torch.allclose(term.flatten(1).norm(dim=1), 5.0 * score.flatten(1).norm(dim=1), rtol=1e-10)
@@ -79,7 +93,7 @@ def test_dps_term_is_the_closed_form_for_gaussian_data(squared):
     back = c * operator.AH(residual)
     norms = residual.flatten(1).abs().square().sum(1).sqrt().reshape(-1, 1, 1, 1)
     grad = -2 * back if squared else -back / norms
-    out = dps(operator, y, mask, zeta=zeta, squared=squared)(isotropic_denoiser(S), x, sigma)
+    out = dps(operator, y, mask, zeta=zeta, squared=squared)(isotropic_denoiser(S), x, at(sigma))
     assert (out - (c * x - sigma**2 * zeta * grad)).abs().max() < 1e-6
     assert (sigma**2 * zeta * grad).abs().max() > 1e-2
 
@@ -91,7 +105,7 @@ def test_projection_is_the_orthogonal_projection_for_exact_pseudo_inverses():
                  AvgPoolSR(2)]
     for operator in operators:
         y = operator.A(torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64))
-        out = projection(operator, y)(isotropic_denoiser(S), x, 0.5)
+        out = projection(operator, y)(isotropic_denoiser(S), x, at(0.5))
         # argmin ||v - x0|| subject to A v = y, from the dense matrix.
         basis = torch.eye(64, dtype=torch.float64).reshape(64, 1, 8, 8)
         matrix = operator.A(basis).reshape(64, -1).T
@@ -114,13 +128,13 @@ def test_dds_solves_the_proximal_problem(setup):
     normal = operator.AH(measured).reshape(dim, dim)
     rhs = (x0 + gamma * operator.AH(y)).reshape(len(x), dim)
     exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) + gamma * normal, rhs.T).T
-    converged = dds(operator, y, mask, gamma=gamma, cg_iters=dim)(denoiser, x, sigma)
+    converged = dds(operator, y, mask, gamma=gamma, cg_iters=dim)(denoiser, x, at(sigma))
     assert torch.allclose(converged.reshape(len(x), dim), exact, atol=1e-8)
-    few = dds(operator, y, mask, gamma=gamma, cg_iters=2)(denoiser, x, sigma)
+    few = dds(operator, y, mask, gamma=gamma, cg_iters=2)(denoiser, x, at(sigma))
     start_error = (x0.reshape(len(x), dim) - exact).norm()
     assert (few.reshape(len(x), dim) - exact).norm() < 0.5 * start_error
     # Each example is its own system: a batch of one gives the same answer.
-    alone = dds(operator, y[1:], mask, gamma=gamma, cg_iters=2)(denoiser, x[1:], sigma)
+    alone = dds(operator, y[1:], mask, gamma=gamma, cg_iters=2)(denoiser, x[1:], at(sigma))
     assert torch.allclose(alone, few[1:], atol=1e-12)
     with pytest.raises(UserError, match="cg-iters"):
         dds(operator, y, mask, cg_iters=0)

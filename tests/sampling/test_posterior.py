@@ -13,28 +13,24 @@ score equals the data score. The full-denoiser tests (MSM sampler with the full 
 model runs, and DPS) use a general low-rank-plus-diagonal C.
 """
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from tests.gaussian import gaussian_denoiser, random_covariance
+from tests.sampling.conftest import dps_generate, edm_generate, msm_posterior
 from torch_utils.misc import SeedGenerators
 from training.masks import FullMask, RandomLineMaskLaw
 from training.operators import AvgPoolSR, BoxInpainting, MultiCoilMRI, PixelMask, complex_to_channels
-from training.posterior import (
-    aggregate_data_consistency,
-    cs_mri,
+from training.sampling.baselines import cs_mri, zero_filled
+from training.sampling.conditioning import Step, dps_gradient, msm_aggregate_step, msm_partial_step
+from training.sampling.denoisers import MSMAggregate
+from training.sampling.schedules import (
     ddpm_sigmas,
-    dps_gradient,
-    dps_sampler,
-    msm_posterior_sampler,
-    partial_data_consistency,
     respaced_sigmas,
-    zero_filled,
 )
-from training.samplers import edm_sampler, msm_sampler, sigmas_in_training_range, training_sigma_max, vp200_sigmas
+from training.sampling.solvers import Ancestral, noise_start
 
 SIZE, SIGMA_Y = 8, 0.01
 
@@ -50,14 +46,14 @@ def test_partial_dc_with_lambda_one_puts_y_on_measured_entries_of_each_estimate(
     y = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) * y_mask
     estimate_mask = (torch.rand(3, 1, 1, 8, generator=g) < 0.5).to(torch.float32)
     estimate = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) * estimate_mask
-    out = partial_data_consistency(y, y_mask, 1.0)(estimate, estimate_mask, 1.0)
+    out = msm_partial_step(y, y_mask, 1.0)(estimate, estimate_mask, 1.0)
     both = (y_mask * estimate_mask).expand(shape).bool()
     assert torch.equal(out[both], y[both])  # measured and covered: exactly y
     only_estimate = (estimate_mask * (1 - y_mask)).expand(shape).bool()
     assert torch.equal(out[only_estimate], estimate[only_estimate])  # not measured: untouched
     uncovered = ~estimate_mask.expand(shape).bool()
     assert torch.equal(out[uncovered], torch.zeros_like(out[uncovered]))
-    reflected = partial_data_consistency(y, y_mask, 2.0)(estimate, estimate_mask, 1.0)
+    reflected = msm_partial_step(y, y_mask, 2.0)(estimate, estimate_mask, 1.0)
     assert torch.allclose(reflected[both], 2 * y[both] - estimate[both])  # lambda = 2 reflects about y
 
 
@@ -68,7 +64,7 @@ def test_aggregate_dc_with_lambda_one_makes_the_estimate_consistent(operator):
     x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
     y = operator.A(x) + 0.1 * operator.A(torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64))
     z_hat = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
-    out = aggregate_data_consistency(operator, y, 1.0)(z_hat, 1.0)
+    out = msm_aggregate_step(operator, y, 1.0)(lambda x, sigma: z_hat, z_hat, Step(1.0, 0.0, 1.0))
     assert torch.allclose(operator.A(out), y, atol=1e-12)
     assert not torch.allclose(operator.A(z_hat), y)
 
@@ -77,9 +73,9 @@ def test_bad_dc_steps_are_refused():
     y = torch.zeros(1, 1, 8, 8)
     for bad in (0.0, -1.0):
         with pytest.raises(Exception, match="--dc-step"):
-            partial_data_consistency(y, y, bad)
+            msm_partial_step(y, y, bad)
         with pytest.raises(Exception, match="--dc-step"):
-            aggregate_data_consistency(PixelMask(torch.ones(1, 1, 8, 8)), y, bad)
+            msm_aggregate_step(PixelMask(torch.ones(1, 1, 8, 8)), y, bad)
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +114,7 @@ def assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio):
 # An ODE with a DC step is not a posterior sampler, and it shows.
 @pytest.mark.parametrize("solver, options, max_ratio", [
     ("ancestral", dict(sigmas=respaced_sigmas(100), outer="ddnm", eta=0.85), 0.3),
-    ("heun", dict(num_steps=32, sigma_max=80.0), 0.45),
+    ("heun", dict(num_steps=32), 0.45),
 ])
 def test_msm_posterior_with_exact_column_experts_approaches_the_posterior_mean(solver, options, max_ratio):
     # K = 3 masks of 2 of the 8 columns per level: some columns keep the previous level's estimate, as in real use;
@@ -130,9 +126,9 @@ def test_msm_posterior_with_exact_column_experts_approaches_the_posterior_mean(s
     n = 64
     gen = SeedGenerators(range(n))
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
-    samples = msm_posterior_sampler(exact_partial, latents, RandomLineMaskLaw(4, 0), gen, y.expand(n, -1, -1, -1),
-                                    placement="partial", mask=mask, dc_step=2.0, num_subsets=3, solver=solver,
-                                    **options)
+    samples = msm_posterior(exact_partial, latents, RandomLineMaskLaw(4, 0), gen, y.expand(n, -1, -1, -1),
+                            placement="partial", mask=mask, dc_step=2.0, num_subsets=3, solver=solver,
+                            **options)
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
 
 
@@ -145,9 +141,9 @@ def test_full_law_msm_posterior_approaches_the_posterior_mean():
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
     ys = y.expand(n, -1, -1, -1)
     # An oracle model's run: the full mask law, DC on the aggregate (image placement) with the default lambda.
-    samples = msm_posterior_sampler(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
-                                    placement="aggregate", operator=PixelMask(mask), dc_step=1.75, num_subsets=1,
-                                    sigmas=sigmas, outer="ddnm", eta=0.85)
+    samples = msm_posterior(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
+                            placement="aggregate", operator=PixelMask(mask), dc_step=1.75, num_subsets=1,
+                            sigmas=sigmas, outer="ddnm", eta=0.85)
     # Measured at n = 256: 0.11 against zero-filled 1.59 (Monte-Carlo floor at n = 128: 0.12).
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=0.2)
 
@@ -162,16 +158,13 @@ def test_heun_posterior_with_the_full_law_is_edm_heun_on_the_consistent_denoiser
     ys = y.expand(n, -1, -1, -1)
     gen = SeedGenerators(range(n))
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
-    ours = msm_posterior_sampler(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
-                                 placement="aggregate", operator=operator, dc_step=1.75, solver="heun",
-                                 num_subsets=1, num_steps=12, sigma_max=80.0)
-    dc = aggregate_data_consistency(operator, ys, 1.75)
-    reference = edm_sampler(lambda x, sigma: dc(full(x, sigma), sigma), latents, SeedGenerators(range(n)),
-                            num_steps=12, sigma_max=80.0)
+    ours = msm_posterior(lambda s, m, sigma: m * full(s, sigma), latents, FullMask(), gen, ys,
+                         placement="aggregate", operator=operator, dc_step=1.75, solver="heun",
+                         num_subsets=1, num_steps=12)
+    dc = msm_aggregate_step(operator, ys, 1.75)
+    reference = edm_generate(lambda x, sigma: dc(full, x, Step(sigma, 0.0, 1.0)), latents, SeedGenerators(range(n)),
+                             num_steps=12, sigma_max=80.0)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="solver"):
-        msm_posterior_sampler(full, latents, FullMask(), gen, ys, placement="aggregate", operator=operator,
-                              dc_step=1.0, solver="euler")
 
 
 def test_full_mask_law_evaluates_the_denoiser_once_per_level():
@@ -190,29 +183,10 @@ def test_full_mask_law_evaluates_the_denoiser_once_per_level():
     for num_subsets in (1, 3):
         gen = SeedGenerators(range(n))
         latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
-        results.append(msm_sampler(counting, latents, FullMask(), gen, num_subsets=num_subsets, sigmas=sigmas))
+        aggregate = MSMAggregate(counting, FullMask(), gen, num_subsets)
+        results.append(Ancestral()(aggregate, noise_start(latents, sigmas[0].item(), "single"), gen, sigmas))
     assert rows == [n] * (2 * len(sigmas))
     assert torch.equal(results[0], results[1])
-
-
-def test_sampling_grids_start_inside_the_training_range():
-    lognormal = {"class_name": "training.loss.MSMLoss", "sigma_dist": "lognormal"}
-    sigmas, note = sigmas_in_training_range(vp200_sigmas(), lognormal)
-    assert 70 < sigmas[0] <= 80 and torch.equal(sigmas, vp200_sigmas()[vp200_sigmas() <= 80])
-    assert "log-normal" in note and "dropped" in note
-    narrow = {"class_name": "training.loss.EDMLoss", "P_mean": -3.0, "P_std": 0.5}  # 1 - 1e-6 quantile: 0.53
-    assert sigmas_in_training_range(ddpm_sigmas(), narrow)[0][0] <= math.exp(-3.0 + 4.753 * 0.5)
-    for grid_top in ({"class_name": "training.loss.MSMLoss", "sigma_dist": "vp200"}, None):
-        assert torch.equal(sigmas_in_training_range(vp200_sigmas(), grid_top)[0], vp200_sigmas())
-    # A vp200 model tops out at its own grid's top level: 151.2 (ddim) or 157.4 (section, also a config that records
-    # no rule: it was trained before the rule was recorded).
-    for rule, top in (("ddim", 151.18), ("section", 157.41), (None, 157.41)):
-        loss = {"class_name": "training.loss.MSMLoss", "sigma_dist": "vp200", **({"vp_grid": rule} if rule else {})}
-        assert abs(training_sigma_max(loss)[0] - top) < 0.01
-        kept = sigmas_in_training_range(vp200_sigmas(rule="section"), loss)[0]
-        assert len(kept) == (200 if top > 157 else 199)
-    ve = sigmas_in_training_range(vp200_sigmas(), {"class_name": "training.loss.VELoss"})[0]
-    assert ve[0] <= 100 < vp200_sigmas()[0]
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +234,7 @@ def ddpm_dps_reference(denoiser, x_edm, abar, noise, operator, y, mask, zeta):
     """DPS's Algorithm 1 with its code's unsquared norm, computed in DDPM's own coordinates on the levels abar
     (decreasing noise, a final abar_prev = 1), with an epsilon predictor built from the EDM denoiser. Returns the
     final image; noise[i] is the ancestral noise of step i. Written from the paper's equations, independently of
-    training/posterior.py."""
+    training/sampling/ (the `dps` term's 'ddpm' law and the ancestral solver)."""
     x = x_edm * abar[0].sqrt()  # x_T = sqrt(abar_T) (x0 + sigma n) = sqrt(abar_T) x_edm
     for i in range(len(abar)):
         a_t, a_prev = abar[i], abar[i + 1] if i + 1 < len(abar) else torch.tensor(1.0, dtype=torch.float64)
@@ -288,19 +262,11 @@ def test_dps_steps_equal_the_algorithm_in_ddpm_coordinates():
     latents = gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64)
     noise = [gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64) for _ in range(2)]
     gen = SeedGenerators([5, 6])
-    got = dps_sampler(denoiser, gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64), gen, operator, y, mask,
-                      sigmas=sigmas, step_size=0.5)
+    got = dps_generate(denoiser, gen.randn([2, 1, SIZE, SIZE], dtype=torch.float64), gen, operator, y, mask,
+                       sigmas=sigmas, zeta=0.5)
     abar = 1 / (1 + sigmas**2)
     expected = ddpm_dps_reference(denoiser, latents * sigmas[0], abar, noise, operator, y, mask, zeta=0.5)
     assert torch.allclose(got, expected, rtol=0, atol=1e-10), (got - expected).abs().max()
-
-
-def test_dps_sigmas_are_ddpm_linear_beta_levels():
-    betas = np.linspace(1e-4, 0.02, 1000)
-    abar = np.cumprod(1 - betas)
-    assert np.allclose(ddpm_sigmas().numpy(), np.sqrt(1 / abar - 1)[::-1], rtol=1e-12)
-    # DPS respaces with a plain step count, guided-diffusion's section rule (not the MSM reference's 'ddim200').
-    assert np.allclose(ddpm_sigmas(200).numpy(), vp200_sigmas(rule="section").numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize(("num_steps", "max_ratio"), [(1000, 0.2), (20, 0.4)])
@@ -314,8 +280,8 @@ def test_dps_approaches_the_posterior_mean(num_steps, max_ratio):
     n = 128
     gen = SeedGenerators(range(n))
     latents = gen.randn([n, 1, SIZE, SIZE], dtype=torch.float64)
-    samples = dps_sampler(gaussian_denoiser(cov, (1, SIZE, SIZE)), latents, gen, PixelMask(mask),
-                          y.expand(n, -1, -1, -1), sigmas=ddpm_sigmas(num_steps), step_size=1.0)
+    samples = dps_generate(gaussian_denoiser(cov, (1, SIZE, SIZE)), latents, gen, PixelMask(mask),
+                           y.expand(n, -1, -1, -1), sigmas=ddpm_sigmas(num_steps), zeta=1.0)
     assert_close_to_posterior_mean(samples, y, posterior_mean, max_ratio=max_ratio)
 
 
