@@ -103,7 +103,7 @@ class MSMSetup:
     for MRI the coil maps (--maps, or training record seed mod N per seed) and the measurement shape."""
 
     def __init__(self, net, config: dict, maps_path: str | None, device, acquired_draw: str | None = None):
-        self.net, self.device = net, device
+        self.device = device
         self.skip_space = skip_space_of(config.get("loss"))
         measurement = MeasurementConfig.from_config(config["measurement"])
         measurement.law = with_acquired_draw(measurement.law, acquired_draw)
