@@ -10,13 +10,13 @@ may overwrite its images, another command is refused before anything is written 
 Each seed has its own random stream, so an image depends only on its seed, not on --batch or the number of ranks.
 
 Samplers: `edm` (EDM's Heun/Euler on the image, for models trained on clean data), `msm` (MSM's stochastic
-partial-score sampler in measurement space, training/samplers.py; the default for models trained on measurements)
+partial-score sampler in measurement space, training/sampling/; the default for models trained on measurements)
 and `ambient` (Ambient Diffusion's sampler: EDM's Heun/Euler where the network sees one mask per seed of its training
 law with the extra delta drop; the default for models trained with --loss ambient). A network with a mask input
 channel is never given the noisy image there: `edm` is refused for it.
 The MSM sampler's VP-200 grid is the reference's 'ddim200' (t = 0, 5, ..., 995), or the section rule a vp200 snapshot
-was trained on (samplers.vp_grid_of; --vp-grid overrides); it starts inside the network's training range
-(samplers.sigmas_in_training_range: levels above it are dropped, and the log says from where and why). Each batch
+was trained on (schedules.vp_grid_of; --vp-grid overrides); it starts inside the network's training range
+(schedules.sigmas_in_training_range: levels above it are dropped, and the log says from where and why). Each batch
 shows a bar of network calls with rate and ETA.
 For MRI the operator T needs coil maps: those of --maps, or those of training record (seed mod number of records) of
 the snapshot's dataset.

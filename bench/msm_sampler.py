@@ -1,5 +1,5 @@
-"""Wall time of the MSM sampler (training/samplers.py) against its network floor, for K = 1..4, on grayscale and RGB
-images and 8-coil MRI.
+"""Wall time of the MSM sampler (training/sampling/: Ancestral on MSMAggregate) against its network floor, for
+K = 1..4, on grayscale and RGB images and 8-coil MRI.
 
     python bench/msm_sampler.py [--device cpu|cuda] [--batch 4] [--levels 5] [--rounds 7] [--threads 2]
                                 [--cases gray32,gray64,rgb64,mri64] [--json out.json]

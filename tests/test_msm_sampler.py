@@ -426,7 +426,7 @@ def test_generate_bad_input(tmp_path, image_snapshots):
     msm_path, clean_path = image_snapshots
     out = tmp_path / "o"
     proc = run_cli(["generate.py", "--network", msm_path, "--outdir", str(out), "--subsets", "0"], check=False)
-    assert proc.returncode != 0 and "--subsets must be an integer >= 1, got 0." in proc.stderr
+    assert proc.returncode != 0 and "--subsets K must be an integer >= 1, got 0." in proc.stderr
     proc = run_cli(["generate.py", "--network", clean_path, "--outdir", str(out), "--sampler", "msm"], check=False)
     assert proc.returncode != 0 and "has no measurement process" in proc.stderr
     proc = run_cli(["generate.py", "--network", msm_path, "--outdir", str(out), "--maps", "x.npy"], check=False)

@@ -50,10 +50,10 @@ def test_python_example_runs(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    for name in ("zero-filled", "dps", "msm"):
+    for name in ("zero-filled", "dps", "msm", "guided-dds"):
         assert re.search(rf"^{name} PSNR -?\d", printed, flags=re.M), printed
     assert namespace["samples"].shape == (4, 1, RES, RES) and namespace["msm_samples"].shape == (4, 1, RES, RES)
-    for key in ("samples", "dps", "msm_samples", "msm_recon"):
+    for key in ("samples", "dps", "msm_samples", "msm_recon", "guided_dds"):
         assert torch.isfinite(namespace[key]).all(), key
     # The measurement is honoured where it observes: zero filling equals it there, by construction of A = M.
     observed = namespace["operator"].mask.bool().expand_as(namespace["y"])

@@ -113,7 +113,7 @@ def is_classifier(config: dict) -> bool:
 
 def classifier_logits(net: nn.Module):
     """A classifier network as `logits(x, sigma)` on float64 images (differentiable in x) -> float64 (N, K), the
-    callable training.guidance.GuidanceTerm takes."""
+    callable training.sampling.guidance.GuidanceTerm takes."""
 
     def logits(x, sigma):
         s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)

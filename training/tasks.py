@@ -37,7 +37,7 @@ from training.masks import (
 )
 from training.mri import MRIDataset
 from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, check_noise_std, measure
-from training.posterior import zero_filled
+from training.sampling.baselines import zero_filled
 
 TASKS = ("mri", "sr", "box", "pixel", "ct")
 IMAGE_OPERATOR_TASKS = ("mri", "sr", "box", "pixel")  # operators with an exact pseudo-inverse (A^+ y baseline)

@@ -64,7 +64,7 @@ def cs_mri(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, regular
     """Classical compressed-sensing SENSE reconstruction of one slice with sigpy (CPU):
         argmin_x 1/2 ||M (F S x - y)||^2 + lamda R(x),  R = ||Psi x||_1 (Daubechies-4 wavelets, sigpy's default)
     or total variation, solved by sigpy.mri.app.L1WaveletRecon / TotalVariationRecon (`cs_app`) with the same maps
-    and mask as the learned methods (sigpy's Sense operator equals MultiCoilMRI: tests/test_posterior.py).
+    and mask as the learned methods (sigpy's Sense operator equals MultiCoilMRI: tests/sampling/test_posterior.py).
 
     kspace (C, H, W) complex (zero off the mask), maps (C, H, W) complex, mask broadcastable to (C, H, W).
     Returns the image as 2 channels (2, H, W) float32.

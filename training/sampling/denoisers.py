@@ -218,7 +218,7 @@ def subset_count(num_subsets, mask_law) -> int:
     """The number K of partial estimates per evaluation: an integer >= 1 (checked here, once for every method),
     and 1 for a law that always covers everything (kind 'full'), whose K masks P = I would repeat one estimate."""
     if not (isinstance(num_subsets, int) and num_subsets >= 1):
-        raise UserError(f"The number of subsets K must be an integer >= 1, got {num_subsets!r}.")
+        raise UserError(f"--subsets K must be an integer >= 1, got {num_subsets!r}.")
     return 1 if mask_law.kind == "full" else num_subsets
 
 

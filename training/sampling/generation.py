@@ -1,33 +1,52 @@
 """generate.py's samplers (the `edm`, `msm` and `ambient` entries of training/sampling/methods.py METHODS) and
 what they need from a snapshot: the sampler a snapshot gets by default, the measurement process of the MSM and
 Ambient samplers (`MSMSetup`), classifier and classifier-free guidance (`GuidanceSetup`), and `Generation`, which
-holds them for one run and draws the images of a batch of seeds. Their options are declared here, once; generate.py
-builds its CLI from them.
+holds them for one run with the solver and its noise levels. Each sampler assembles the package's pieces
+(training/sampling/__init__.py): edm the ODE on the (guided) network denoiser; msm the ancestral solver or the ODE
+on `MSMAggregate` (or the reference loop); ambient the ODE on the masked denoiser; the dual bridge `dual_bridge`.
+Their options are declared here, once; generate.py builds its CLI from them.
 """
+
+import functools
 
 import click
 import numpy as np
 import torch
 
 from dnnlib import UserError
-from training.guidance import CFG_CONVENTIONS, POTENTIALS
 from training.loss import AmbientLoss
 from training.masks import with_acquired_draw
 from training.measurements import MeasurementConfig, aggregate_projection, skip_space_of
 from training.mri import coil_map_records
-from training.samplers import (
-    ambient_sampler,
-    edm_sampler,
-    msm_heun_sampler,
-    msm_sampler,
+from training.sampling.denoisers import (
+    MSMAggregate,
+    ambient_masks,
+    masked_denoiser,
     net_ambient_denoiser,
     net_denoiser,
     net_partial_denoiser,
-    rho_schedule,
+    real_view,
+    subset_count,
+)
+from training.sampling.guidance import (
+    CFG_CONVENTIONS,
+    POTENTIALS,
+    GuidanceTerm,
+    cfg_coefficient,
+    cfg_denoiser,
+    check_sigma_range,
+    correction,
+    guided,
+)
+from training.sampling.schedules import rho_schedule, sigmas_in_training_range, vp200_sigmas, vp_grid_of
+from training.sampling.solvers import (
+    ODE,
+    Ancestral,
+    dual_bridge,
+    msm_reference,
+    msm_reference_evaluations,
+    noise_start,
     seed_measurement_randn,
-    sigmas_in_training_range,
-    vp200_sigmas,
-    vp_grid_of,
 )
 
 # K, the subsets (partial estimates) per noise level of MSM, defaulted here only: generate.py draws 3; posterior
@@ -70,8 +89,8 @@ def load_maps_file(path: str, expected_shape: tuple) -> torch.Tensor:
 def msm_sigmas(schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
                loss_config: dict | None, vp_grid: str | None = None) -> tuple[torch.Tensor, str]:
     """The MSM sampler's decreasing noise levels and a note for the log: the 200 VP levels inside the network's
-    training range (samplers.sigmas_in_training_range) by the grid rule vp_grid (None: the snapshot's,
-    samplers.vp_grid_of), or EDM's rho schedule without its final 0."""
+    training range (schedules.sigmas_in_training_range) by the grid rule vp_grid (None: the snapshot's,
+    schedules.vp_grid_of), or EDM's rho schedule without its final 0."""
     if schedule == "vp200":
         rule = vp_grid or vp_grid_of(loss_config)
         sigmas, note = sigmas_in_training_range(vp200_sigmas(rule=rule), loss_config)
@@ -84,7 +103,7 @@ class MSMSetup:
     for MRI the coil maps (--maps, or training record seed mod N per seed) and the measurement shape."""
 
     def __init__(self, net, config: dict, maps_path: str | None, device, acquired_draw: str | None = None):
-        self.net, self.device = net, device
+        self.device = device
         self.skip_space = skip_space_of(config.get("loss"))
         measurement = MeasurementConfig.from_config(config["measurement"])
         measurement.law = with_acquired_draw(measurement.law, acquired_draw)
@@ -105,59 +124,33 @@ class MSMSetup:
         else:
             self.shape, self.dtype = [net.out_channels, resolution, resolution], torch.float32
 
-    def operator(self, seeds: list[int]):
+    def batch(self, seeds: list[int], gen):
+        """The full operator T of a batch's seeds and its unit latents in the measurement space, drawn from the seeds'
+        streams (after their classes)."""
         if self.measurement.operator != "mri":
-            return self.measurement.full_operator()
-        if self.fixed_maps is not None:
-            maps = self.fixed_maps[None]
+            operator = self.measurement.full_operator()
         else:
-            maps = torch.stack([self.records[seed % len(self.records)]["maps"] for seed in seeds])
-        return self.measurement.full_operator(maps.to(self.device))
-
-    def generate(self, seeds, gen, labels, *, num_subsets, variant, sigmas, eta, num_steps, sigma_min, sigma_max,
-                 rho, guide=None, target=None) -> torch.Tensor:
-        """Images (N, C, H, W) (MRI: the complex image T^+ z_hat as 2 channels) for the seeds of `gen`; `guide` (a
-        GuidanceSetup) adds CFG to the partial denoisers and the classifier terms (target classes) to the aggregate."""
-        operator = self.operator(seeds)
+            maps = (self.fixed_maps[None] if self.fixed_maps is not None
+                    else torch.stack([self.records[seed % len(self.records)]["maps"] for seed in seeds]))
+            operator = self.measurement.full_operator(maps.to(self.device))
         latents = seed_measurement_randn(gen, torch.empty([len(seeds), *self.shape], dtype=self.dtype))
-        latents = latents.to(self.device)
-        partial = net_partial_denoiser(self.net, operator, labels, self.skip_space)
-        guidance = None
-        if guide is not None and guide.active:
-            partial = guide.partial(lambda labels_in: net_partial_denoiser(self.net, operator, labels_in,
-                                                                           self.skip_space), labels)
-            guidance = guide.correction(target)
-        project = aggregate_projection(self.skip_space, operator)
-        if variant == "heun":
-            z_hat = msm_heun_sampler(partial, latents, self.measurement.law, gen, num_subsets=num_subsets,
-                                     num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                                     guidance=guidance, project=project)
-        else:
-            z_hat = msm_sampler(partial, latents, self.measurement.law, gen, num_subsets=num_subsets, sigmas=sigmas,
-                                variant=variant, eta=eta, guidance=guidance, project=project)
-        return operator.pinv(z_hat) if self.measurement.operator == "mri" else z_hat
+        return operator, latents.to(self.device)
 
-    def generate_ambient(self, seeds, gen, labels, *, delta, **edm_options) -> torch.Tensor:
-        """Images as `generate` returns them, by Ambient's sampler (samplers.ambient_sampler) with the snapshot's
-        mask law and extra drop probability delta."""
-        operator = self.operator(seeds)
-        latents = seed_measurement_randn(gen, torch.empty([len(seeds), *self.shape], dtype=self.dtype))
-        z_hat = ambient_sampler(net_ambient_denoiser(self.net, operator, labels), latents.to(self.device),
-                                self.measurement.law, delta, gen, **edm_options)
+    def image(self, operator, z_hat: torch.Tensor) -> torch.Tensor:
+        """A sampled measurement z_hat as the image generate.py writes (MRI: T^+ z_hat as 2 channels)."""
         return operator.pinv(z_hat) if self.measurement.operator == "mri" else z_hat
 
 
 class GuidanceSetup:
     """--classifier, --guidance, --guidance-scale, --guidance-sigma-range, --cfg-scale, --cfg-convention: the
-    guidance terms (training/guidance.py) for a batch's target classes, checked against the model before anything is
-    written. Classifier guidance needs a classifier of the model's image size and channels (and class count, for a
-    class-conditional model); it may guide an unconditional model, whose classes then come from the classifier.
-    Classifier-free guidance needs a class-conditional model."""
+    guidance terms (training/sampling/guidance.py) for a batch's target classes, checked against the model before
+    anything is written. Classifier guidance needs a classifier of the model's image size and channels (and class
+    count, for a class-conditional model); it may guide an unconditional model, whose classes then come from the
+    classifier. Classifier-free guidance needs a class-conditional model."""
 
     def __init__(self, net, config: dict, classifier_path, kinds, scales, sigma_range, cfg_scale: float,
                  cfg_convention: str, sampler: str, is_mri: bool, device):
         from training.classifier import check_compatible, classifier_logits
-        from training.guidance import cfg_coefficient, check_sigma_range
         from training.snapshot import load_classifier
 
         self.kinds, self.cfg_scale, self.cfg_convention = list(kinds), cfg_scale, cfg_convention
@@ -193,32 +186,19 @@ class GuidanceSetup:
         return bool(self.kinds) or self.cfg_scale != 0
 
     def terms(self, target: torch.Tensor | None) -> list:
-        from training.guidance import GuidanceTerm
-
         return [GuidanceTerm(self.classifier, kind, scale, target=target if kind == "classifier" else None,
                              sigma_range=self.sigma_range) for kind, scale in zip(self.kinds, self.scales)]
 
-    def denoiser(self, make_denoiser, labels, target):
-        """The guided full denoiser: CFG of make_denoiser(labels) when --cfg-scale, then the classifier terms."""
-        from training.guidance import cfg_denoiser, guided
-
-        base = (cfg_denoiser(make_denoiser, labels, self.cfg_scale, self.cfg_convention, self.sigma_range)
-                if self.cfg_scale else make_denoiser(labels))
-        return guided(base, self.terms(target))
-
-    def partial(self, make_partial, labels):
-        """MSM: the (classifier-free guided) partial denoiser; the classifier terms go in through `correction`."""
-        from training.guidance import cfg_partial_denoiser
-
+    def base(self, make_denoiser, labels):
+        """make_denoiser(labels), a full or a partial denoiser (guidance.cfg_denoiser takes both), classifier-free
+        guided when --cfg-scale; the classifier terms (`terms`) are added on the full denoiser or the aggregate."""
         if not self.cfg_scale:
-            return make_partial(labels)
-        return cfg_partial_denoiser(make_partial, labels, self.cfg_scale, self.cfg_convention, self.sigma_range)
+            return make_denoiser(labels)
+        return cfg_denoiser(make_denoiser, labels, self.cfg_scale, self.cfg_convention, self.sigma_range)
 
-    def correction(self, target):
-        from training.guidance import correction
-
-        terms = self.terms(target)
-        return (lambda z, sigma: correction(terms, z, sigma)) if terms else None
+    def denoiser(self, make_denoiser, labels, target):
+        """The guided full denoiser: `base`, then the classifier terms."""
+        return guided(self.base(make_denoiser, labels), self.terms(target))
 
 
 def parse_sigma_range(text: str) -> tuple[float, float]:
@@ -356,12 +336,12 @@ SAMPLER_OPTIONS = (
 class Generation:
     """The sampler of one generate.py run and what it needs, resolved and checked before anything is written: the
     network (a CountingNetwork), its snapshot config, the options `o` (the parsed CLI options), the sampler
-    (`resolve_sampler`), the guidance (`GuidanceSetup`), EDM's schedule options clipped to the network's range, and
-    for msm / ambient the measurement process (`MSMSetup`) with Ambient's extra drop delta or the MSM noise levels."""
+    (`resolve_sampler`), the guidance (`GuidanceSetup`), for msm / ambient the measurement process (`MSMSetup`) with
+    Ambient's extra drop delta or MSM's K (`subset_count`, the one check of --subsets), and the solver with its noise
+    levels: `solver` (training/sampling/solvers.py; None for MSM's reference loop) on `sigmas`, and `calls`, the
+    network calls of a batch as the solver counts them (the progress bar's total)."""
 
     def __init__(self, net, config: dict, o, device):
-        if o.num_subsets < 1:
-            raise UserError(f"--subsets must be an integer >= 1, got {o.num_subsets}.")
         self.net, self.o = net, o
         self.sampler = resolve_sampler(o.sampler, config, net.in_channels - net.out_channels)
         self.is_mri = config.get("dataset", {}).get("kind") == "mri"
@@ -371,18 +351,26 @@ class Generation:
         if o.maps_path is not None and not (self.is_mri and self.sampler in ("msm", "ambient")):
             raise UserError("--maps applies only to the msm and ambient samplers of an MRI model.")
         self.shape = [net.out_channels, net.img_resolution, net.img_resolution]
-        self.edm_options = dict(num_steps=o.num_steps, sigma_min=max(o.sigma_min, net.sigma_min),
-                                sigma_max=min(o.sigma_max, net.sigma_max), rho=o.rho, solver=o.solver,
-                                S_churn=o.S_churn, S_min=o.S_min, S_max=o.S_max, S_noise=o.S_noise)
+        # EDM's grid, clipped to the network's noise range: the edm and ambient samplers', and msm heun's.
+        sigma_min, sigma_max = max(o.sigma_min, net.sigma_min), min(o.sigma_max, net.sigma_max)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.sigmas = rho_schedule(o.num_steps, sigma_min, sigma_max, o.rho)
+        self.solver = ODE(o.solver, o.S_churn, o.S_min, o.S_max, o.S_noise)
         self.device, self.msm = device, None
         if self.sampler in ("msm", "ambient"):
             self.msm = MSMSetup(net, config, o.maps_path, device, o.acquired_draw)
         if self.sampler == "ambient":
             self.delta = AmbientLoss(**{k: v for k, v in config["loss"].items() if k != "class_name"}).delta  # checked
         if self.sampler == "msm":
-            self.sigmas, self.schedule_note = msm_sigmas(o.schedule, o.num_steps, self.edm_options["sigma_min"],
-                                                         self.edm_options["sigma_max"], o.rho, config.get("loss"),
-                                                         o.vp_grid)
+            self.num_subsets = subset_count(o.num_subsets, self.msm.measurement.law)
+            if o.variant == "heun":  # EDM's Heun on the aggregate, without churn
+                self.solver = ODE("heun")
+            else:
+                self.sigmas, self.schedule_note = msm_sigmas(o.schedule, o.num_steps, sigma_min, sigma_max, o.rho,
+                                                             config.get("loss"), o.vp_grid)
+                self.solver = Ancestral(o.eta) if o.variant == "batched" else None
+        self.calls = (msm_reference_evaluations(self.sigmas, self.num_subsets, self.msm.measurement.law)
+                      if self.solver is None else self.solver.evaluations(self.sigmas))
 
     def describe(self, settings: str) -> str:
         """The sampler's settings (its entry's `sample_settings`) and the guidance, for the log."""
@@ -396,18 +384,23 @@ class Generation:
         """EDM's initial noise, drawn before the batch's classes (each seed's stream: noise, then class)."""
         return gen.randn([len(seeds), *self.shape]).to(self.device) if self.sampler == "edm" else None
 
+    def ode(self, denoiser, latents, gen, callback=None) -> torch.Tensor:
+        """The ODE solver from unit latents scaled to the first level; a complex (k-space) state is stepped as its real
+        (re, im) view. The callback (MSMAggregate.remember) is for real states only: on k-space nothing guides or
+        conditions the aggregate (guidance is refused for MRI), so its own last estimate is the one the solver used."""
+        x = noise_start(latents, self.sigmas[0].item())
+        if not x.is_complex():
+            return self.solver(denoiser, x, gen, self.sigmas, callback=callback)
+        out = self.solver(real_view(denoiser), torch.view_as_real(x), gen, self.sigmas)
+        return torch.view_as_complex(out.contiguous())
+
 
 def edm_calls(g: Generation) -> int:
-    """Network calls of EDM's Heun (2 per step, the last an Euler step) or Euler sampler; Ambient's likewise."""
-    return 2 * g.o.num_steps - 1 if g.o.solver == "heun" else g.o.num_steps
+    """Network calls of a batch, as the sampler's solver counts them (the msm and ambient samplers' too)."""
+    return g.calls
 
 
-def msm_calls(g: Generation) -> int:
-    """Batched network calls of the MSM sampler: one per level (the reference variant: one per subset and level;
-    heun: 2 per step, the last an Euler step)."""
-    if g.o.variant == "heun":
-        return 2 * g.o.num_steps - 1
-    return len(g.sigmas) * (g.o.num_subsets if g.o.variant == "reference" else 1)
+msm_calls = edm_calls  # methods.py's name for the msm entry
 
 
 def edm_settings(g: Generation) -> str:
@@ -427,35 +420,49 @@ def ambient_settings(g: Generation) -> str:
 
 
 def sample_edm(g: Generation, seeds, gen, labels, target, latents) -> torch.Tensor:
-    """EDM's Heun/Euler sampler on the (guided) network denoiser."""
-    net, guide = g.net, g.guide
-    denoiser = (guide.denoiser(lambda labels_in: net_denoiser(net, labels_in), labels, target)
-                if guide.active else net_denoiser(net, labels))
-    return edm_sampler(denoiser, latents, gen, **g.edm_options)
+    """EDM's Heun/Euler (ODE) on the (guided) network denoiser."""
+    return g.ode(g.guide.denoiser(lambda labels_in: net_denoiser(g.net, labels_in), labels, target), latents, gen)
 
 
 def sample_msm(g: Generation, seeds, gen, labels, target, latents) -> torch.Tensor:
-    o, edm = g.o, g.edm_options
-    return g.msm.generate(seeds, gen, labels, num_subsets=o.num_subsets, variant=o.variant, sigmas=g.sigmas, eta=o.eta,
-                          num_steps=o.num_steps, sigma_min=edm["sigma_min"], sigma_max=edm["sigma_max"], rho=o.rho,
-                          guide=g.guide, target=target)
+    """MSM's sampler in the measurement space: the ancestral solver (batched) or the ODE (heun) on the aggregate of
+    the (classifier-free guided) partial denoisers with the classifier terms, or the reference write-back loop. The
+    aggregate's 'previous' fallback is the estimate the solver used (its callback)."""
+    msm, o = g.msm, g.o
+    operator, latents = msm.batch(seeds, gen)
+    partial = g.guide.base(lambda labels_in: net_partial_denoiser(g.net, operator, labels_in, msm.skip_space), labels)
+    terms = g.guide.terms(target)
+    project = aggregate_projection(msm.skip_space, operator)
+    if o.variant == "reference":
+        z_hat = msm_reference(partial, noise_start(latents, g.sigmas[0].item(), "single"), gen, g.sigmas,
+                              msm.measurement.law, g.num_subsets, eta=o.eta, project=project,
+                              guidance=functools.partial(correction, terms) if terms else None)
+        return msm.image(operator, z_hat)
+    aggregate = MSMAggregate(partial, msm.measurement.law, gen, g.num_subsets, project=project)
+    denoiser = guided(aggregate, terms)
+    if o.variant == "heun":
+        return msm.image(operator, g.ode(denoiser, latents, gen, callback=aggregate.remember))
+    x = noise_start(latents, g.sigmas[0].item(), "single")
+    return msm.image(operator, g.solver(denoiser, x, gen, g.sigmas, callback=aggregate.remember))
 
 
 def sample_ambient(g: Generation, seeds, gen, labels, target, latents) -> torch.Tensor:
-    return g.msm.generate_ambient(seeds, gen, labels, delta=g.delta, **g.edm_options)
+    """Ambient's sampler: the ODE on the masked network at one mask per seed (`ambient_masks`)."""
+    msm = g.msm
+    operator, latents = msm.batch(seeds, gen)
+    masks = ambient_masks(msm.measurement.law, g.delta, tuple(latents.shape[-2:]), gen).to(latents.device)
+    denoiser = masked_denoiser(net_ambient_denoiser(g.net, operator, labels), masks)
+    return msm.image(operator, g.ode(denoiser, latents, gen))
 
 
 def bridge_images(g: Generation, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """--bridge-source (MGDM's stage 2, training/bridge.py): images x (float64) encoded by the probability-flow ODE
+    """--bridge-source (MGDM's stage 2, solvers.dual_bridge: encode and decode by the ODE): images x (float64) encoded
     under their classes `source` and decoded under the classes `target` with the chosen guidance."""
-    from training.bridge import dual_bridge
-
-    net, edm = g.net, g.edm_options
+    net = g.net
 
     def one_hot(idx):
         return torch.nn.functional.one_hot(idx, net.label_dim).float() if net.label_dim else None
 
     return dual_bridge(net_denoiser(net, one_hot(source)),
                        g.guide.denoiser(lambda labels_in: net_denoiser(net, labels_in), one_hot(target), target), x,
-                       num_steps=edm["num_steps"], sigma_min=edm["sigma_min"], sigma_max=edm["sigma_max"],
-                       rho=edm["rho"])
+                       num_steps=g.o.num_steps, sigma_min=g.sigma_min, sigma_max=g.sigma_max, rho=g.o.rho)
