@@ -483,7 +483,8 @@ def dds_plan(run: Run) -> Plan:
     sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dds_steps), run.model.loss_config)
     return Plan(Ancestral(eta=o.dds_eta, outer="ddim", precision="double", noise="state"), sigmas, schedule,
                 start=noise_start_of,
-                term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters),
+                term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters,
+                                       law="ddim"),
                 settings={"gamma": f.dds_gamma, "cg_iters": f.cg_iters, "eta": o.dds_eta, "levels": len(sigmas),
                           "sigma_max": sigmas[0].item(), "schedule": schedule, **prior_denoiser_settings(run)})
 
