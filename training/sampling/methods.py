@@ -4,12 +4,15 @@ METHODS: name -> Method. A reconstruct.py method (`run` set) reconstructs one (e
 `run(run, examples, seeds)` returns the images; `tasks` says which measurement operators it handles; `needs_model`
 marks a learned prior (--network); `seeded` False marks a deterministic method (computed once per example, its rows
 repeated across seeds); `settings(run)` is written beside its rows in summary.json; `network_calls(run)` is the
-number of batched network calls of one run (the progress bar's total; one small function per method). A generate.py
+number of batched network calls of one run (the progress bar's total). A learned method is an assembly of the
+package's four pieces (`Plan`: prior denoiser, conditioning term, solver with its grid, initial state; `PLANS`), built
+once per run by `plan_of` before anything is written (the pieces check their own options), and its network calls are
+its solver's `evaluations` on its grid. A generate.py
 sampler (`sample` set) draws the images of a batch of seeds for a `Generation` (the model, its measurement process
 and guidance; training/sampling/generation.py), `sample_calls` and `sample_settings` its progress total and log line.
 Each entry names its option groups (`options` for reconstruct.py, `sample_options` for generate.py: click options
 declared once, here and in generation.py; the scripts build their CLIs from them with `cli_options`), so a new method
-is one function, one entry and its options; nothing in the scripts changes.
+is one plan function, one entry and its options; nothing in the scripts changes.
 
 Methods of reconstruct.py:
   msm          MSM posterior sampling: the MSM sampler with the model's training mask law (the full mask for an
@@ -25,21 +28,27 @@ Methods of reconstruct.py:
   dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
                (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial
-               estimates under the model's training law per evaluation (training/samplers.py
-               `msm_aggregate_denoiser`); summary.json records which ('denoiser').
+               estimates under the model's training law per evaluation (denoisers.MSMAggregate with the 'shrink'
+               fallback; `prior_denoiser`); summary.json records which ('denoiser').
+  dds          DDS as published (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3): the ancestral solver with DDIM
+               re-noising --dds-eta (0.15) on --dds-steps levels of DDPM's grid (default 50, the paper's NFE), with
+               --cg-iters CG iterations (5) of (I + gamma A^H A) x = x0_hat + gamma A^H y (--dds-gamma) on every
+               denoised image, carried to the state as DDS's DDIM step does (conditioning.dds law 'ddim').
   zero-filled  A^+ y (MRI: zero-filled coil combination; SR: nearest-neighbour upsampling; inpainting: holes 0).
   cs-tv        MRI only: sigpy total-variation SENSE reconstruction (--cs-tv-lambda 1e-3, --cs-tv-iters 1000 PDHG).
   cs-l1        MRI only: sigpy L1-wavelet SENSE reconstruction (--cs-l1-lambda 1e-3, --cs-l1-iters 500).
-               Both defaults are converged (training/posterior.py CS_DEFAULTS, bench/cs_convergence.py); the lambda
+               Both defaults are converged (sampling/baselines.py CS_DEFAULTS, bench/cs_convergence.py); the lambda
                and iterations used are written beside the rows.
   ald          Annealed Langevin (Jalal et al. 2021 / SEED_METHODS.md 2) on the geometric ladder --sigma-max,
                --sigma-min, --levels: --steps-each steps of alpha_i = eps (sigma_i / sigma_L)^2 (--eps, default
                NCSNv2's criterion), --noise-boost, --sigma-offset, --init; data term --ald-dc annealed
                (A^H (y - A x) / (sigma_y^2 + sigma_i^2) times --dc-boost) or normalized (--dc-norm-weight).
-  pc-jalal, pc-dps, pc-projection, dds
+  pc-jalal, pc-dps, pc-projection, pc-dds
                Song et al.'s predictor-corrector (Euler-Maruyama, then --corrector-steps Langevin steps with --snr)
-               on the same ladder, with the conditioning term named (training/conditioning.py; --pc-dps-step,
+               on the same ladder, with the conditioning term named (sampling/conditioning.py; --pc-dps-step,
                --dds-gamma, --cg-iters); --start-fraction or --start-sigma warm-starts from A^+ y (FBP for CT).
+               pc-dds (DDS's CG inside this ladder, the house's 'dds' before DDS as published) is kept because it
+               beats DDS at equal NFE on some exact-Gaussian problems (box inpainting, and MRI and CT at gamma 100).
                pc-projection needs an exact A^+ (not CT). The family's prior is DPS's (the full or the MSM
                aggregate denoiser); each returns its last iterate (--final-denoise: its Tweedie estimate).
   padis        PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4) on EDM's rho = 7 schedule (--padis-steps,
@@ -48,7 +57,7 @@ Methods of reconstruct.py:
                alpha = --alpha-factor sigma^2, no noise at the last level; starts from A^+ y (FBP for CT) without
                noise as PaDIS's code (--padis-init noise: sigma_max z, as its paper). Prior as DPS's.
   fbp          CT only: filtered back-projection (ramp filter), the classical CT baseline.
-The learned methods start their grids inside the model's training range (training/samplers.py
+The learned methods start their grids inside the model's training range (sampling/schedules.py
 `sigmas_in_training_range`; the log says where and why).
 """
 
@@ -341,7 +350,7 @@ def batch_of(run: Run, examples: list[Example], seeds: list[int]) -> Batch:
                  (len(seeds), net.out_channels, net.img_resolution, net.img_resolution))
 
 
-def noise_latents(batch: Batch, sigmas) -> torch.Tensor:
+def noise_latents(run: Run, batch: Batch, sigmas) -> torch.Tensor:
     """sigmas[0] times standard normal images from the seeds (float64)."""
     return noise_start(batch.gen.randn(batch.shape, dtype=torch.float64), sigmas[0].item())
 
@@ -465,14 +474,10 @@ def dps_plan(run: Run) -> Plan:
     o = run.options
     dps(None, None, zeta=o.dps_step, law="ddpm")  # the term's constructor checks zeta
     sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dps_steps), run.model.loss_config)
-    return Plan(Ancestral(eta=1.0, precision="double", noise="state"), sigmas, schedule, start=noise_start_of,
+    return Plan(Ancestral(eta=1.0, precision="double", noise="state"), sigmas, schedule, start=noise_latents,
                 term=lambda batch: dps(batch.operator, batch.y, batch.mask, zeta=o.dps_step, law="ddpm"),
                 settings={"zeta": o.dps_step, "levels": len(sigmas), "sigma_max": sigmas[0].item(),
                           "schedule": schedule, **prior_denoiser_settings(run)})
-
-
-def noise_start_of(run: Run, batch: Batch, sigmas) -> torch.Tensor:
-    return noise_latents(batch, sigmas)
 
 
 def dds_plan(run: Run) -> Plan:
@@ -482,7 +487,7 @@ def dds_plan(run: Run) -> Plan:
     dds(None, None, gamma=f.dds_gamma, cg_iters=f.cg_iters)  # the term's constructor checks its options
     sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dds_steps), run.model.loss_config)
     return Plan(Ancestral(eta=o.dds_eta, outer="ddim", precision="double", noise="state"), sigmas, schedule,
-                start=noise_start_of,
+                start=noise_latents,
                 term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters,
                                        law="ddim"),
                 settings={"gamma": f.dds_gamma, "cg_iters": f.cg_iters, "eta": o.dds_eta, "levels": len(sigmas),
@@ -539,7 +544,7 @@ def family_plan(name: str):
 
         def start(run, batch, sigmas):
             if not warm:
-                return noise_latents(batch, sigmas)
+                return noise_latents(run, batch, sigmas)
             return warm_start(batch.estimate(run.task.task), sigmas, batch.gen)[0]
 
         settings.update(corrector_steps=f.corrector_steps, snr=f.snr, start_fraction=f.start_fraction,
