@@ -166,7 +166,7 @@ def test_snr_sweep_tabulates_one_row_per_snr(tmp_path, files):
 BAD_INPUT = {  # expected words of the one sentence: the arguments after --network/--data
     "applies to --task": ["--task", "ct", "--methods", "pc-projection"],
     "--methods msm applies": ["--task", "ct", "--methods", "msm"],
-    "--steps-each must be >= 1": ["--task", "box", "--methods", "ald", "--steps-each", "0"],
+    "--steps-each must be an integer >= 1": ["--task", "box", "--methods", "ald", "--steps-each", "0"],
     "0 < --sigma-min < --sigma-max": ["--task", "box", "--methods", "ald", "--sigma-min", "5", "--sigma-max", "5"],
     "unknown method": ["--task", "box", "--methods", "ald,langevin"],
     "give only one": ["--task", "box", "--snr-db", "10", "--sigma-y", "0.1"],
