@@ -27,7 +27,7 @@ from training.measurements import MeasurementConfig
 from training.sampling import methods
 from training.sampling.denoisers import CountingNetwork
 
-FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "dds"]
+FAMILY = ["ald", "pc-jalal", "pc-dps", "pc-projection", "pc-dds"]
 TINY = ["--levels", "3", "--steps-each", "2", "--sigma-max", "5"]
 
 
@@ -70,7 +70,7 @@ def test_every_method_runs_with_every_prior(tmp_path, files, task, prior):
     # the batch tiled K times (K = --subsets, default 3 MRI, 2 images), so K images per evaluation per example.
     k = 1 if prior == "clean" else 3 if task == "mri" else 2
     nfe = {r["method"]: float(r["nfe"]) for r in rows}
-    assert nfe["ald"] == 3 * 2 * k and nfe["pc-jalal"] == 2 * 2 * k and nfe["dds"] == 2 * 2 * k  # levels x steps;
+    assert nfe["ald"] == 3 * 2 * k and nfe["pc-jalal"] == 2 * 2 * k and nfe["pc-dds"] == 2 * 2 * k  # levels x steps;
     settings = json.load(open(tmp_path / "summary.json"))["settings"]
     assert nfe["dps"] == settings["dps"]["levels"] * k  # (levels - 1) x 2 for the family; DPS: one per level
     assert nfe[baselines[0]] == 0
@@ -95,7 +95,7 @@ def test_samples_depend_only_on_their_seed(tmp_path, files):
 def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     # The exact denoiser of Gaussian data as the network (tests/test_reconstruct.py), reconstruct.py's own
     # measurements and method table; the mean of 4 posterior samples per example against A^+ y (FBP for CT, at 6
-    # views, fewer measurements than pixels). Measured (dB, 4 examples; ald, pc-jalal, pc-dps, pc-projection, dds vs
+    # views, fewer measurements than pixels). Measured (dB, 4 examples; ald, pc-jalal, pc-dps, pc-projection, pc-dds vs
     # baseline): MRI 30.5, 22.5, 23.2, 25.8, 21.8 vs 9.3; box 27.6, 26.7, 27.0, 29.2, 26.6 vs 22.3;
     # CT 29.3, 27.4, 27.8, -, 27.0 vs 24.1. Required: half of the smallest gain.
     channels, num, num_seeds = (2 if task == "mri" else 1), 4, 4
@@ -166,7 +166,7 @@ def test_snr_sweep_tabulates_one_row_per_snr(tmp_path, files):
 BAD_INPUT = {  # expected words of the one sentence: the arguments after --network/--data
     "applies to --task": ["--task", "ct", "--methods", "pc-projection"],
     "--methods msm applies": ["--task", "ct", "--methods", "msm"],
-    "--steps-each must be >= 1": ["--task", "box", "--methods", "ald", "--steps-each", "0"],
+    "--steps-each must be an integer >= 1": ["--task", "box", "--methods", "ald", "--steps-each", "0"],
     "0 < --sigma-min < --sigma-max": ["--task", "box", "--methods", "ald", "--sigma-min", "5", "--sigma-max", "5"],
     "unknown method": ["--task", "box", "--methods", "ald,langevin"],
     "give only one": ["--task", "box", "--snr-db", "10", "--sigma-y", "0.1"],

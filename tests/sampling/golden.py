@@ -181,7 +181,7 @@ def method_options(task: str, **changes):
     family = replace(family, **changes.pop("family", {}))
     cs = {kind: {**CS_DEFAULTS[kind], "max_iter": 10} for kind in ("tv", "l1-wavelet")}
     base = methods.MethodOptions(msm_steps=4, num_subsets=2, dc_step=2.0 if task == "mri" else 1.75, eta=0.85,
-                                 outer="ddnm", dps_steps=4, dps_step=1.0, cs=cs,
+                                 outer="ddnm", dps_steps=4, dps_step=1.0, cs=cs, dds_steps=4,
                                  padis=methods.PadisOptions(steps=3, inner_steps=2))
     return replace(base, family=family, **changes)
 
@@ -310,7 +310,7 @@ CASES = {
         ("pc-jalal", "sr", "gauss"), ("pc-jalal", "mri", "net"),
         ("pc-dps", "pixel", "gauss"), ("pc-dps", "mri", "net"),
         ("pc-projection", "box", "gauss"), ("pc-projection", "pixel", "net"),
-        ("dds", "mri", "gauss"), ("dds", "sr", "net"),
+        ("pc-dds", "mri", "gauss"), ("pc-dds", "sr", "net"), ("dds", "mri", "gauss"), ("dds", "sr", "net"),
         ("padis", "ct", "gauss"), ("padis", "mri", "net"), ("padis", "box", "gauss"))},
     "reconstruct/msm-heun/mri/gauss": reconstruct_case("msm", "mri", "gauss", msm_solver="heun"),
     "reconstruct/msm-heun/mri/net": reconstruct_case("msm", "mri", "net", msm_solver="heun"),

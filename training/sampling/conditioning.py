@@ -216,16 +216,26 @@ def conjugate_gradient(apply, b: torch.Tensor, x: torch.Tensor, iterations: int)
     return x
 
 
-def dds(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0, cg_iters: int = 5):
+DDS_LAWS = ("estimate", "ddim")
+
+
+def dds(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0, cg_iters: int = 5,
+        law: str = "estimate"):
     """Decomposed diffusion sampling's data step (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3): the Tweedie estimate
     is replaced by `cg_iters` conjugate-gradient iterations, started at x0, on (I + gamma A^H M A) x = x0 +
     gamma A^H y, the proximal step of gamma / 2 ||M A x - y||^2 around x0. (SEED's defaults: gamma 0.01 on [0, 1] CT
     data, 5 iterations.) DDS's own DDIM renoising (eta 0.15) is the solver's business: training/sampling/solvers.py
-    `dds_sampler` assembles DDS as published."""
+    `dds_sampler` assembles DDS as published.
+    law 'estimate': the solver uses the CG result x0' in place of x0 everywhere (an ancestral step then re-derives its
+    noise direction from x0'); 'ddim' (DDS's Algorithm: x' = sqrt(abar') x0' + c eps_theta(x) + noise, the network's
+    own eps): the solver's step moves the state by exactly x0' - x0 more than the prior step, returned as
+    x0 + (x0' - x0) / x0_weight (as the DPS laws that correct the state)."""
     if not gamma > 0:
         raise UserError(f"--dds-gamma must be > 0, got {gamma}.")
     if not (isinstance(cg_iters, int) and cg_iters >= 1):
         raise UserError(f"--cg-iters must be an integer >= 1, got {cg_iters!r}.")
+    if law not in DDS_LAWS:
+        raise ValueError(f"the DDS law must be one of {', '.join(DDS_LAWS)}, got {law!r}")
 
     def cond(denoiser, x, step):
         x0 = denoiser(x, step.sigma)
@@ -234,7 +244,8 @@ def dds(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: f
             return v + gamma * operator.AH(masked(operator.A(v), mask)).to(v.dtype)
 
         b = x0 + gamma * operator.AH(y).to(x0.dtype)
-        return conjugate_gradient(normal, b, x0, cg_iters)
+        x0c = conjugate_gradient(normal, b, x0, cg_iters)
+        return x0c if law == "estimate" else x0 + (x0c - x0) / step.x0_weight
 
     return cond
 

@@ -4,12 +4,15 @@ METHODS: name -> Method. A reconstruct.py method (`run` set) reconstructs one (e
 `run(run, examples, seeds)` returns the images; `tasks` says which measurement operators it handles; `needs_model`
 marks a learned prior (--network); `seeded` False marks a deterministic method (computed once per example, its rows
 repeated across seeds); `settings(run)` is written beside its rows in summary.json; `network_calls(run)` is the
-number of batched network calls of one run (the progress bar's total; one small function per method). A generate.py
+number of batched network calls of one run (the progress bar's total). A learned method is an assembly of the
+package's four pieces (`Plan`: prior denoiser, conditioning term, solver with its grid, initial state; `PLANS`), built
+once per run by `plan_of` before anything is written (the pieces check their own options), and its network calls are
+its solver's `evaluations` on its grid. A generate.py
 sampler (`sample` set) draws the images of a batch of seeds for a `Generation` (the model, its measurement process
 and guidance; training/sampling/generation.py), `sample_calls` and `sample_settings` its progress total and log line.
 Each entry names its option groups (`options` for reconstruct.py, `sample_options` for generate.py: click options
 declared once, here and in generation.py; the scripts build their CLIs from them with `cli_options`), so a new method
-is one function, one entry and its options; nothing in the scripts changes.
+is one plan function, one entry and its options; nothing in the scripts changes.
 
 Methods of reconstruct.py:
   msm          MSM posterior sampling: the MSM sampler with the model's training mask law (the full mask for an
@@ -25,21 +28,27 @@ Methods of reconstruct.py:
   dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
                (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial
-               estimates under the model's training law per evaluation (training/samplers.py
-               `msm_aggregate_denoiser`); summary.json records which ('denoiser').
+               estimates under the model's training law per evaluation (denoisers.MSMAggregate with the 'shrink'
+               fallback; `prior_denoiser`); summary.json records which ('denoiser').
+  dds          DDS as published (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3): the ancestral solver with DDIM
+               re-noising --dds-eta (0.15) on --dds-steps levels of DDPM's grid (default 50, the paper's NFE), with
+               --cg-iters CG iterations (5) of (I + gamma A^H A) x = x0_hat + gamma A^H y (--dds-gamma) on every
+               denoised image, carried to the state as DDS's DDIM step does (conditioning.dds law 'ddim').
   zero-filled  A^+ y (MRI: zero-filled coil combination; SR: nearest-neighbour upsampling; inpainting: holes 0).
   cs-tv        MRI only: sigpy total-variation SENSE reconstruction (--cs-tv-lambda 1e-3, --cs-tv-iters 1000 PDHG).
   cs-l1        MRI only: sigpy L1-wavelet SENSE reconstruction (--cs-l1-lambda 1e-3, --cs-l1-iters 500).
-               Both defaults are converged (training/posterior.py CS_DEFAULTS, bench/cs_convergence.py); the lambda
+               Both defaults are converged (sampling/baselines.py CS_DEFAULTS, bench/cs_convergence.py); the lambda
                and iterations used are written beside the rows.
   ald          Annealed Langevin (Jalal et al. 2021 / SEED_METHODS.md 2) on the geometric ladder --sigma-max,
                --sigma-min, --levels: --steps-each steps of alpha_i = eps (sigma_i / sigma_L)^2 (--eps, default
                NCSNv2's criterion), --noise-boost, --sigma-offset, --init; data term --ald-dc annealed
                (A^H (y - A x) / (sigma_y^2 + sigma_i^2) times --dc-boost) or normalized (--dc-norm-weight).
-  pc-jalal, pc-dps, pc-projection, dds
+  pc-jalal, pc-dps, pc-projection, pc-dds
                Song et al.'s predictor-corrector (Euler-Maruyama, then --corrector-steps Langevin steps with --snr)
-               on the same ladder, with the conditioning term named (training/conditioning.py; --pc-dps-step,
+               on the same ladder, with the conditioning term named (sampling/conditioning.py; --pc-dps-step,
                --dds-gamma, --cg-iters); --start-fraction or --start-sigma warm-starts from A^+ y (FBP for CT).
+               pc-dds (DDS's CG inside this ladder, the house's 'dds' before DDS as published) is kept because it
+               beats DDS at equal NFE on some exact-Gaussian problems (box inpainting, and MRI and CT at gamma 100).
                pc-projection needs an exact A^+ (not CT). The family's prior is DPS's (the full or the MSM
                aggregate denoiser); each returns its last iterate (--final-denoise: its Tweedie estimate).
   padis        PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4) on EDM's rho = 7 schedule (--padis-steps,
@@ -48,15 +57,14 @@ Methods of reconstruct.py:
                alpha = --alpha-factor sigma^2, no noise at the last level; starts from A^+ y (FBP for CT) without
                noise as PaDIS's code (--padis-init noise: sigma_max z, as its paper). Prior as DPS's.
   fbp          CT only: filtered back-projection (ramp filter), the classical CT baseline.
-The learned methods start their grids inside the model's training range (training/samplers.py
+The learned methods start their grids inside the model's training range (sampling/schedules.py
 `sigmas_in_training_range`; the log says where and why).
 """
 
-import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 import torch
@@ -67,33 +75,29 @@ from torch_utils.compiling import compile_network
 from torch_utils.misc import SeedGenerators
 from training import snapshot as checkpoint
 from training.classifier import is_classifier
-from training.conditioning import dds, dps, jalal, jalal_normalized, projection
 from training.ct import fbp
 from training.masks import FullMask, mask_law_from_config, with_acquired_draw
 from training.measurements import aggregate_projection, skip_space_of
 from training.operators import Identity
 from training.patches import patch_prior, use_seeds
-from training.posterior import (
-    CS_DEFAULTS,
+from training.sampling.baselines import CS_DEFAULTS, cs_mri, zero_filled
+from training.sampling.conditioning import (
     DPS_ZETA,
-    check_dc_step,
-    cs_mri,
-    ddpm_sigmas,
-    dps_sampler,
-    image_denoiser,
-    msm_posterior_sampler,
-    respaced_sigmas,
-    zero_filled,
+    dds,
+    dps,
+    jalal,
+    jalal_normalized,
+    msm_aggregate_step,
+    msm_partial_step,
+    projection,
 )
-from training.samplers import (
-    EDM_SIGMA_MAX,
-    OUTER_UPDATES,
+from training.sampling.denoisers import (
     CountingNetwork,
-    msm_aggregate_denoiser,
+    MSMAggregate,
+    net_denoiser,
     net_partial_denoiser,
-    sigmas_in_training_range,
-    training_sigma_max,
-    vp_grid_of,
+    real_view,
+    subset_count,
 )
 from training.sampling.generation import (
     ACQUIRED_DRAW_OPTION,
@@ -114,21 +118,34 @@ from training.sampling.generation import (
     sample_msm,
 )
 from training.sampling.generation import msm_settings as msm_generation_settings
-from training.sde import (
+from training.sampling.schedules import (
+    EDM_SIGMA_MAX,
+    ddpm_sigmas,
+    geometric_ladder,
+    padis_sigmas,
+    respaced_sigmas,
+    rho_schedule,
+    sigmas_in_training_range,
+    training_sigma_max,
+    vp_grid_of,
+)
+from training.sampling.solvers import (
     ALD_INITS,
+    DDS_ETA,
+    ODE,
+    OUTER_UPDATES,
     PADIS_INITS,
+    Ancestral,
+    Langevin,
+    PredictorCorrector,
     ald_initial_state,
     ald_step_sizes,
-    annealed_langevin,
     auto_eps,
-    check_padis_options,
-    geometric_ladder,
     noise_start,
-    padis_dps_langevin,
     padis_initial_state,
-    padis_sigmas,
-    predictor_corrector,
+    padis_solver,
     warm_start,
+    warm_start_levels,
 )
 from training.tasks import (
     IMAGE_OPERATOR_TASKS,
@@ -194,13 +211,13 @@ def load_model(network_path: str | None, device, patch_size=None, patch_batch=No
 
 @dataclass(frozen=True)
 class FamilyOptions:
-    """The options of the ALD / predictor-corrector family (training/sde.py, training/conditioning.py)."""
+    """The options of the ALD / predictor-corrector family (validated where their pieces are built: `plan_of`)."""
 
     sigma_max: float = 50.0
     sigma_min: float = 0.01
     levels: int = 100
     steps_each: int = 3
-    eps: float | None = None  # None: NCSNv2's criterion (sde.auto_eps)
+    eps: float | None = None  # None: NCSNv2's criterion (solvers.auto_eps)
     noise_boost: float = 1.0
     dc_boost: float = 1.0
     sigma_offset: int = 0
@@ -216,51 +233,24 @@ class FamilyOptions:
     dds_gamma: float = 1.0
     cg_iters: int = 5
 
-    def check(self):
-        """One sentence for each inconsistent option, before anything is written."""
-        geometric_ladder(self.sigma_max, self.sigma_min, self.levels)
-        if not self.steps_each >= 1:
-            raise UserError(f"--steps-each must be >= 1, got {self.steps_each}.")
-        if not 0 <= self.sigma_offset < self.levels:
-            raise UserError(f"--sigma-offset must be in 0..{self.levels - 1} (levels of the ALD ladder to skip), got "
-                            f"{self.sigma_offset}.")
-        if self.corrector_steps < 0:
-            raise UserError(f"--corrector-steps must be >= 0, got {self.corrector_steps}.")
-        if self.start_fraction is not None and not 0 <= self.start_fraction < 1:
-            raise UserError(f"--start-fraction must be in [0, 1), got {self.start_fraction}.")
-        if self.start_fraction is not None and self.start_sigma is not None:
-            raise UserError("Give either --start-sigma or --start-fraction, not both.")
-        if self.start_sigma is not None and not self.sigma_min <= self.start_sigma:
-            raise UserError(f"--start-sigma must be >= --sigma-min {self.sigma_min}, got {self.start_sigma}.")
-        for flag, value in (("--eps", self.eps if self.eps is not None else 1.0), ("--snr", self.snr),
-                            ("--pc-dps-step", self.pc_dps_step), ("--dds-gamma", self.dds_gamma),
-                            ("--dc-norm-weight", self.dc_norm_weight)):
-            if not value > 0:
-                raise UserError(f"{flag} must be > 0, got {value}.")
-        for flag, value in (("--noise-boost", self.noise_boost), ("--dc-boost", self.dc_boost)):
-            if not value >= 0:
-                raise UserError(f"{flag} must be >= 0, got {value}.")
-        if self.cg_iters < 1:
-            raise UserError(f"--cg-iters must be >= 1, got {self.cg_iters}.")
-
 
 @dataclass(frozen=True)
 class PadisOptions:
-    """The options of PaDIS's solver (training/sde.py `padis_dps_langevin`); defaults from PaDIS's README."""
+    """The options of PaDIS's solver (solvers.padis_solver with the dps term's 'state' law); defaults from PaDIS's
+    README."""
 
     steps: int = 100
     sigma_max: float = 10.0
     sigma_min: float = 0.003
     inner_steps: int = 10
     alpha_factor: float = 0.5
-    zeta: float = 0.3  # PaDIS's README; gains over A^+ y with an exact prior: tests/test_padis_solver.py
+    zeta: float = 0.3  # PaDIS's README; gains over A^+ y with an exact prior: tests/sampling/test_padis_solver.py
     init: str = "adjoint"
 
-    def check(self):
-        padis_sigmas(self.steps, self.sigma_min, self.sigma_max)
-        check_padis_options(self.zeta, self.inner_steps, self.alpha_factor)
-        if self.init not in PADIS_INITS:
-            raise UserError(f"--padis-init must be one of {', '.join(PADIS_INITS)}, got {self.init!r}.")
+
+# DDS as published (Chung, Lee, Ye 2023, "Decomposed diffusion sampler"; SEED_METHODS.md 3.3): DDIM on DDPM's
+# 1000-step grid respaced to 50 levels (the paper's headline budget, 50 NFE, beside DPS's 1000) with eta 0.15.
+DDS_STEPS = 50
 
 
 @dataclass
@@ -277,24 +267,27 @@ class MethodOptions:
     padis: PadisOptions = PadisOptions()
     sample_accel: float | None = None  # R of the MSM model's line masks at sampling; None: the training law's
     acquired_draw: str | None = None  # acquired-mask models: 'frequencies' or 'masks' (masks.AcquiredMaskLaw)
-    msm_solver: str = "ancestral"  # 'ancestral' (msm_sampler on the VP-200 levels) or 'heun' (EDM's rho grid, ODE)
+    msm_solver: str = "ancestral"  # 'ancestral' (the ancestral solver on the VP-200 levels) or 'heun' (EDM's ODE)
     vp_grid: str | None = None  # rule of the VP-200 levels ('ddim' / 'section'); None: the snapshot's (vp_grid_of)
+    dds_steps: int = DDS_STEPS  # dds: levels of DDPM's grid
+    dds_eta: float = DDS_ETA  # dds: DDIM eta
 
 
 @dataclass
 class Run:
     """What a method needs: the model (None for baselines), the task, the options, where to compute, and whether
-    this process shows progress."""
+    this process shows progress. `plans` keeps each learned method's pieces, built once (`plan_of`)."""
 
     model: Model | None
     task: TaskOptions
     options: MethodOptions
     device: torch.device
     show_progress: bool = False
+    plans: dict = field(default_factory=dict)
 
 
-def stack(examples: list[Example], field: str, device):
-    values = [getattr(e, field) for e in examples]
+def stack(examples: list[Example], field_name: str, device):
+    values = [getattr(e, field_name) for e in examples]
     return None if values[0] is None else torch.cat(values).to(device)
 
 
@@ -312,7 +305,7 @@ def sampling_law(run: Run):
 
 def msm_grid_rule(run: Run) -> str:
     """The rule of the VP-200 levels the MSM posterior sampler runs on: --vp-grid, else the snapshot's
-    (training/samplers.py `vp_grid_of`: the reference's ddim200 where it records none)."""
+    (schedules.vp_grid_of: the reference's ddim200 where it records none)."""
     return run.options.vp_grid or vp_grid_of(run.model.loss_config)
 
 
@@ -324,63 +317,87 @@ def msm_sigmas(run: Run) -> tuple[torch.Tensor, str]:
 HEUN_SIGMA_MIN, HEUN_RHO = 0.002, 7.0  # EDM's rho grid (Karras et al. 2022, Table 1)
 
 
-def msm_heun_grid(run: Run) -> dict:
-    """--msm-solver heun: EDM's rho grid of --steps Heun steps from the top of the model's training range (at most
-    EDM's 80) to 0.002; 2 --steps - 1 aggregate evaluations (the last step, to sigma 0, is an Euler step)."""
-    top, _ = training_sigma_max(run.model.loss_config)
-    return dict(num_steps=run.options.msm_steps, sigma_min=HEUN_SIGMA_MIN, sigma_max=min(EDM_SIGMA_MAX, top),
-                rho=HEUN_RHO)
+# ----------------------------------------------------------------------------
+# A learned method is an assembly of the four pieces (training/sampling/__init__.py): a prior denoiser, its
+# conditioning term, a solver and its grid, and an initial state. `plan_of` builds the pieces that depend on the
+# options only (solver, grid, and the term's options, checked by building it), once per run and before anything is
+# written; `run_plan` adds what depends on the batch (the operator, y, the seeds) and runs the solver.
 
 
-def msm_network_calls(run: Run) -> int:
-    """Batched network calls of one MSM posterior run (each evaluates the K subsets together)."""
-    if run.options.msm_solver == "heun":
-        return 2 * run.options.msm_steps - 1
-    return len(msm_sigmas(run)[0])
+@dataclass
+class Batch:
+    """One batch of (example, seed) pairs on the device."""
+
+    operator: object  # the task's A of the batch (MRI: T = F S; its line mask is `mask`)
+    y: torch.Tensor
+    mask: torch.Tensor | None  # MRI's line mask (the image operators hold their masks)
+    sigma_y: torch.Tensor | float  # (N, 1, 1, 1) float64 per-example noise std, or 0.0 where none is recorded
+    gen: SeedGenerators
+    shape: tuple  # (N, C, H, W) of the images
+
+    def estimate(self, task: str) -> torch.Tensor:
+        return first_estimate(task, self.operator, self.y).to(torch.float64)
 
 
-def dps_levels(run: Run) -> tuple[torch.Tensor, str]:
-    return sigmas_in_training_range(ddpm_sigmas(run.options.dps_steps), run.model.loss_config)
-
-
-def run_msm(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
-    """One MSM posterior sample per (example, seed) -> images (B, C, H, W): 2 channels (re, im) for MRI."""
-    device, net, o = run.device, run.model.net, run.options
+def batch_of(run: Run, examples: list[Example], seeds: list[int]) -> Batch:
+    device, net = run.device, run.model.net
     y, mask, maps = stack(examples, "y", device), stack(examples, "mask", device), stack(examples, "maps", device)
-    resolution = net.img_resolution
-    gen = SeedGenerators(seeds, device=device)
-    operator = task_operator(run.task, resolution, mask, maps, device)
-    if o.msm_solver == "heun":
-        common = dict(solver="heun", num_subsets=o.num_subsets, dc_step=o.dc_step, **msm_heun_grid(run))
-    else:
-        common = dict(sigmas=msm_sigmas(run)[0].to(device), eta=o.eta, outer=o.outer, num_subsets=o.num_subsets,
-                      dc_step=o.dc_step)
-    with torch.no_grad():
-        if run.task.task == "mri":
-            # Measurement-space state: complex k-space with N(0, 1) real and imaginary parts (MSM.md section 1).
-            latents = torch.view_as_complex(gen.randn([*y.shape, 2], dtype=torch.float64))
-            skip_space = skip_space_of(run.model.loss_config)
-            z_hat = msm_posterior_sampler(net_partial_denoiser(net, operator, skip_space=skip_space), latents,
-                                          sampling_law(run), gen, y, placement="partial", mask=mask,
-                                          project=aggregate_projection(skip_space, operator), **common)
-            return operator.pinv(z_hat.to(torch.complex64))
-        latents = gen.randn([len(seeds), net.out_channels, resolution, resolution], dtype=torch.float64)
-        return msm_posterior_sampler(net_partial_denoiser(net, Identity()), latents, sampling_law(run), gen, y,
-                                     placement="aggregate", operator=operator, **common)
+    sigma_y = stack(examples, "sigma_y", device)
+    operator = task_operator(run.task, net.img_resolution, mask, maps, device)
+    return Batch(operator, y, mask if run.task.task == "mri" else None,
+                 0.0 if sigma_y is None else sigma_y.to(torch.float64).reshape(-1, 1, 1, 1),
+                 SeedGenerators(seeds, device=device),
+                 (len(seeds), net.out_channels, net.img_resolution, net.img_resolution))
 
 
-def prior_denoiser(run: Run, operator, gen: SeedGenerators):
-    """The prior as the image denoiser D(x, sigma) of DPS and the ALD / predictor-corrector family: the network
-    itself for a model trained on clean data (one network call per evaluation); for an MSM model, MSM's aggregate of
-    K = --subsets partial estimates under its training law (training/samplers.py `msm_aggregate_denoiser`: one
-    batched call on K copies of the batch), in the model's measurement space (MRI: the task's T = F S; images: T = I).
-    """
+def noise_latents(run: Run, batch: Batch, sigmas) -> torch.Tensor:
+    """sigmas[0] times standard normal images from the seeds (float64)."""
+    return noise_start(batch.gen.randn(batch.shape, dtype=torch.float64), sigmas[0].item())
+
+
+@dataclass
+class Plan:
+    """A learned method's pieces. denoiser(run, batch) -> (D, callback): the prior (`prior_denoiser`, or MSM's
+    aggregate with its data-consistency steps) and what the solver reports its estimates to; term(batch) -> the
+    conditioning term or None; start(run, batch, sigmas) -> the state at sigmas[0]; finish maps the solver's output
+    to images. The run's NFE is the solver's own count on its grid (`evaluations`)."""
+
+    solver: object
+    sigmas: torch.Tensor
+    schedule: str  # how the grid was chosen (the log and summary.json)
+    start: Callable
+    term: Callable = lambda batch: None
+    denoiser: Callable = None
+    finish: Callable = lambda out, batch: out
+    settings: dict = field(default_factory=dict)
+
+    def evaluations(self) -> int:
+        return self.solver.evaluations(self.sigmas)
+
+
+def run_plan(name: str, run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
+    """One posterior sample per (example, seed) of a learned method -> images (B, C, H, W)."""
+    plan, batch = plan_of(name, run), batch_of(run, examples, seeds)
+    with torch.no_grad():  # DPS's terms take their gradient under torch.enable_grad
+        denoiser, callback = (plan.denoiser or prior_denoiser)(run, batch)
+        x = plan.start(run, batch, plan.sigmas)
+        out = plan.solver(denoiser, x, batch.gen, plan.sigmas.to(run.device), conditioning=plan.term(batch),
+                          callback=callback)
+        return plan.finish(out, batch)
+
+
+def prior_denoiser(run: Run, batch: Batch):
+    """The prior as the image denoiser D(x, sigma) of DPS, DDS, PaDIS and the ALD / predictor-corrector family: the
+    network itself for a model trained on clean data (one network call per evaluation); for an MSM model, MSM's
+    aggregate of K = --subsets partial estimates under its training law (one batched call on K copies of the batch),
+    in the model's measurement space (MRI: the task's T = F S; images: T = I), with the 'shrink' fallback (solvers
+    call it at arbitrary levels and differentiate through it)."""
     net, law = run.model.net, sampling_law(run)
     if law.kind == "full":
-        return image_denoiser(net)
-    measurement_operator = operator if run.model.kind == "mri" else Identity()
-    partial = net_partial_denoiser(net, measurement_operator, skip_space=skip_space_of(run.model.loss_config))
-    return msm_aggregate_denoiser(partial, measurement_operator, law, gen, run.options.num_subsets)
+        return net_denoiser(net, mask_channel="full"), None
+    operator = batch.operator if run.model.kind == "mri" else Identity()
+    partial = net_partial_denoiser(net, operator, skip_space=skip_space_of(run.model.loss_config))
+    return MSMAggregate(partial, law, batch.gen, run.options.num_subsets, fallback="shrink", operator=operator), None
 
 
 def prior_denoiser_settings(run: Run) -> dict:
@@ -389,128 +406,177 @@ def prior_denoiser_settings(run: Run) -> dict:
     return {"denoiser": "msm-aggregate", "K": run.options.num_subsets, "mask_law": sampling_law(run).to_config()}
 
 
-def run_dps(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
-    device, net = run.device, run.model.net
-    y, mask, maps = stack(examples, "y", device), stack(examples, "mask", device), stack(examples, "maps", device)
-    resolution = net.img_resolution
-    gen = SeedGenerators(seeds, device=device)
-    operator = task_operator(run.task, resolution, mask, maps, device)
-    latents = gen.randn([len(seeds), net.out_channels, resolution, resolution], dtype=torch.float64)
-    return dps_sampler(prior_denoiser(run, operator, gen), latents, gen, operator, y,
-                       mask if run.task.task == "mri" else None,
-                       sigmas=dps_levels(run)[0].to(device), step_size=run.options.dps_step)
+def plan_of(name: str, run: Run) -> Plan:
+    """The pieces of a learned method for this run, built (and so checked: one sentence per bad option) once."""
+    if name not in run.plans:
+        run.plans[name] = PLANS[name](run)
+    return run.plans[name]
 
 
-def family_levels(run: Run) -> tuple[torch.Tensor, str]:
-    f = run.options.family
-    return sigmas_in_training_range(geometric_ladder(f.sigma_max, f.sigma_min, f.levels), run.model.loss_config)
+def msm_plan(run: Run) -> Plan:
+    """MSM posterior sampling: the ancestral solver (or Heun's ODE) driving MSM's aggregate of the model's partial
+    estimates, with MSM's data-consistency step on every partial estimate in k-space (MRI) or on the aggregate
+    (images, a conditioning term); uncovered entries keep the estimate the solver last used (`remember`)."""
+    o, mri = run.options, run.task.task == "mri"
+    law, skip_space = sampling_law(run), skip_space_of(run.model.loss_config)
+    dc_step = o.dc_step
+    msm_partial_step(None, None, dc_step)  # the step's constructor checks lambda
+    subsets = subset_count(o.num_subsets, law)
+    if o.msm_solver == "heun":
+        sigma_max = min(EDM_SIGMA_MAX, training_sigma_max(run.model.loss_config)[0])
+        solver, sigmas = ODE("heun"), rho_schedule(o.msm_steps, HEUN_SIGMA_MIN, sigma_max, HEUN_RHO)
+        schedule = (f"EDM rho {HEUN_RHO:g} grid, {o.msm_steps} Heun steps from sigma {sigma_max:.3g} to "
+                    f"{HEUN_SIGMA_MIN:g}, no churn")
+        settings = {"K": subsets, "dc_step": dc_step, "solver": "heun", "steps": o.msm_steps, "sigma_max": sigma_max,
+                    "schedule": schedule, "skip_space": skip_space}
+    else:
+        solver, (sigmas, schedule) = Ancestral(o.eta, o.outer, precision="single"), msm_sigmas(run)
+        settings = {"K": subsets, "dc_step": dc_step, "eta": o.eta, "outer": o.outer, "levels": len(sigmas),
+                    "sigma_max": sigmas[0].item(), "schedule": schedule, "vp_grid": msm_grid_rule(run),
+                    "skip_space": skip_space}
+    if o.sample_accel is not None and law.kind != "full":
+        settings["sample_R"] = o.sample_accel
+    if run.model.mask_law.kind == "acquired":
+        settings["acquired_draw"] = law.draw
+    # Heun's ODE steps complex k-space as its real view; MSM's sampler keeps single-precision states.
+    real = mri and o.msm_solver == "heun"
+    precision = "double" if o.msm_solver == "heun" else "single"
+
+    def denoiser(run, batch):
+        operator = batch.operator if mri else Identity()
+        aggregate = MSMAggregate(net_partial_denoiser(run.model.net, operator, skip_space=skip_space if mri else
+                                                      "image"), law, batch.gen, o.num_subsets,
+                                 partial_step=msm_partial_step(batch.y, batch.mask, dc_step) if mri else None,
+                                 project=aggregate_projection(skip_space, operator) if mri else None)
+        if real:  # the solver's estimates are real views; the aggregate keeps its own as the fallback
+            return real_view(aggregate), None
+        return aggregate, aggregate.remember
+
+    def start(run, batch, sigmas):
+        if mri:  # the measurement-space state: complex k-space with N(0, 1) real and imaginary parts (MSM.md 1)
+            x = noise_start(torch.view_as_complex(batch.gen.randn([*batch.y.shape, 2], dtype=torch.float64)),
+                            sigmas[0].item(), precision)
+            return torch.view_as_real(x) if real else x
+        return noise_start(batch.gen.randn(batch.shape, dtype=torch.float64), sigmas[0].item(), precision)
+
+    def finish(out, batch):
+        if not mri:
+            return out
+        z_hat = torch.view_as_complex(out.contiguous()) if real else out
+        return batch.operator.pinv(z_hat.to(torch.complex64))
+
+    term = (lambda batch: None) if mri else (lambda batch: msm_aggregate_step(batch.operator, batch.y, dc_step))
+    return Plan(solver, sigmas, schedule, start, term, denoiser, finish, settings)
 
 
-def family_conditioning(name: str, f: FamilyOptions, operator, y, mask, sigma_y):
+def dps_plan(run: Run) -> Plan:
+    """DPS as published: the ancestral solver at eta 1 (float64 state and noise) with the dps term's 'ddpm' law."""
+    o = run.options
+    dps(None, None, zeta=o.dps_step, law="ddpm")  # the term's constructor checks zeta
+    sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dps_steps), run.model.loss_config)
+    return Plan(Ancestral(eta=1.0, precision="double", noise="state"), sigmas, schedule, start=noise_latents,
+                term=lambda batch: dps(batch.operator, batch.y, batch.mask, zeta=o.dps_step, law="ddpm"),
+                settings={"zeta": o.dps_step, "levels": len(sigmas), "sigma_max": sigmas[0].item(),
+                          "schedule": schedule, **prior_denoiser_settings(run)})
+
+
+def dds_plan(run: Run) -> Plan:
+    """DDS as published (SEED_METHODS.md 3.3): the ancestral solver with DDIM re-noising (--dds-eta, 0.15) on
+    --dds-steps levels of DDPM's grid, and the dds term (--cg-iters CG iterations on the denoised image)."""
+    o, f = run.options, run.options.family
+    dds(None, None, gamma=f.dds_gamma, cg_iters=f.cg_iters)  # the term's constructor checks its options
+    sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dds_steps), run.model.loss_config)
+    return Plan(Ancestral(eta=o.dds_eta, outer="ddim", precision="double", noise="state"), sigmas, schedule,
+                start=noise_latents,
+                term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters,
+                                       law="ddim"),
+                settings={"gamma": f.dds_gamma, "cg_iters": f.cg_iters, "eta": o.dds_eta, "levels": len(sigmas),
+                          "sigma_max": sigmas[0].item(), "schedule": schedule, **prior_denoiser_settings(run)})
+
+
+def family_term(name: str, f: FamilyOptions):
+    """The conditioning term of an ALD / predictor-corrector method as batch -> term."""
     if name == "ald" and f.ald_dc == "normalized":
-        return jalal_normalized(operator, y, mask, weight=f.dc_norm_weight)
+        return lambda b: jalal_normalized(b.operator, b.y, b.mask, weight=f.dc_norm_weight)
     if name in ("ald", "pc-jalal"):
-        return jalal(operator, y, mask, sigma_y=sigma_y, scale=f.dc_boost)
+        return lambda b: jalal(b.operator, b.y, b.mask, sigma_y=b.sigma_y, scale=f.dc_boost)
     if name == "pc-dps":
-        return dps(operator, y, mask, zeta=f.pc_dps_step)
+        return lambda b: dps(b.operator, b.y, b.mask, zeta=f.pc_dps_step)
     if name == "pc-projection":
-        return projection(operator, y, mask)
-    return dds(operator, y, mask, gamma=f.dds_gamma, cg_iters=f.cg_iters)
+        return lambda b: projection(b.operator, b.y, b.mask)
+    return lambda b: dds(b.operator, b.y, b.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters)
 
 
-def family_method(name: str):
-    """ALD (annealed Langevin on the --sigma-max/--sigma-min/--levels ladder, Jalal's data term) or the
-    predictor-corrector sampler on the same ladder with the conditioning term the name says; the prior is
-    `prior_denoiser`'s, as for DPS."""
+def family_plan(name: str):
+    """ALD (the Langevin solver on the --sigma-max/--sigma-min/--levels ladder, Jalal's data term) or the
+    predictor-corrector solver on the same ladder with the term the name says; the prior is `prior_denoiser`'s."""
 
-    def run_family(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
-        device, net, f = run.device, run.model.net, run.options.family
-        y, mask, maps = stack(examples, "y", device), stack(examples, "mask", device), stack(examples, "maps", device)
-        sigma_y = stack(examples, "sigma_y", device)
-        sigma_y = 0.0 if sigma_y is None else sigma_y.to(torch.float64).reshape(-1, 1, 1, 1)
-        resolution = net.img_resolution
-        operator = task_operator(run.task, resolution, mask, maps, device)
-        mask = mask if run.task.task == "mri" else None  # the image operators hold their masks
-        gen = SeedGenerators(seeds, device=device)
-        denoiser = prior_denoiser(run, operator, gen)
-        conditioning = family_conditioning(name, f, operator, y, mask, sigma_y)
-        sigmas = family_levels(run)[0].to(device)
-        shape = (len(seeds), net.out_channels, resolution, resolution)
-        with torch.no_grad():
-            estimate = first_estimate(run.task.task, operator, y).to(torch.float64)
-            if name == "ald":
-                alphas = ald_step_sizes(sigmas, f.eps if f.eps is not None else auto_eps(sigmas, f.steps_each))
-                x = ald_initial_state(f.init, shape, gen, sigmas[min(f.sigma_offset, len(sigmas) - 1)].item(),
-                                      estimate)
-                return annealed_langevin(denoiser, x, gen, sigmas, alphas, f.steps_each, noise_boost=f.noise_boost,
-                                         sigma_offset=min(f.sigma_offset, len(sigmas) - 1), conditioning=conditioning,
-                                         final_denoise=f.final_denoise)
-            if f.start_fraction is not None or f.start_sigma is not None:
-                x, sigmas = warm_start(estimate, sigmas, gen, fraction=f.start_fraction, start_sigma=f.start_sigma)
-            else:
-                x = noise_start(gen.randn(shape, dtype=torch.float64), sigmas[0].item())
-            return predictor_corrector(denoiser, x, gen, sigmas, corrector_steps=f.corrector_steps, snr=f.snr,
-                                       conditioning=conditioning, final_denoise=f.final_denoise)
+    def plan(run: Run) -> Plan:
+        f = run.options.family
+        sigmas, schedule = sigmas_in_training_range(geometric_ladder(f.sigma_max, f.sigma_min, f.levels),
+                                                    run.model.loss_config)
+        term = family_term(name, f)
+        if name != "pc-projection":  # the term's constructor checks its options (projection has none)
+            term(Batch(None, None, None, 0.0, None, ()))
+        settings = {"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(),
+                    "final_denoise": f.final_denoise, "schedule": schedule, **prior_denoiser_settings(run)}
+        if name == "ald":
+            if not 0 <= f.sigma_offset < f.levels:
+                raise UserError(f"--sigma-offset must be in 0..{f.levels - 1} (levels of the ALD ladder to skip), "
+                                f"got {f.sigma_offset}.")
+            offset = min(f.sigma_offset, len(sigmas) - 1)  # the ladder may lose its top to the training range
+            eps = f.eps if f.eps is not None else auto_eps(sigmas, f.steps_each)
+            solver = Langevin(ald_step_sizes(sigmas, eps), f.steps_each, f.noise_boost, offset,
+                              final_denoise=f.final_denoise)
 
-    return run_family
+            def start(run, batch, sigmas):
+                return ald_initial_state(f.init, batch.shape, batch.gen, sigmas[offset].item(),
+                                         batch.estimate(run.task.task))
 
+            settings.update(steps_each=f.steps_each, eps=eps, eps_rule="given" if f.eps is not None else "NCSNv2",
+                            noise_boost=f.noise_boost, sigma_offset=f.sigma_offset, dc=f.ald_dc, init=f.init,
+                            **({"dc_norm_weight": f.dc_norm_weight} if f.ald_dc == "normalized" else
+                               {"dc_boost": f.dc_boost}))
+            return Plan(solver, sigmas, schedule, start, term, settings=settings)
+        solver = PredictorCorrector(corrector_steps=f.corrector_steps, snr=f.snr, final_denoise=f.final_denoise)
+        warm = f.start_fraction is not None or f.start_sigma is not None
+        sigmas = warm_start_levels(sigmas, start_sigma=f.start_sigma, fraction=f.start_fraction)
 
-def family_network_calls(name: str, run: Run) -> int:
-    f, levels = run.options.family, len(family_levels(run)[0])
-    if name == "ald":
-        return (levels - min(f.sigma_offset, levels - 1)) * f.steps_each + f.final_denoise
-    if f.start_fraction is not None:
-        levels -= min(math.ceil(f.start_fraction * levels), levels - 1)
-    if f.start_sigma is not None:
-        levels = int((family_levels(run)[0] <= f.start_sigma).sum())
-    return (levels - 1) * (1 + f.corrector_steps) + f.final_denoise
+        def start(run, batch, sigmas):
+            if not warm:
+                return noise_latents(run, batch, sigmas)
+            return warm_start(batch.estimate(run.task.task), sigmas, batch.gen)[0]
 
+        settings.update(corrector_steps=f.corrector_steps, snr=f.snr, start_fraction=f.start_fraction,
+                        start_sigma=f.start_sigma, **{"pc-jalal": {"dc_boost": f.dc_boost},
+                                                      "pc-dps": {"zeta": f.pc_dps_step}, "pc-projection": {},
+                                                      "pc-dds": {"gamma": f.dds_gamma, "cg_iters": f.cg_iters}}[name])
+        return Plan(solver, sigmas, schedule, start, term, settings=settings)
 
-def family_settings(name: str, run: Run) -> dict:
-    f, (sigmas, note) = run.options.family, family_levels(run)
-    settings = {"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(),
-                "final_denoise": f.final_denoise, "schedule": note, **prior_denoiser_settings(run)}
-    if name == "ald":
-        eps = f.eps if f.eps is not None else auto_eps(sigmas, f.steps_each) if len(sigmas) > 1 else None
-        settings.update(steps_each=f.steps_each, eps=eps, eps_rule="given" if f.eps is not None else "NCSNv2",
-                        noise_boost=f.noise_boost, sigma_offset=f.sigma_offset, dc=f.ald_dc, init=f.init,
-                        **({"dc_norm_weight": f.dc_norm_weight} if f.ald_dc == "normalized" else
-                           {"dc_boost": f.dc_boost}))
-        return settings
-    settings.update(corrector_steps=f.corrector_steps, snr=f.snr, start_fraction=f.start_fraction,
-                    start_sigma=f.start_sigma)
-    settings.update({"pc-jalal": {"dc_boost": f.dc_boost}, "pc-dps": {"zeta": f.pc_dps_step}, "pc-projection": {},
-                     "dds": {"gamma": f.dds_gamma, "cg_iters": f.cg_iters}}[name])
-    return settings
+    return plan
 
 
-def padis_levels(run: Run) -> tuple[torch.Tensor, str]:
+def padis_plan(run: Run) -> Plan:
+    """PaDIS: the Langevin solver with PaDIS's step rule (`padis_solver`) and the dps term's 'state' law, starting
+    from A^+ y (FBP for CT) without noise or (--padis-init noise) sigma_max z."""
     p = run.options.padis
-    return sigmas_in_training_range(padis_sigmas(p.steps, p.sigma_min, p.sigma_max), run.model.loss_config)
+    dps(None, None, zeta=p.zeta, law="state")  # the term's constructor checks zeta
+    sigmas, schedule = sigmas_in_training_range(padis_sigmas(p.steps, p.sigma_min, p.sigma_max),
+                                                run.model.loss_config)
+
+    def start(run, batch, sigmas):
+        return padis_initial_state(p.init, batch.estimate(run.task.task), batch.gen, sigmas[0].item())
+
+    return Plan(padis_solver(sigmas, p.inner_steps, p.alpha_factor), sigmas, schedule, start,
+                term=lambda b: dps(b.operator, b.y, b.mask, zeta=p.zeta, law="state"),
+                settings={"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(),
+                          "rho": 7, "inner_steps": p.inner_steps, "alpha_factor": p.alpha_factor, "zeta": p.zeta,
+                          "init": p.init, "schedule": schedule, **prior_denoiser_settings(run)})
 
 
-def run_padis(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
-    device, net, p = run.device, run.model.net, run.options.padis
-    y, mask, maps = stack(examples, "y", device), stack(examples, "mask", device), stack(examples, "maps", device)
-    operator = task_operator(run.task, net.img_resolution, mask, maps, device)
-    gen = SeedGenerators(seeds, device=device)
-    sigmas = padis_levels(run)[0].to(device)
-    with torch.no_grad():
-        x = padis_initial_state(p.init, first_estimate(run.task.task, operator, y), gen, sigmas[0].item())
-        return padis_dps_langevin(prior_denoiser(run, operator, gen), x, gen, sigmas, operator, y,
-                                  mask if run.task.task == "mri" else None, zeta=p.zeta, inner_steps=p.inner_steps,
-                                  alpha_factor=p.alpha_factor)
-
-
-def padis_network_calls(run: Run) -> int:
-    return len(padis_levels(run)[0]) * run.options.padis.inner_steps
-
-
-def padis_settings(run: Run) -> dict:
-    p, (sigmas, note) = run.options.padis, padis_levels(run)
-    return {"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(), "rho": 7,
-            "inner_steps": p.inner_steps, "alpha_factor": p.alpha_factor, "zeta": p.zeta, "init": p.init,
-            "schedule": note, **prior_denoiser_settings(run)}
+FAMILY = ("ald", "pc-jalal", "pc-dps", "pc-projection", "pc-dds")
+PLANS = {"msm": msm_plan, "dps": dps_plan, "dds": dds_plan, "padis": padis_plan,
+         **{name: family_plan(name) for name in FAMILY}}
 
 
 def run_fbp(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
@@ -569,8 +635,10 @@ FAMILY_OPTIONS = (
                  help="PC: warm start from A^+ y (FBP for CT) at the first level <= this sigma"),
     click.option("--pc-dps-step", type=float, default=FamilyOptions.pc_dps_step, show_default=True,
                  help="pc-dps: zeta of the score term -zeta grad ||y - A x0_hat||"),
-    click.option("--dds-gamma", type=float, default=FamilyOptions.dds_gamma, show_default=True, help="dds: gamma"),
-    click.option("--cg-iters", type=int, default=FamilyOptions.cg_iters, show_default=True, help="dds: CG iterations"),
+    click.option("--dds-gamma", type=float, default=FamilyOptions.dds_gamma, show_default=True,
+                 help="dds, pc-dds: gamma of the CG step (I + gamma A^H A) x = x0_hat + gamma A^H y"),
+    click.option("--cg-iters", type=int, default=FamilyOptions.cg_iters, show_default=True,
+                 help="dds, pc-dds: CG iterations (the DDS paper's 5)"),
 )
 PADIS_OPTIONS = (
     click.option("--padis-steps", type=int, default=PadisOptions.steps, show_default=True,
@@ -617,6 +685,13 @@ DPS_OPTIONS = (
                  help="DPS: levels of DDPM's 1000-step grid (those above the model's training range are dropped)"),
     click.option("--dps-step", type=float, default=DPS_ZETA, show_default=True, help="DPS: step zeta"),
 )
+DDS_OPTIONS = (
+    click.option("--dds-steps", type=click.IntRange(min=2, max=1000), default=DDS_STEPS, show_default=True,
+                 help="dds: levels of DDPM's 1000-step grid, one network call each (the DDS paper's budget is 50 "
+                      "NFE; those above the model's training range are dropped)"),
+    click.option("--dds-eta", type=click.FloatRange(min=0, max=1), default=DDS_ETA, show_default=True,
+                 help="dds: DDIM re-noising eta (the DDS paper's 0.15)"),
+)
 CS_TV_OPTIONS = (
     click.option("--cs-tv-lambda", type=float, default=None, help="cs-tv weight [default: "
                  f"{CS_DEFAULTS['tv']['lamda']}]"),
@@ -630,7 +705,8 @@ CS_L1_OPTIONS = (
                  f"{CS_DEFAULTS['l1-wavelet']['max_iter']}]"),
 )
 # Every option group in the order the CLIs list them; each script lists those its entries name (`cli_options`).
-OPTION_GROUPS = (FAMILY_OPTIONS, PADIS_OPTIONS, SUBSETS_OPTIONS, MSM_OPTIONS, DPS_OPTIONS, CS_TV_OPTIONS, CS_L1_OPTIONS,
+OPTION_GROUPS = (FAMILY_OPTIONS, PADIS_OPTIONS, SUBSETS_OPTIONS, MSM_OPTIONS, DPS_OPTIONS, DDS_OPTIONS, CS_TV_OPTIONS,
+                 CS_L1_OPTIONS,
                  GUIDANCE_OPTIONS, BRIDGE_OPTIONS, EDM_OPTIONS, SAMPLER_OPTIONS)
 
 
@@ -652,46 +728,24 @@ class Method:
     sample_options: tuple = ()  # its option groups in generate.py
 
 
-def msm_settings(run: Run) -> dict:
-    o, (sigmas, note) = run.options, msm_sigmas(run)
-    settings = {"K": 1 if run.model.mask_law.kind == "full" else o.num_subsets, "dc_step": o.dc_step, "eta": o.eta,
-                "outer": o.outer, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
-                "vp_grid": msm_grid_rule(run), "skip_space": skip_space_of(run.model.loss_config)}
-    if o.msm_solver == "heun":
-        grid = msm_heun_grid(run)
-        settings = {"K": settings["K"], "dc_step": o.dc_step, "solver": "heun", "steps": grid["num_steps"],
-                    "sigma_max": grid["sigma_max"], "schedule": f"EDM rho {grid['rho']:g} grid, {grid['num_steps']} "
-                    f"Heun steps from sigma {grid['sigma_max']:.3g} to {grid['sigma_min']:g}, no churn",
-                    "skip_space": settings["skip_space"]}
-    if o.sample_accel is not None and run.model.mask_law.kind != "full":
-        settings["sample_R"] = o.sample_accel
-    if run.model.mask_law.kind == "acquired":
-        settings["acquired_draw"] = sampling_law(run).draw
-    return settings
-
-
-def dps_settings(run: Run) -> dict:
-    sigmas, note = dps_levels(run)
-    return {"zeta": run.options.dps_step, "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": note,
-            **prior_denoiser_settings(run)}
+def learned(name: str, tasks: tuple, options: tuple, **sampler) -> Method:
+    """A learned posterior method: its pieces (`PLANS`) run by `run_plan`; its settings and NFE are its plan's."""
+    return Method(lambda run, examples, seeds: run_plan(name, run, examples, seeds), tasks,
+                  settings=lambda run: plan_of(name, run).settings,
+                  network_calls=lambda run: plan_of(name, run).evaluations(), options=options, **sampler)
 
 
 SAMPLER_GROUPS = (GUIDANCE_OPTIONS, EDM_OPTIONS, SAMPLER_OPTIONS)
 METHODS = {
     "edm": Method(sample=sample_edm, sample_calls=edm_calls, sample_settings=edm_settings,
                   sample_options=(*SAMPLER_GROUPS, BRIDGE_OPTIONS)),
-    "msm": Method(run_msm, IMAGE_OPERATOR_TASKS, settings=msm_settings, network_calls=msm_network_calls,
-                  options=(SUBSETS_OPTIONS, MSM_OPTIONS), sample=sample_msm, sample_calls=msm_calls,
-                  sample_settings=msm_generation_settings, sample_options=SAMPLER_GROUPS),
-    "dps": Method(run_dps, TASKS, settings=dps_settings, network_calls=lambda run: len(dps_levels(run)[0]),
-                  options=(SUBSETS_OPTIONS, MSM_OPTIONS, DPS_OPTIONS)),
-    **{name: Method(family_method(name), tasks, settings=lambda run, name=name: family_settings(name, run),
-                    network_calls=lambda run, name=name: family_network_calls(name, run),
-                    options=(SUBSETS_OPTIONS, MSM_OPTIONS, FAMILY_OPTIONS))
-       for name, tasks in (("ald", TASKS), ("pc-jalal", TASKS), ("pc-dps", TASKS),
-                           ("pc-projection", IMAGE_OPERATOR_TASKS), ("dds", TASKS))},
-    "padis": Method(run_padis, TASKS, settings=padis_settings, network_calls=padis_network_calls,
-                    options=(SUBSETS_OPTIONS, MSM_OPTIONS, PADIS_OPTIONS)),
+    "msm": learned("msm", IMAGE_OPERATOR_TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS), sample=sample_msm,
+                   sample_calls=msm_calls, sample_settings=msm_generation_settings, sample_options=SAMPLER_GROUPS),
+    "dps": learned("dps", TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS, DPS_OPTIONS)),
+    "dds": learned("dds", TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS, DDS_OPTIONS, FAMILY_OPTIONS)),
+    **{name: learned(name, IMAGE_OPERATOR_TASKS if name == "pc-projection" else TASKS,
+                     (SUBSETS_OPTIONS, MSM_OPTIONS, FAMILY_OPTIONS)) for name in FAMILY},
+    "padis": learned("padis", TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS, PADIS_OPTIONS)),
     "zero-filled": Method(run_zero_filled, IMAGE_OPERATOR_TASKS, needs_model=False, seeded=False,
                           settings=lambda run: {}),
     "fbp": Method(run_fbp, ("ct",), needs_model=False, seeded=False, settings=lambda run: {"filter": "ramp"}),
@@ -806,18 +860,15 @@ def with_options(*groups):
 
 
 def method_options(o: dict, task: str) -> MethodOptions:
-    """The options of every method from the parsed CLI options `o` (the names of the groups above), checked before
-    anything is written (one sentence each)."""
+    """The options of every method from the parsed CLI options `o` (the names of the groups above). The learned
+    methods' options are checked where their pieces are built (`plan_of`: reconstruct.py asks every chosen method
+    for its settings before anything is written)."""
     family = FamilyOptions(*(o[k] for k in ("sigma_max", "sigma_min", "levels", "steps_each", "eps", "noise_boost",
                                             "dc_boost", "sigma_offset", "ald_dc", "dc_norm_weight", "init",
                                             "final_denoise", "snr", "corrector_steps", "start_fraction", "start_sigma",
                                             "pc_dps_step", "dds_gamma", "cg_iters")))
-    family.check()
     padis = PadisOptions(o["padis_steps"], o["padis_sigma_max"], o["padis_sigma_min"], o["inner_steps"],
                          o["alpha_factor"], o["padis_zeta"], o["padis_init"])
-    padis.check()
-    if not o["dps_step"] > 0:
-        raise UserError(f"--dps-step must be > 0, got {o['dps_step']}.")
     cs = {"tv": dict(CS_DEFAULTS["tv"]), "l1-wavelet": dict(CS_DEFAULTS["l1-wavelet"])}
     for regulariser, flag in (("tv", "tv"), ("l1-wavelet", "l1")):
         lamda, iters = o[f"cs_{flag}_lambda"], o[f"cs_{flag}_iters"]
@@ -825,11 +876,11 @@ def method_options(o: dict, task: str) -> MethodOptions:
             raise UserError(f"--cs-{flag}-lambda must be > 0, got {lamda}.")
         cs[regulariser].update({k: v for k, v in (("lamda", lamda), ("max_iter", iters)) if v is not None})
     dc_step = o["dc_step"] if o["dc_step"] is not None else (2.0 if task == "mri" else 1.75)
-    check_dc_step(dc_step)
     return MethodOptions(msm_steps=o["num_steps"], num_subsets=o["num_subsets"] or posterior_subsets(task),
                          dc_step=dc_step, eta=o["eta"], outer=o["outer"], dps_steps=o["dps_steps"],
                          dps_step=o["dps_step"], cs=cs, family=family, padis=padis, sample_accel=o["sample_accel"],
-                         acquired_draw=o["acquired_draw"], msm_solver=o["msm_solver"], vp_grid=o["vp_grid"])
+                         acquired_draw=o["acquired_draw"], msm_solver=o["msm_solver"], vp_grid=o["vp_grid"],
+                         dds_steps=o["dds_steps"], dds_eta=o["dds_eta"])
 
 
 def check_sampling_law_options(model: Model | None, network_path: str | None, sample_accel, acquired_draw):

@@ -107,11 +107,11 @@ def ald_initial_state(init: str, shape, generator, sigma: float, adjoint: torch.
     return generator.rand(shape, dtype=torch.float64) * 2 - 1
 
 
-def warm_start(x_init: torch.Tensor, sigmas: torch.Tensor, generator, *, start_sigma: float | None = None,
-               fraction: float | None = None):
-    """Start the chain part-way down from an estimate (A^+ y, FBP): returns (x, sigmas[i0:]) with
-    x = x_init + sigmas[i0] z. i0 = ceil(fraction * N) for `fraction` in [0, 1) (SEED's smpl_start_prc), or the first
-    level <= `start_sigma`. With neither, i0 = 0."""
+def warm_start_levels(sigmas: torch.Tensor, *, start_sigma: float | None = None,
+                      fraction: float | None = None) -> torch.Tensor:
+    """The levels a warm-started chain runs on, sigmas[i0:]: i0 = ceil(fraction * N) for `fraction` in [0, 1)
+    (SEED's smpl_start_prc), or the first level <= `start_sigma`. With neither, i0 = 0. Known before any batch, so a
+    method's NFE is its solver's count on them."""
     sigmas = check_sigmas(sigmas)
     if fraction is not None and start_sigma is not None:
         raise UserError("Give either --start-sigma or --start-fraction, not both.")
@@ -126,8 +126,16 @@ def warm_start(x_init: torch.Tensor, sigmas: torch.Tensor, generator, *, start_s
             raise UserError(f"--start-sigma {start_sigma} is below every level of the grid (the lowest is "
                             f"{sigmas[-1].item():.4g}).")
         i0 = int(below[0])
+    return sigmas[i0:]
+
+
+def warm_start(x_init: torch.Tensor, sigmas: torch.Tensor, generator, *, start_sigma: float | None = None,
+               fraction: float | None = None):
+    """Start the chain part-way down from an estimate (A^+ y, FBP): returns (x, sigmas[i0:]) with
+    x = x_init + sigmas[i0] z, sigmas[i0:] from `warm_start_levels`."""
+    sigmas = warm_start_levels(sigmas, start_sigma=start_sigma, fraction=fraction)
     x_init = x_init.to(torch.float64)
-    return x_init + sigmas[i0].item() * generator.randn_like(x_init).to(torch.float64), sigmas[i0:]
+    return x_init + sigmas[0].item() * generator.randn_like(x_init).to(torch.float64), sigmas
 
 
 PADIS_INITS = ("adjoint", "noise")
