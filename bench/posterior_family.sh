@@ -21,10 +21,10 @@ if [ "$TASK" = mri ]; then
     [ -d "$O/mri-train" ] || $PY dataset_tool.py simulate-mri --source "$O/phantoms-train.zip" --dest "$O/mri-train" --coils 8 --seed 0
     [ -d "$O/mri-test" ] || $PY dataset_tool.py simulate-mri --source "$O/phantoms-test.zip" --dest "$O/mri-test" --coils 8 --seed 1
     TRAIN="$O/mri-train"; MEASURE="--data $O/mri-test --task mri --accel 4 --mask-seed 1"
-    FIRST="msm,dps,zero-filled,cs-tv --steps 200"; ALD_LEVELS=310; PC_LEVELS=466; PC="pc-jalal,pc-dps,pc-projection,dds"
+    FIRST="msm,dps,zero-filled,cs-tv --steps 200"; ALD_LEVELS=310; PC_LEVELS=466; PC="pc-jalal,pc-dps,pc-projection,pc-dds"
 else
     TRAIN="$O/phantoms-train.zip"; MEASURE="--data $O/phantoms-test.zip --task ct --views 20"
-    FIRST="fbp,dps,padis"; ALD_LEVELS=333; PC_LEVELS=501; PC="pc-jalal,pc-dps,dds"
+    FIRST="fbp,dps,padis"; ALD_LEVELS=333; PC_LEVELS=501; PC="pc-jalal,pc-dps,pc-dds"
 fi
 ls -d "$O"/runs/*-oracle >/dev/null 2>&1 || $PY train.py --outdir "$O/runs" --data "$TRAIN" $NET --loss edm --desc oracle
 PRIOR=$(ls -d "$O"/runs/*-oracle | tail -n 1)

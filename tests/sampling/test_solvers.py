@@ -19,9 +19,9 @@ from training.masks import BoxMaskLaw, PixelMaskLaw, RandomLineMaskLaw
 from training.operators import Identity, MultiCoilMRI, measure
 from training.sampling.conditioning import dds, dps, jalal, jalal_normalized, msm_aggregate_step, projection
 from training.sampling.denoisers import MSMAggregate, ambient_masks, net_ambient_denoiser, net_denoiser
+from training.sampling.methods import DDS_ETA
 from training.sampling.schedules import ddpm_sigmas, geometric_ladder, rho_schedule
 from training.sampling.solvers import (
-    DDS_ETA,
     ODE,
     Ancestral,
     Langevin,
@@ -30,7 +30,6 @@ from training.sampling.solvers import (
     ald_step_sizes,
     auto_eps,
     corrector_step_size,
-    dds_sampler,
     msm_reference,
     msm_reference_evaluations,
     ncsnv2_criterion,
@@ -621,7 +620,7 @@ TERMS = {  # name: (term from (operator, y), solver, grid, bound)
     "projection / ancestral": (projection, Ancestral(precision="double"), LADDER, 0.6),  # (0.48)
     "projection / ode": (projection, ODE(), EDM_GRID, 0.75),  # (0.65, deterministic)
     "projection / pc": (projection, PredictorCorrector(final_denoise=True), LADDER, 0.6),  # (0.45)
-    "dds / ancestral (published)": (lambda op, y: dds(op, y, gamma=1 / SIGMA_Y**2, cg_iters=16),
+    "dds / ancestral (published)": (lambda op, y: dds(op, y, gamma=1 / SIGMA_Y**2, cg_iters=16, law="ddim"),
                                     Ancestral(DDS_ETA, precision="double", noise="state"), LADDER, 0.8),  # (0.67)
     "dds / pc": (lambda op, y: dds(op, y, gamma=1 / SIGMA_Y**2, cg_iters=16), PredictorCorrector(final_denoise=True),
                  LADDER, 0.6),  # (0.45)
@@ -656,7 +655,8 @@ def test_dds_as_published_reaches_the_posterior_mean():
                                         a.T @ y / SIGMA_Y**2)
     sigmas, gen = ddpm_sigmas(50), SeedGenerators(range(chains))
     x = noise_start(gen.randn([chains, DIM], dtype=torch.float64), sigmas[0].item())
-    out = dds_sampler(isotropic_denoiser(s), x, gen, sigmas,
-                      dds(operator, y.expand(chains, ROWS), gamma=1 / SIGMA_Y**2, cg_iters=DIM))
+    solver = Ancestral(DDS_ETA, outer="ddim", precision="double", noise="state")
+    out = solver(isotropic_denoiser(s), x, gen, sigmas,
+                 conditioning=dds(operator, y.expand(chains, ROWS), gamma=1 / SIGMA_Y**2, cg_iters=DIM, law="ddim"))
     mean, _, se_mean, _ = moments(out)
     assert ((mean - posterior_mean).abs() <= 4.5 * se_mean).all()

@@ -224,8 +224,8 @@ def dds(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: f
     """Decomposed diffusion sampling's data step (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3): the Tweedie estimate
     is replaced by `cg_iters` conjugate-gradient iterations, started at x0, on (I + gamma A^H M A) x = x0 +
     gamma A^H y, the proximal step of gamma / 2 ||M A x - y||^2 around x0. (SEED's defaults: gamma 0.01 on [0, 1] CT
-    data, 5 iterations.) DDS's own DDIM renoising (eta 0.15) is the solver's business: training/sampling/solvers.py
-    `dds_sampler` assembles DDS as published.
+    data, 5 iterations.) DDS's own DDIM renoising (eta 0.15) is the solver's business: methods.py's `dds` assembles
+    DDS as published (the Ancestral solver and law 'ddim'), its `pc-dds` this term in the predictor-corrector ladder.
     law 'estimate': the solver uses the CG result x0' in place of x0 everywhere (an ancestral step then re-derives its
     noise direction from x0'); 'ddim' (DDS's Algorithm: x' = sqrt(abar') x0' + c eps_theta(x) + noise, the network's
     own eps): the solver's step moves the state by exactly x0' - x0 more than the prior step, returned as

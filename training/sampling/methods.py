@@ -131,7 +131,6 @@ from training.sampling.schedules import (
 )
 from training.sampling.solvers import (
     ALD_INITS,
-    DDS_ETA,
     ODE,
     OUTER_UPDATES,
     PADIS_INITS,
@@ -251,6 +250,9 @@ class PadisOptions:
 # DDS as published (Chung, Lee, Ye 2023, "Decomposed diffusion sampler"; SEED_METHODS.md 3.3): DDIM on DDPM's
 # 1000-step grid respaced to 50 levels (the paper's headline budget, 50 NFE, beside DPS's 1000) with eta 0.15.
 DDS_STEPS = 50
+
+
+DDS_ETA = 0.15  # DDS's DDIM re-noising (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3)
 
 
 @dataclass
@@ -504,7 +506,7 @@ def family_term(name: str, f: FamilyOptions):
         return lambda b: dps(b.operator, b.y, b.mask, zeta=f.pc_dps_step)
     if name == "pc-projection":
         return lambda b: projection(b.operator, b.y, b.mask)
-    return lambda b: dds(b.operator, b.y, b.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters)
+    return lambda b: dds(b.operator, b.y, b.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters, law="estimate")
 
 
 def family_plan(name: str):

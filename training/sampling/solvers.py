@@ -5,7 +5,7 @@
 - `Ancestral`: denoise at every level, then the outer update (`outer_step`: DDIM with eta, eta = 1 DDPM's ancestral
   step, or DDNM's posterior form) to the next; returns the last denoised estimate. MSM's sampler is this solver
   driving the MSM aggregate (training/sampling/denoisers.py `MSMAggregate`); DPS is it with the `dps` term's 'ddpm'
-  law; DDS as published is it with eta 0.15 and the `dds` term (`dds_sampler`).
+  law; DDS as published is it with DDIM eta 0.15 and the `dds` term's 'ddim' law (methods.py's `dds`).
 - `Langevin`: annealed Langevin dynamics on a grid, steps_each steps per level with one step size per level: ALD
   (`ald_step_sizes`, `auto_eps`) and PaDIS (`padis_step_sizes`, no noise at the last level, the `dps` term's
   'state' law).
@@ -321,16 +321,6 @@ class Ancestral:
 
     def evaluations(self, sigmas) -> int:
         return len(sigmas)
-
-
-DDS_ETA = 0.15  # DDS's DDIM re-noising (Chung, Lee, Ye 2023; SEED_METHODS.md 3.3)
-
-
-def dds_sampler(denoiser, x: torch.Tensor, generator, sigmas, dds_term, *, eta: float = DDS_ETA, callback=None):
-    """DDS as published: the ancestral solver with DDIM re-noising eta = 0.15 (double precision) and the `dds` term
-    (conjugate gradients on every denoised image). x the state at sigmas[0]; returns the last estimate."""
-    solver = Ancestral(eta=eta, outer="ddim", precision="double", noise="state")
-    return solver(denoiser, x, generator, sigmas, conditioning=dds_term, callback=callback)
 
 
 # ----------------------------------------------------------------------------
