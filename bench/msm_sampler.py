@@ -44,13 +44,13 @@ from training.masks import BoxMaskLaw, RandomLineMaskLaw  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.operators import Identity, MultiCoilMRI  # noqa: E402
 from training.sampling.denoisers import MSMAggregate, SubsetDraws, net_partial_denoiser  # noqa: E402
-from training.sampling.schedules import vp200_sigmas  # noqa: E402
 from training.sampling.solvers import (  # noqa: E402
     Ancestral,
     msm_reference,
     noise_start,
     seed_measurement_randn,
 )
+from training.schedules import vp200_sigmas  # noqa: E402
 
 # name -> (network channels, resolution, coils or 0 for images)
 CASES = {"gray32": (1, 32, 0), "gray64": (1, 64, 0), "rgb64": (3, 64, 0), "mri64": (2, 64, 8)}

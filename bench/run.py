@@ -62,8 +62,8 @@ from training import snapshot as checkpoint  # noqa: E402
 from training.loss import AmbientLoss, EDMLoss, MSMLoss  # noqa: E402
 from training.networks import network_kwargs_for  # noqa: E402
 from training.sampling.denoisers import CountingNetwork, net_denoiser, net_partial_denoiser  # noqa: E402
-from training.sampling.schedules import rho_schedule, vp200_sigmas  # noqa: E402
 from training.sampling.solvers import ODE, noise_start  # noqa: E402
+from training.schedules import rho_schedule, vp200_sigmas  # noqa: E402
 from training.training_loop import StreamSampler  # noqa: E402
 
 

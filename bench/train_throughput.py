@@ -26,8 +26,8 @@ from training import snapshot as checkpoint
 from training.loss import EDMLoss
 from training.networks import network_kwargs_for
 from training.sampling.denoisers import net_denoiser
-from training.sampling.schedules import rho_schedule
 from training.sampling.solvers import ODE, noise_start
+from training.schedules import rho_schedule
 from training.training_loop import cpu_bf16_support
 
 

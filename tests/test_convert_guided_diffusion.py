@@ -23,7 +23,7 @@ from training.conversion import guided_diffusion as gd
 from training.conversion import write_converted_snapshot
 from training.mri import MRIDataset
 from training.networks import VPPrecond
-from training.sampling.schedules import linear_beta_alphas_cumprod
+from training.schedules import linear_beta_alphas_cumprod
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "guided_diffusion")
 DESCRIPTION = json.load(open(os.path.join(DATA, "description.json")))

@@ -18,7 +18,7 @@ from training.masks import BoxMaskLaw, RandomLineMaskLaw
 from training.measurements import partial_denoise
 from training.networks import DiscreteVPPrecond
 from training.operators import Identity, MultiCoilMRI, measurement_randn
-from training.sampling.schedules import linear_beta_alphas_cumprod, respaced_timesteps, vp_grid_sigmas
+from training.schedules import linear_beta_alphas_cumprod, respaced_timesteps, vp_grid_sigmas
 from training.training_loop import StreamSampler
 
 IMAGE_MEASUREMENT = {"operator": "identity", "mask": {"kind": "box", "p": 0.4}}

@@ -35,7 +35,7 @@ from training.measurements import MeasurementConfig
 from training.mri import MRIDataset
 from training.networks import network_kwargs_for
 from training.sampling.denoisers import MSMAggregate, aggregate_partial_estimates
-from training.sampling.schedules import vp200_sigmas
+from training.schedules import vp200_sigmas
 
 
 def gaussian_partial_denoiser(cov: torch.Tensor):

@@ -337,7 +337,7 @@ def test_a_vp200_run_from_before_the_grid_rule_continues_on_the_section_grid(pha
     the sampling defaults follow the snapshot."""
     import train as train_module
     from training import snapshot as checkpoint
-    from training.sampling.schedules import training_sigma_max, vp_grid_of
+    from training.schedules import training_sigma_max, vp_grid_of
 
     new = build(phantoms, precond="vp", sigma_dist="vp200")
     legacy = json.loads(json.dumps(build(phantoms, precond="vp", sigma_dist="vp200", vp_grid="section")))

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-import training.sampling.schedules
+import training.schedules
 from tests.helpers import make_phantoms, train_in_process
 from training import snapshot as checkpoint
 from training.networks import network_kwargs_for
@@ -38,7 +38,7 @@ def test_python_example_runs(tmp_path, capsys, monkeypatch):
     for name, path in (("oracle_snapshot", oracle), ("msm_snapshot", msm_run)):
         code, count = re.subn(rf"^{name} = .*$", f"{name} = {path!r}", code, flags=re.M)
         assert count == 1, name
-    schedules = training.sampling.schedules
+    schedules = training.schedules
     vp200, ddpm = schedules.vp200_sigmas, schedules.ddpm_sigmas
     monkeypatch.setattr(schedules, "vp200_sigmas", lambda device="cpu": vp200(device)[::25])
     monkeypatch.setattr(schedules, "ddpm_sigmas", lambda num_steps=1000: ddpm(max(2, num_steps // 25)))

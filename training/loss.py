@@ -12,7 +12,7 @@ import torch
 from dnnlib import UserError
 from training.measurements import SKIP_SPACES, MeasurementConfig, partial_denoise
 from training.operators import measurement_randn
-from training.sampling.schedules import VP_GRID_RULES, vp_grid_sigmas
+from training.schedules import VP_GRID_RULES, vp_grid_sigmas
 
 
 def _randn(shape, generator, device):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlib import ConfigError, Field, UserError, check_fields
-from training.sampling.schedules import linear_beta_alphas_cumprod
+from training.schedules import linear_beta_alphas_cumprod
 
 
 class NetworkConfigError(UserError, ValueError):

@@ -34,7 +34,7 @@ from training import classifier, networks, patches  # classifier also registers 
 from training.loss import with_recorded_vp_grid
 from training.masks import mask_law_from_config
 from training.measurements import SKIP_SPACES, MeasurementConfig
-from training.sampling.schedules import VP_GRID_RULES
+from training.schedules import VP_GRID_RULES
 
 SNAPSHOT_FORMAT = "msm-network-snapshot-v1"
 STATE_FORMAT = "msm-training-state-v1"

@@ -23,7 +23,7 @@ import torch
 from dnnlib import ConfigError, Field, UserError, check_fields
 from dnnlib.util import atomic_folder
 from torch_utils.misc import parse_seeds
-from training.ct import ParallelBeamCT, fbp
+from training.ct import ParallelBeamCT
 from training.dataset import ImageFolderDataset
 from training.masks import (
     ACS_RULE,
@@ -37,7 +37,6 @@ from training.masks import (
 )
 from training.mri import MRIDataset
 from training.operators import AvgPoolSR, BoxInpainting, Identity, MultiCoilMRI, PixelMask, check_noise_std, measure
-from training.sampling.baselines import zero_filled
 
 TASKS = ("mri", "sr", "box", "pixel", "ct")
 IMAGE_OPERATOR_TASKS = ("mri", "sr", "box", "pixel")  # operators with an exact pseudo-inverse (A^+ y baseline)
@@ -393,11 +392,6 @@ def measurement_resolution(measurements: MeasurementSet) -> int:
     example = next(iter(measurements.examples.values()))
     return (example.maps if example.maps is not None else example.reference).shape[-1]
 
-
-
-def first_estimate(task: str, operator, y: torch.Tensor) -> torch.Tensor:
-    """The classical estimate a warm start or ALD's --init adjoint begins from: FBP for CT, else A^+ y (A^H y)."""
-    return fbp(operator, y) if task == "ct" else zero_filled(operator, y)
 
 
 

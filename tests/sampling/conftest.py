@@ -6,7 +6,6 @@ import torch
 
 from training.sampling.conditioning import dps, msm_aggregate_step, msm_partial_step
 from training.sampling.denoisers import MSMAggregate, ambient_masks, masked_denoiser, real_view
-from training.sampling.schedules import rho_schedule
 from training.sampling.solvers import (
     ODE,
     Ancestral,
@@ -16,6 +15,7 @@ from training.sampling.solvers import (
     noise_start,
     padis_solver,
 )
+from training.schedules import rho_schedule
 
 
 def edm_generate(denoiser, latents: torch.Tensor, generator, num_steps: int = 18, sigma_min: float = 0.002,

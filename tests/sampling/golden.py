@@ -276,8 +276,8 @@ def gaussian_generation_case(kind: str, **options):
     def run(ws: Workspace) -> Result:
         from tests.gaussian import gaussian_denoiser, random_covariance
         from torch_utils.misc import SeedGenerators
-        from training.sampling.schedules import rho_schedule
         from training.sampling.solvers import ODE, dual_bridge, noise_start
+        from training.schedules import rho_schedule
 
         shape = (1, 8, 8)
         cov = random_covariance(64, 8, seed=5)

@@ -32,8 +32,8 @@ from training.sampling.guidance import (
     guided,
     potential,
 )
-from training.sampling.schedules import bridge_sigmas
 from training.sampling.solvers import Ancestral, decode, encode, noise_start
+from training.schedules import bridge_sigmas
 
 SHAPE = (1, 2, 2)  # images of 4 pixels
 

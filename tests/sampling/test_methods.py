@@ -14,7 +14,7 @@ from tests.sampling.golden import CallTally, method_options
 from tests.test_reconstruct import RES, GaussianNetwork, gaussian_records, normalised_maps, smooth_covariance
 from training import evaluation, tasks
 from training.masks import FullMask
-from training.sampling import methods
+from training.sampling import baselines, methods
 from training.sampling.denoisers import CountingNetwork
 
 LEARNED = [name for name, m in methods.METHODS.items() if m.run is not None and m.needs_model]
@@ -118,7 +118,7 @@ def test_exact_samplers_approach_the_posterior_mean(name, results):
     task = "box"
     _, _, means, _, _, cov, examples, options = results(name, task)
     exact = torch.cat([posterior_mean(cov, e, options) for e in examples])
-    classical = torch.cat([tasks.first_estimate(task, tasks.task_operator(options, RES, e.mask, e.maps), e.y)
+    classical = torch.cat([baselines.first_estimate(task, tasks.task_operator(options, RES, e.mask, e.maps), e.y)
                            for e in examples]).to(torch.float64)
     error, before = (means - exact).norm() / exact.norm(), (classical - exact).norm() / exact.norm()
     # measured: ald 0.247, pc-jalal 0.336, pc-projection 0.281 of the norm, A^+ y 0.445 (4 samples per example).

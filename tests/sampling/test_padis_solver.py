@@ -35,8 +35,8 @@ from training.operators import PixelMask
 from training.sampling import methods
 from training.sampling.conditioning import dps
 from training.sampling.denoisers import CountingNetwork
-from training.sampling.schedules import padis_sigmas
 from training.sampling.solvers import Langevin, padis_initial_state, padis_step_sizes
+from training.schedules import padis_sigmas
 
 
 def padis_level(denoiser, x, generator, sigma, inner_steps, operator, y, mask=None, *, zeta, alpha_factor=0.5):

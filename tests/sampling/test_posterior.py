@@ -26,11 +26,11 @@ from training.operators import AvgPoolSR, BoxInpainting, MultiCoilMRI, PixelMask
 from training.sampling.baselines import cs_mri, zero_filled
 from training.sampling.conditioning import Step, dps_gradient, msm_aggregate_step, msm_partial_step
 from training.sampling.denoisers import MSMAggregate
-from training.sampling.schedules import (
+from training.sampling.solvers import Ancestral, noise_start
+from training.schedules import (
     ddpm_sigmas,
     respaced_sigmas,
 )
-from training.sampling.solvers import Ancestral, noise_start
 
 SIZE, SIGMA_Y = 8, 0.01
 

@@ -20,7 +20,6 @@ from training.operators import Identity, MultiCoilMRI, measure
 from training.sampling.conditioning import dds, dps, jalal, jalal_normalized, msm_aggregate_step, projection
 from training.sampling.denoisers import MSMAggregate, ambient_masks, net_ambient_denoiser, net_denoiser
 from training.sampling.methods import DDS_ETA
-from training.sampling.schedules import ddpm_sigmas, geometric_ladder, rho_schedule
 from training.sampling.solvers import (
     ODE,
     Ancestral,
@@ -37,6 +36,7 @@ from training.sampling.solvers import (
     padis_solver,
     warm_start,
 )
+from training.schedules import ddpm_sigmas, geometric_ladder, rho_schedule
 
 
 def euler_maruyama(denoiser, x, generator, sigmas, sde="ve"):

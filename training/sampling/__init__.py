@@ -1,9 +1,7 @@
 """Sampling as four orthogonal pieces (ARCHITECTURE.md): every generation and inverse-problem method is a solver
-driving a denoiser that may be guided and conditioned. Which file owns what:
+driving a denoiser that may be guided and conditioned, on a noise grid of training/schedules.py (every grid lives
+there, one floor below: the losses and the discrete-VP preconditioning use the same grids). Which file owns what:
 
-- schedules.py     every noise grid (EDM's rho schedule, the VP / DDPM respacings of the MSM reference and of DPS,
-                   geometric ladders, PaDIS's and the dual bridge's grids) and the clipping of a grid to the range a
-                   snapshot was trained on. Imports nothing of the networks (they import it).
 - denoisers.py     the D(x, sigma) protocol and what makes one: `net_denoiser` (one wrapper, with an explicit
                    mask-channel policy), `CountingNetwork`, the partial and Ambient wrappers, `MSMAggregate` (MSM's
                    aggregate of K partial estimates: masks from the per-seed streams, one batched call, fallback,
@@ -18,9 +16,10 @@ driving a denoiser that may be guided and conditioned. Which file owns what:
                    Langevin (ALD, PaDIS), PredictorCorrector (Euler-Maruyama with 0 corrector steps), and the MSM
                    reference write-back loop; each reports its NFE (`evaluations`). Also the initial states and the
                    Langevin step rules.
-- baselines.py     the classical reconstructions the samplers are compared with (A^+ y, compressed-sensing MRI).
-The method registry (methods.py, one entry per named method of generate.py and reconstruct.py) assembles them.
-
-This file imports nothing on purpose: training/networks.py and training/loss.py import `schedules`, and the other
-modules import the networks' helpers, so an eager import here would close a circle.
+- baselines.py     the classical reconstructions the samplers are compared with (A^+ y, FBP for CT, compressed-sensing
+                   MRI) and the first estimate warm starts begin from.
+- methods.py       the method registry: one entry per named method of reconstruct.py and sampler of generate.py, its
+                   options (the CLIs are built from them), how it assembles the pieces, its settings and NFE.
+- generation.py    generate.py's samplers assembled from the pieces (MSM and guidance set-up, the dual bridge).
+Nothing outside this package imports it but the scripts, bench/ and tests; it imports the modules below it.
 """

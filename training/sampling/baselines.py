@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dnnlib import UserError
+from training.ct import fbp
 from training.operators import complex_to_channels
 
 
@@ -16,6 +17,11 @@ def zero_filled(operator, y_obs: torch.Tensor) -> torch.Tensor:
     """A^+ y_obs where the operator has an exact pseudo-inverse (MRI: D^+ T^H y with D = sum_c |S_c|^2, i.e. the
     zero-filled coil combination; SR: nearest-neighbour upsampling; inpainting: holes stay 0), else A^H y_obs."""
     return operator.pinv(y_obs) if hasattr(operator, "pinv") else operator.AH(y_obs)
+
+
+def first_estimate(task: str, operator, y: torch.Tensor) -> torch.Tensor:
+    """The classical estimate a warm start or ALD's --init adjoint begins from: FBP for CT, else A^+ y (A^H y)."""
+    return fbp(operator, y) if task == "ct" else zero_filled(operator, y)
 
 
 CS_REGULARISERS = ("l1-wavelet", "tv")

@@ -38,7 +38,6 @@ from training.sampling.guidance import (
     correction,
     guided,
 )
-from training.sampling.schedules import rho_schedule, sigmas_in_training_range, vp200_sigmas, vp_grid_of
 from training.sampling.solvers import (
     ODE,
     Ancestral,
@@ -48,6 +47,7 @@ from training.sampling.solvers import (
     noise_start,
     seed_measurement_randn,
 )
+from training.schedules import rho_schedule, sigmas_in_training_range, vp200_sigmas, vp_grid_of
 
 # K, the subsets (partial estimates) per noise level of MSM, defaulted here only: generate.py draws 3; posterior
 # sampling (reconstruct.py, training/sampling/methods.py) 3 on MRI and 2 on images, where the data-consistency step

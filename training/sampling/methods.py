@@ -57,7 +57,7 @@ Methods of reconstruct.py:
                alpha = --alpha-factor sigma^2, no noise at the last level; starts from A^+ y (FBP for CT) without
                noise as PaDIS's code (--padis-init noise: sigma_max z, as its paper). Prior as DPS's.
   fbp          CT only: filtered back-projection (ramp filter), the classical CT baseline.
-The learned methods start their grids inside the model's training range (sampling/schedules.py
+The learned methods start their grids inside the model's training range (training/schedules.py
 `sigmas_in_training_range`; the log says where and why).
 """
 
@@ -80,7 +80,7 @@ from training.masks import FullMask, mask_law_from_config, with_acquired_draw
 from training.measurements import aggregate_projection, skip_space_of
 from training.operators import Identity
 from training.patches import patch_prior, use_seeds
-from training.sampling.baselines import CS_DEFAULTS, cs_mri, zero_filled
+from training.sampling.baselines import CS_DEFAULTS, cs_mri, first_estimate, zero_filled
 from training.sampling.conditioning import (
     DPS_ZETA,
     dds,
@@ -118,17 +118,6 @@ from training.sampling.generation import (
     sample_msm,
 )
 from training.sampling.generation import msm_settings as msm_generation_settings
-from training.sampling.schedules import (
-    EDM_SIGMA_MAX,
-    ddpm_sigmas,
-    geometric_ladder,
-    padis_sigmas,
-    respaced_sigmas,
-    rho_schedule,
-    sigmas_in_training_range,
-    training_sigma_max,
-    vp_grid_of,
-)
 from training.sampling.solvers import (
     ALD_INITS,
     ODE,
@@ -146,13 +135,23 @@ from training.sampling.solvers import (
     warm_start,
     warm_start_levels,
 )
+from training.schedules import (
+    EDM_SIGMA_MAX,
+    ddpm_sigmas,
+    geometric_ladder,
+    padis_sigmas,
+    respaced_sigmas,
+    rho_schedule,
+    sigmas_in_training_range,
+    training_sigma_max,
+    vp_grid_of,
+)
 from training.tasks import (
     IMAGE_OPERATOR_TASKS,
     TASKS,
     Example,
     MeasurementSet,
     TaskOptions,
-    first_estimate,
     task_operator,
 )
 

@@ -16,7 +16,7 @@
 Every solver is a small frozen object built from its options (validated once, there) and called as
 `solver(denoiser, x, generator, sigmas, conditioning=None, callback=None)`: x is the state at sigmas[0] (the initial
 states below build it), generator a torch_utils.misc.SeedGenerators (one stream per seed, so a sample depends only on
-its seed), sigmas its grid (training/sampling/schedules.py), conditioning a term of training/sampling/conditioning.py
+its seed), sigmas its grid (training/schedules.py), conditioning a term of training/sampling/conditioning.py
 (used in place of the denoiser, told the `Step` of each evaluation), callback(sigma, x0_hat) called after every
 evaluation with the (conditioned) estimate the update uses (an MSM trajectory; `MSMAggregate.remember`).
 `solver.evaluations(sigmas)` is the number of denoiser calls a run makes, so nobody re-derives step counts. No
@@ -34,7 +34,7 @@ import torch
 from dnnlib import UserError
 from training.sampling.conditioning import Step, per_example_norm
 from training.sampling.denoisers import SubsetDraws, aggregate_partial_estimates, single_dtype, subset_count
-from training.sampling.schedules import bridge_sigmas, check_sigmas
+from training.schedules import bridge_sigmas, check_sigmas
 
 
 def denoised(denoiser, conditioning, x: torch.Tensor, step: Step, callback=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The noise grids of training/sampling/schedules.py against their formulas (EDM's rho schedule, the respaced
+"""The noise grids of training/schedules.py against their formulas (EDM's rho schedule, the respaced
 linear-beta VP grids of the MSM reference and of DPS) and the clipping of a grid to a snapshot's training range."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from training.sampling.schedules import (
+from training.schedules import (
     ddpm_sigmas,
     rho_schedule,
     sigmas_in_training_range,
