@@ -335,8 +335,8 @@ def test_a_vp200_run_from_before_the_grid_rule_continues_on_the_section_grid(pha
     """Options and snapshots that record no rule were trained on the section rule: they read back as such, so the
     command continuing such a run is the one with --vp-grid section (and the plain command starts a new run), and
     the sampling defaults follow the snapshot."""
-    import train as train_module
     from training import snapshot as checkpoint
+    from training import training_options
     from training.schedules import training_sigma_max, vp_grid_of
 
     new = build(phantoms, precond="vp", sigma_dist="vp200")
@@ -344,11 +344,11 @@ def test_a_vp200_run_from_before_the_grid_rule_continues_on_the_section_grid(pha
     del legacy["loss_kwargs"]["vp_grid"]
     path = tmp_path / "training_options.json"
     path.write_text(json.dumps(legacy))
-    old = train_module.read_run_options(str(path))
+    old = training_options.read_run_options(str(path))
     assert old["loss_kwargs"]["vp_grid"] == "section"
-    assert train_module.differing_options(old, new) == ["loss_kwargs"]
+    assert training_options.differing_options(old, new) == ["loss_kwargs"]
     section = build(phantoms, precond="vp", sigma_dist="vp200", vp_grid="section")
-    assert train_module.differing_options(old, json.loads(json.dumps(section))) == []
+    assert training_options.differing_options(old, json.loads(json.dumps(section))) == []
     net = checkpoint.build_network(new.network)
     snapshot = str(tmp_path / "network-snapshot-000000.pt")
     config = {"network": new.network, "dataset": {"kind": "image", "image_shape": [1, 16, 16]},
