@@ -395,12 +395,9 @@ class Generation:
         return torch.view_as_complex(out.contiguous())
 
 
-def edm_calls(g: Generation) -> int:
-    """Network calls of a batch, as the sampler's solver counts them (the msm and ambient samplers' too)."""
+def generation_calls(g: Generation) -> int:
+    """Network calls of a batch of any sampler (edm, msm, ambient), as its solver counts them."""
     return g.calls
-
-
-msm_calls = edm_calls  # methods.py's name for the msm entry
 
 
 def edm_settings(g: Generation) -> str:

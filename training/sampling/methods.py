@@ -109,9 +109,8 @@ from training.sampling.generation import (
     SAMPLER_OPTIONS,
     SAMPLERS,
     ambient_settings,
-    edm_calls,
     edm_settings,
-    msm_calls,
+    generation_calls,
     posterior_subsets,
     sample_ambient,
     sample_edm,
@@ -738,10 +737,11 @@ def learned(name: str, tasks: tuple, options: tuple, **sampler) -> Method:
 
 SAMPLER_GROUPS = (GUIDANCE_OPTIONS, EDM_OPTIONS, SAMPLER_OPTIONS)
 METHODS = {
-    "edm": Method(sample=sample_edm, sample_calls=edm_calls, sample_settings=edm_settings,
+    "edm": Method(sample=sample_edm, sample_calls=generation_calls, sample_settings=edm_settings,
                   sample_options=(*SAMPLER_GROUPS, BRIDGE_OPTIONS)),
     "msm": learned("msm", IMAGE_OPERATOR_TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS), sample=sample_msm,
-                   sample_calls=msm_calls, sample_settings=msm_generation_settings, sample_options=SAMPLER_GROUPS),
+                   sample_calls=generation_calls, sample_settings=msm_generation_settings,
+                   sample_options=SAMPLER_GROUPS),
     "dps": learned("dps", TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS, DPS_OPTIONS)),
     "dds": learned("dds", TASKS, (SUBSETS_OPTIONS, MSM_OPTIONS, DDS_OPTIONS, FAMILY_OPTIONS)),
     **{name: learned(name, IMAGE_OPERATOR_TASKS if name == "pc-projection" else TASKS,
@@ -754,7 +754,7 @@ METHODS = {
                     settings=lambda run: dict(run.options.cs["tv"]), options=(CS_TV_OPTIONS,)),
     "cs-l1": Method(cs_method("l1-wavelet"), ("mri",), needs_model=False, seeded=False,
                     settings=lambda run: dict(run.options.cs["l1-wavelet"]), options=(CS_L1_OPTIONS,)),
-    "ambient": Method(sample=sample_ambient, sample_calls=edm_calls, sample_settings=ambient_settings,
+    "ambient": Method(sample=sample_ambient, sample_calls=generation_calls, sample_settings=ambient_settings,
                       sample_options=(EDM_OPTIONS, SAMPLER_OPTIONS)),
 }
 POSTERIOR_METHODS = [name for name, method in METHODS.items() if method.run is not None]  # reconstruct.py's
