@@ -22,6 +22,7 @@ from dnnlib import EasyDict, UserError
 from torch_utils import distributed as dist
 from training import masks
 from training import snapshot as checkpoint
+from training.lr_schedules import DEFAULT_REF_MIMG, SCHEDULES
 from training.training_options import (
     build_options,
     find_run_to_continue,
@@ -52,8 +53,21 @@ from training.training_options import (
 @click.option("--attn", type=str, default=None, help="Attention resolutions, e.g. 16 or '' for none")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option("--lr-rampup", type=click.FloatRange(min=0), default=10, show_default=True, help="Mimg")
+@click.option("--lr-schedule", type=str, default="constant", show_default=True,
+              help=f"Learning rate after the ramp-up: {', '.join(SCHEDULES)} (EDM's constant rate, EDM2's inverse "
+                   "square root decay after --lr-ref, or a half cosine down to --lr-final at --duration)")
+@click.option("--lr-ref", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--lr-schedule isqrt: Mimg after which the rate falls as 1/sqrt(images), halving for every 4x  "
+                   f"[default: {DEFAULT_REF_MIMG:g}, i.e. 10 kimg: EDM2 decays over the last ~15x of its reference "
+                   "(143 Mimg in ImageNet runs of ~2 Gimg); runs of 30-120 kimg here then end at 3-12x]")
+@click.option("--lr-final", type=float, default=None,
+              help="--lr-schedule cosine: the rate at --duration as a fraction of --lr  [default: 0]")
 @click.option("--ema", type=click.FloatRange(min=0), default=0.5, show_default=True, help="EMA half-life, Mimg")
 @click.option("--ema-rampup", type=click.FloatRange(min=0), default=0.05, show_default=True, help="0 disables")
+@click.option("--ema-profiles", type=str, default=None, metavar="SIGMA_RELS",
+              help="EDM2's power-function EMAs to track besides --ema, as relative lengths sigma_rel, e.g. 0.05,0.1: "
+                   "saved at every --snap as power-ema-SIGMA-KIMG.pt, from which posthoc_ema.py reconstructs any "
+                   "other length  [default: none]")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option("--label-dropout", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
               help="Drop class labels with this probability (classifier-free guidance)")

@@ -5,7 +5,10 @@ Two kinds, as in EDM's run directories:
   config holds the network class and kwargs, the data shape, the loss and the measurement process, so generate.py and
   reconstruct.py rebuild everything from the file alone.
 - training state `training-state-{kimg:06d}.pt`: {'format', 'config', 'net', 'ema', 'optimizer', 'progress',
-  'rng' (one entry per rank)}: everything needed to continue exactly.
+  'rng' (one entry per rank)[, 'scaler', 'ema_profiles' (one state dict per --ema-profiles value)]}: everything needed
+  to continue exactly.
+A power-function EMA profile's snapshot (`power-ema-{sigma_rel}-{kimg:06d}.pt`, train.py --ema-profiles) is a network
+snapshot whose config adds a 'power_ema' section: its sigma_rel, optimizer step and training position.
 Before torch.load, `_load` checks the archive's index (torch_utils/archive.py: members, sizes, top-level entries) and
 the weights' shapes against the network of the config, laid out without memory, so a crafted file is refused before
 anything is allocated for it. No pickled code, and no code chosen by the file: the config is JSON, validated field by
@@ -34,6 +37,7 @@ from training import classifier, networks, patches  # classifier also registers 
 from training.loss import with_recorded_vp_grid
 from training.masks import mask_law_from_config
 from training.measurements import SKIP_SPACES, MeasurementConfig
+from training.power_ema import MAX_PROFILES, SIGMA_REL_MAX
 from training.schedules import VP_GRID_RULES
 
 SNAPSHOT_FORMAT = "msm-network-snapshot-v1"
@@ -59,7 +63,7 @@ def remove_stale_temp_files(folder: str) -> list[str]:
 # are required), and the state dicts in them that must fit the network of the file's config.
 _STATE_ENTRIES = {"format", "config", "net", "ema", "optimizer", "progress", "rng"}
 _ENTRIES = {SNAPSHOT_FORMAT: ({"format", "config", "ema"}, {"format", "config", "ema"}, ("ema",)),
-            STATE_FORMAT: (_STATE_ENTRIES, _STATE_ENTRIES | {"scaler"}, ("net", "ema"))}
+            STATE_FORMAT: (_STATE_ENTRIES, _STATE_ENTRIES | {"scaler", "ema_profiles"}, ("net", "ema"))}
 # Tensor data beyond the weights' own: per-rank RNG states, optimizer step counters, the scaler. Copies of the
 # weights a file may hold: the snapshot's EMA; the state's network, EMA and Adam's two moment estimates.
 _EXTRA_TENSOR_BYTES = 64 * 2**20
@@ -150,8 +154,13 @@ def _load(path: str, expected_format: str, what: str) -> dict:
     layout = _build_for(config["network"], named, device="meta")
     for key in state_dicts:
         check_weights(layout, data[key], named if expected_format == SNAPSHOT_FORMAT else f"{named} ({key})")
+    profiles = data.get("ema_profiles", [])  # a training state's power-function EMAs (train.py --ema-profiles)
+    if not isinstance(profiles, list) or len(profiles) > MAX_PROFILES:
+        raise UserError(f"{named} is refused: its ema_profiles is not a list of at most {MAX_PROFILES} state dicts.")
+    for i, profile in enumerate(profiles):
+        check_weights(layout, profile, f"{named} (ema_profiles[{i}])")
     weight_bytes = sum(v.numel() * v.element_size() for v in layout.state_dict().values())
-    limit = _WEIGHT_COPIES[expected_format] * weight_bytes + _EXTRA_TENSOR_BYTES
+    limit = (_WEIGHT_COPIES[expected_format] + len(profiles)) * weight_bytes + _EXTRA_TENSOR_BYTES
     if index.total_bytes > limit:
         raise UserError(f"{named} is refused: it holds {index.total_bytes} bytes of tensors, more than the "
                         f"{limit} its network's weights need.")
@@ -194,10 +203,17 @@ _LOSS_FIELDS = {
 _TRAINING_FIELDS = {"batch_size": Field("int", 1, 2**40), "total_kimg": Field("float", 0, 1e12),
                     "seed": Field("int", -(2**63), 2**63 - 1),
                     "precision": Field("str", choices=("fp32", "bf16", "fp16"))}
+MAX_NIMG = 10**13  # ten billion kimg: far beyond any run, far below float precision trouble
+# A power-function EMA profile's snapshot (train.py --ema-profiles): its sigma_rel, at which optimizer step (counted
+# from 1) and training position. posthoc_ema.py combines such snapshots by these numbers.
+_POWER_EMA_FIELDS = {"sigma_rel": Field("float", 0, SIGMA_REL_MAX, required=True),
+                     "step": Field("int", 1, MAX_NIMG, required=True), "nimg": Field("int", 0, MAX_NIMG, required=True)}
 SNAPSHOT_SECTIONS = {"network": Field("json", required=True), "dataset": Field("json", required=True),
                      "loss": Field("json"), "measurement": Field("json", optional=True), "training": Field("json"),
                      "patches": Field("json"),  # patch priors: canvas geometry and patch law (training/patches.py)
-                     "source": Field("json")}  # converted snapshots: where the weights came from (never interpreted)
+                     "power_ema": Field("json"),
+                     # converted and post-hoc EMA snapshots: where the weights came from (never interpreted)
+                     "source": Field("json")}
 
 
 def check_snapshot_config(config: dict):
@@ -221,6 +237,11 @@ def check_snapshot_config(config: dict):
             MeasurementConfig.from_config(loss["measurement"], where="loss.measurement")
     if "training" in config:
         check_fields(config["training"], _TRAINING_FIELDS, "training")
+    if "power_ema" in config:
+        power_ema = check_fields(config["power_ema"], _POWER_EMA_FIELDS, "power_ema")
+        if not 0 < power_ema["sigma_rel"] < SIGMA_REL_MAX:
+            raise ConfigError("power_ema.sigma_rel", f"must lie in (0, {SIGMA_REL_MAX:.4f}), got "
+                              f"{power_ema['sigma_rel']!r:.20}")
     _check_patches(config)
 
 
@@ -307,10 +328,28 @@ def load_snapshot(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     net = _build_for(config["network"], f"Network snapshot {path}")
     check_weights(net, data.get("ema"), f"Network snapshot {path}")
     net.load_state_dict(data["ema"])
+    _resolve_data_path(config, path)
+    return net.eval().requires_grad_(False).to(device), config
+
+
+def _resolve_data_path(config: dict, path: str):
+    """A relative data path in the config of the file at `path` is relative to that file's folder: made absolute."""
     data_path = config["dataset"].get("path")
     if data_path is not None and not os.path.isabs(data_path):
         config["dataset"]["path"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), data_path))
-    return net.eval().requires_grad_(False).to(device), config
+
+
+def load_power_ema(path: str) -> tuple[dict, dict]:
+    """A power-function EMA profile's snapshot (train.py --ema-profiles, read by posthoc_ema.py) -> (its EMA state
+    dict, its config with the data path resolved as load_snapshot does); a snapshot without the profile's 'power_ema'
+    record is refused."""
+    data = _load(path, SNAPSHOT_FORMAT, "Power-EMA snapshot")
+    if "power_ema" not in data["config"]:
+        raise UserError(f"Power-EMA snapshot {path} has no power_ema section in its config, so its EMA profile is not "
+                        "known.")
+    check_weights(network_shapes(data["config"]["network"]), data["ema"], f"Power-EMA snapshot {path}")
+    _resolve_data_path(data["config"], path)
+    return data["ema"], data["config"]
 
 
 def load_classifier(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
@@ -353,7 +392,6 @@ def load_training_state(path: str, options: dict | None = None, world_size: int 
 # What a training state's config must share with the run's options to be continued by it (state config key,
 # training_options.json key), besides the network.
 _STATE_MATCHES = (("loss", "loss_kwargs"), ("measurement", "measurement"), ("patches", "patches"))
-MAX_NIMG = 10**13  # ten billion kimg: far beyond any run, far below float precision trouble
 MAX_RANKS = 2**16
 _PROGRESS_FIELDS = {"cur_nimg": Field("int", 0, MAX_NIMG, required=True),
                     "cur_tick": Field("int", 0, MAX_NIMG, required=True),
@@ -401,6 +439,12 @@ def check_training_state(path: str, data: dict, options: dict, world_size: int, 
         check_weights(net, data.get(key), f"{what} ({key})")
     _check_optimizer(data.get("optimizer"), net, options["optimizer_kwargs"], data_nimg // batch, what)
     _check_scaler(data.get("scaler", {}), what)
+    profiles, tracked = data.get("ema_profiles", []), len(options.get("ema_profiles") or [])
+    if len(profiles) != tracked:
+        raise UserError(f"{what} is refused: it holds {len(profiles)} power-function EMA profile(s), but the run "
+                        f"tracks {tracked} (--ema-profiles).")
+    for i, profile in enumerate(profiles):
+        check_weights(net, profile, f"{what} (ema_profiles[{i}])")
     _check_rng(data.get("rng"), world_size, device, what)
 
 

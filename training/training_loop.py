@@ -31,7 +31,9 @@ from torch_utils.loss_curves import SIGMA_BAND_EDGES, band_stats, band_totals, w
 from training import snapshot as checkpoint
 from training.dataset import open_dataset
 from training.loss import AmbientLoss, ClassifierLoss, EDMLoss, MSMLoss, VELoss, VPLoss
+from training.lr_schedules import learning_rate
 from training.patches import WithPositions, crop_batch, from_patch_config
+from training.power_ema import PowerEMA
 
 # What an options dict may name in its 'class_name' entries (training_options.json records these names); objects are
 # built from these tables, never by looking a dotted name up.
@@ -217,6 +219,19 @@ def parameter_hash(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _save_snapshots(run_dir: str, config: dict, ema: torch.nn.Module, profiles: PowerEMA | None, nimg: int,
+                    step: int):
+    """The network snapshot at training position nimg and, with --ema-profiles, one snapshot per power-function EMA
+    profile (`power-ema-{sigma_rel}-{kimg}.pt`, an ordinary snapshot whose config says which profile at which
+    optimizer step it holds: what posthoc_ema.py reads)."""
+    checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", nimg)), config,
+                             ema)
+    for sigma_rel, profile in zip(profiles.sigma_rels, profiles.emas) if profiles is not None else ():
+        checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name(f"power-ema-{sigma_rel:g}", nimg)),
+                                 {**config, "power_ema": {"sigma_rel": sigma_rel, "step": step, "nimg": nimg}},
+                                 profile)
+
+
 def snapshot_config(c: EasyDict, dataset) -> dict:
     """What a snapshot must carry so generate.py / reconstruct.py need no flags about the model or the data. Loading
     accepts only the sections and keys that checkpoint.check_snapshot_config knows: add new ones there too."""
@@ -265,6 +280,7 @@ def training_loop(
     memory_format = torch.channels_last if c.get("channels_last") else torch.contiguous_format
     net.to(memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    profiles = PowerEMA(net, c.ema_profiles) if c.get("ema_profiles") else None
     loss_fn = build(c.loss_kwargs, LOSSES)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build(c.optimizer_kwargs, OPTIMIZERS, params=params)
@@ -283,6 +299,10 @@ def training_loop(
     # examples trained on (patches), data_nimg the images read from the data stream (the two differ when a step crops
     # several patches per image).
     geometry, patch_law = from_patch_config(c.patches) if c.get("patches") else (None, None)
+    if rank == 0 and profiles is not None:
+        log(f"Power-function EMA profiles sigma_rel {', '.join(f'{s:g}' for s in profiles.sigma_rels)} (gamma "
+            f"{', '.join(f'{g:.3f}' for g in profiles.gammas)}): saved beside every network snapshot; "
+            "posthoc_ema.py reconstructs other lengths from them.")
     if rank == 0 and patch_law is not None:
         log(f"Patch training on {geometry.describe()}: sizes {patch_law.sizes} with probabilities "
             f"{[round(p, 4) for p in patch_law.probs]} and {patch_law.muls} crops per image (mean "
@@ -297,6 +317,8 @@ def training_loop(
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if profiles is not None:
+            profiles.load_state_dicts(state["ema_profiles"])
         cur_nimg, cur_tick = state["progress"]["cur_nimg"], state["progress"]["cur_tick"]
         data_nimg = state["progress"].get("data_nimg", cur_nimg)
         if len(state["rng"]) == world:
@@ -307,7 +329,9 @@ def training_loop(
         if rank == 0:
             log(f"Resuming from {resume_state} at {cur_nimg / 1000:.3f} kimg (tick {cur_tick}).")
             if state["progress"]["total_kimg"] != c.total_kimg:
-                log(f"The duration changed from {state['progress']['total_kimg']:g} to {c.total_kimg:g} kimg.")
+                log(f"The duration changed from {state['progress']['total_kimg']:g} to {c.total_kimg:g} kimg."
+                    + (" The cosine learning-rate schedule now ends at the new duration, so the rate changes from "
+                       "here on." if c.get("lr_schedule", {}).get("kind") == "cosine" else ""))
             if cur_nimg >= total_nimg:
                 log(f"The run is already at {cur_nimg / 1000:.3f} kimg, at or past --duration ({c.total_kimg:g} "
                     f"kimg): nothing to train; it ends at {cur_nimg / 1000:.3f} kimg.")
@@ -375,7 +399,7 @@ def training_loop(
                 scaler.scale(loss.sum() / (c.batch_size // world * mul)).backward()
         scaler.unscale_(optimizer)  # the overflow check sees the reduced gradients: the same decision on every rank
         _finite_grads_(params)
-        lr = c.optimizer_kwargs["lr"] * min(cur_nimg / max(c.lr_rampup_kimg * 1000, 1e-8), 1)
+        lr = learning_rate(cur_nimg, c.optimizer_kwargs["lr"], c.lr_rampup_kimg, c.total_kimg, c.get("lr_schedule"))
         for g in optimizer.param_groups:
             g["lr"] = lr
         scaler.step(optimizer)
@@ -391,6 +415,8 @@ def training_loop(
                 p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
             for b_ema, b_net in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
+        if profiles is not None:
+            profiles.update(net, data_nimg // c.batch_size + 1)  # steps counted from 1, exact on resume
 
         cur_nimg += c.batch_size * mul
         data_nimg += c.batch_size
@@ -433,8 +459,7 @@ def training_loop(
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if write_snapshot and rank == 0:
-            checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", cur_nimg)),
-                                     config, ema)
+            _save_snapshots(run_dir, config, ema, profiles, cur_nimg, data_nimg // c.batch_size)
             _write_loss_plot(stats_path, log)
         if write_state:
             hashes = dist.all_gather_object(parameter_hash(net))
@@ -448,6 +473,7 @@ def training_loop(
                     os.path.join(run_dir, checkpoint.progress_file_name("training-state", cur_nimg)), config,
                     {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(),
+                     **({"ema_profiles": profiles.state_dicts()} if profiles is not None else {}),
                      "progress": {"cur_nimg": cur_nimg, "cur_tick": cur_tick, "total_kimg": c.total_kimg,
                                   "data_nimg": data_nimg},
                      "rng": rng_states})
@@ -455,7 +481,7 @@ def training_loop(
 
     final_snapshot = os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", cur_nimg))
     if rank == 0 and not os.path.exists(final_snapshot):  # a run resumed past its new duration
-        checkpoint.save_snapshot(final_snapshot, config, ema)
+        _save_snapshots(run_dir, config, ema, profiles, cur_nimg, data_nimg // c.batch_size)
         log(f"Wrote the final snapshot {os.path.basename(final_snapshot)}.")
         if os.path.exists(stats_path):
             _write_loss_plot(stats_path, log)

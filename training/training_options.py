@@ -13,6 +13,8 @@ from torch_utils.compiling import check_compiler
 from torch_utils.misc import parse_int_list
 from training import masks
 from training import snapshot as checkpoint
+from training.lr_schedules import schedule_options
+from training.power_ema import parse_profiles
 
 # Options that may change between the start of a run and its continuation without changing what is computed
 # (or that only extend it).
@@ -166,6 +168,13 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     c.ema_halflife_kimg = opts.ema * 1000
     c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.lr_rampup_kimg = opts.lr_rampup * 1000
+    # The schedule and the EMA profiles are recorded only when used, so that runs started before they existed
+    # still continue.
+    schedule = schedule_options(opts.lr_schedule, opts.lr_ref, opts.lr_final, opts.lr_rampup, opts.duration)
+    if schedule is not None:
+        c.lr_schedule = schedule
+    if opts.ema_profiles:
+        c.ema_profiles = parse_profiles(opts.ema_profiles, "--ema-profiles")
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.seed, c.precision, c.channels_last = opts.seed, opts.precision, opts.channels_last
     c.workers = opts.workers
