@@ -226,6 +226,32 @@ def test_resume_with_schedule_and_profiles_is_exact(runs):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_whose_profiles_do_not_fit_the_run_is_refused(runs, tmp_path):
+    import json
+
+    from dnnlib import UserError
+
+    full_dir, _, _ = runs
+    path = checkpoint.latest_file(full_dir, "training-state")
+    state = torch.load(path, weights_only=True)
+    with open(os.path.join(full_dir, "training_options.json")) as f:
+        options = json.load(f)
+    with pytest.raises(UserError, match=r"holds 2 power-function EMA profile\(s\), but the run tracks 0"):
+        checkpoint.load_training_state(path, {k: v for k, v in options.items() if k != "ema_profiles"})
+    first = state["ema_profiles"][0]
+    name = next(iter(first))
+    cases = [("not a list", "its ema_profiles is not a list of at most 16 state dicts"),
+             ([{**first, "extra": torch.zeros(1)}, first], r"\(ema_profiles\[0\]\) does not fit the network"),
+             ([first, {**first, name: torch.full_like(first[name], math.nan)}],
+              r"\(ema_profiles\[1\]\) holds NaN or Inf values")]
+    for i, (profiles, words) in enumerate(cases):
+        crafted = tmp_path / f"case{i}" / os.path.basename(path)
+        crafted.parent.mkdir()
+        torch.save({**state, "ema_profiles": profiles}, crafted)
+        with pytest.raises(UserError, match=words):
+            checkpoint.load_training_state(str(crafted), options)
+
+
 def test_the_loop_uses_the_schedule_and_logs_its_rate(runs):
     import json
 

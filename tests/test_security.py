@@ -133,6 +133,10 @@ def test_unknown_keyword_arguments_are_refused(workspace):
     ("dataset", {"kind": "image", "image_shape": [1, RES, RES], "path": 7}, "dataset.path"),
     ("dataset", {"kind": "image", "image_shape": "1,8,8"}, "dataset.image_shape"),
     ("extra", {"anything": 1}, "config.extra"),
+    ("power_ema", {"sigma_rel": 0, "step": 1, "nimg": 8}, "power_ema.sigma_rel must lie in (0, 0.3003)"),
+    ("power_ema", {"sigma_rel": 0.31, "step": 1, "nimg": 8}, "power_ema.sigma_rel"),
+    ("power_ema", {"sigma_rel": 0.1, "step": 0, "nimg": 8}, "power_ema.step"),
+    ("power_ema", {"sigma_rel": 0.1, "step": 1}, "power_ema.nimg is missing"),
 ])
 def test_every_other_config_field_is_validated(workspace, section, value, field):
     config = image_config()
