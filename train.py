@@ -5,6 +5,7 @@
     python train.py --outdir runs --data datasets/phantoms-64.zip --loss msm --mask box --p 0.4 ...
     python train.py --outdir runs --data datasets/mri-8coil --loss msm --accel 4 --sigma-y 0.01 ...
     torchrun --standalone --nproc_per_node=8 train.py --outdir runs --data ... --batch 512 --batch-gpu 64
+    python train.py ... --lr-schedule isqrt --ema-profiles 0.05,0.1    # then posthoc_ema.py for any EMA length
 
 Re-running the same command continues the newest run with the same options from its last training state (so a
 killed job resumes by running it again); with another --duration it trains that run on to the new length, or, when it
@@ -58,8 +59,8 @@ from training.training_options import (
                    "square root decay after --lr-ref, or a half cosine down to --lr-final at --duration)")
 @click.option("--lr-ref", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--lr-schedule isqrt: Mimg after which the rate falls as 1/sqrt(images), halving for every 4x  "
-                   f"[default: {DEFAULT_REF_MIMG:g}, i.e. 10 kimg: EDM2 decays over the last ~15x of its reference "
-                   "(143 Mimg in ImageNet runs of ~2 Gimg); runs of 30-120 kimg here then end at 3-12x]")
+                   f"[default: {DEFAULT_REF_MIMG:g} (10 kimg): EDM2 ends its ImageNet runs (~2 Gimg) at ~15x its "
+                   "reference of 143 Mimg; quickstart-sized runs of 30-120 kimg end at 3-12x]")
 @click.option("--lr-final", type=float, default=None,
               help="--lr-schedule cosine: the rate at --duration as a fraction of --lr  [default: 0]")
 @click.option("--ema", type=click.FloatRange(min=0), default=0.5, show_default=True, help="EMA half-life, Mimg")

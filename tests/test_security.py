@@ -137,6 +137,7 @@ def test_unknown_keyword_arguments_are_refused(workspace):
     ("power_ema", {"sigma_rel": 0.31, "step": 1, "nimg": 8}, "power_ema.sigma_rel"),
     ("power_ema", {"sigma_rel": 0.1, "step": 0, "nimg": 8}, "power_ema.step"),
     ("power_ema", {"sigma_rel": 0.1, "step": 1}, "power_ema.nimg is missing"),
+    ("power_ema", {"sigma_rel": 0.1, "step": 9, "nimg": 8}, "power_ema.step 9 exceeds the 8 examples"),
 ])
 def test_every_other_config_field_is_validated(workspace, section, value, field):
     config = image_config()

@@ -136,6 +136,7 @@ class PowerEMA:
 
 
 PROFILE_PATTERN = "power-ema-*.pt"
+MAX_STEPS = 10**8  # the fit sums over every step (minutes at this count); EDM2's longest runs take ~10^6 steps
 
 
 def reconstruct(run_dir: str, sigma_rels: list[float], max_nimg: int | None = None) -> list[dict]:
@@ -178,6 +179,9 @@ def reconstruct(run_dir: str, sigma_rels: list[float], max_nimg: int | None = No
                             f"{seen[f'{sigma_rel:g}', step]} and {path}.")
         seen[f"{sigma_rel:g}", step] = path
     last_step = max(r[1] for r in records)
+    if last_step > MAX_STEPS:
+        raise UserError(f"--run {run_dir} holds a profile snapshot at optimizer step {last_step}, more than the "
+                        f"{MAX_STEPS:.0e} whose weights the fit sums over.")
     last_nimg, _, base = max((r[2], r[3], configs[r[3]]) for r in records if r[1] == last_step)
     stored = [(gamma_of(sigma_rel), step) for sigma_rel, step, _, _ in records]
     fits = [fit(stored, (gamma_of(s), last_step)) for s in sigma_rels]

@@ -242,6 +242,9 @@ def check_snapshot_config(config: dict):
         if not 0 < power_ema["sigma_rel"] < SIGMA_REL_MAX:
             raise ConfigError("power_ema.sigma_rel", f"must lie in (0, {SIGMA_REL_MAX:.4f}), got "
                               f"{power_ema['sigma_rel']!r:.20}")
+        if power_ema["step"] > power_ema["nimg"]:  # every optimizer step trains on at least one example
+            raise ConfigError("power_ema.step", f"{power_ema['step']} exceeds the {power_ema['nimg']} examples "
+                              "trained on")
     _check_patches(config)
 
 

@@ -226,7 +226,9 @@ def _save_snapshots(run_dir: str, config: dict, ema: torch.nn.Module, profiles: 
     optimizer step it holds: what posthoc_ema.py reads)."""
     checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name("network-snapshot", nimg)), config,
                              ema)
-    for sigma_rel, profile in zip(profiles.sigma_rels, profiles.emas) if profiles is not None else ():
+    if profiles is None:
+        return
+    for sigma_rel, profile in zip(profiles.sigma_rels, profiles.emas):
         checkpoint.save_snapshot(os.path.join(run_dir, checkpoint.progress_file_name(f"power-ema-{sigma_rel:g}", nimg)),
                                  {**config, "power_ema": {"sigma_rel": sigma_rel, "step": step, "nimg": nimg}},
                                  profile)
