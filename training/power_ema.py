@@ -182,7 +182,8 @@ def reconstruct(run_dir: str, sigma_rels: list[float], max_nimg: int | None = No
     if last_step > MAX_STEPS:
         raise UserError(f"--run {run_dir} holds a profile snapshot at optimizer step {last_step}, more than the "
                         f"{MAX_STEPS:.0e} whose weights the fit sums over.")
-    last_nimg, _, base = max((r[2], r[3], configs[r[3]]) for r in records if r[1] == last_step)
+    _, _, last_nimg, last_path = max((r for r in records if r[1] == last_step), key=lambda r: r[2])
+    base = configs[last_path]
     stored = [(gamma_of(sigma_rel), step) for sigma_rel, step, _, _ in records]
     fits = [fit(stored, (gamma_of(s), last_step)) for s in sigma_rels]
 
