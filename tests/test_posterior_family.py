@@ -105,9 +105,9 @@ def test_family_with_an_exact_prior_beats_the_classical_baseline(task):
     examples = [tasks.measure_example(r, task_options) for r in gaussian_records(cov, channels, num, maps)]
     model = methods.Model(CountingNetwork(GaussianNetwork(cov, channels)),
                           kind="mri" if task == "mri" else "image", mask_law=FullMask(), loss_config=None)
-    family = methods.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3, pc_dps_step=30.0)
+    family = methods.FamilyOptions(sigma_max=5.0, levels=100, steps_each=3)
     options = methods.MethodOptions(msm_steps=2, num_subsets=1, dc_step=1.0, eta=0.85, outer="ddnm", dps_steps=2,
-                                    dps_step=1.0, cs={}, family=family)
+                                    dps_step=None, cs={}, family=family)
     run = methods.Run(model, task_options, options, torch.device("cpu"))
     pairs = [e for e in examples for _ in range(num_seeds)]
 

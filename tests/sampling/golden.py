@@ -181,7 +181,7 @@ def method_options(task: str, **changes):
     family = replace(family, **changes.pop("family", {}))
     cs = {kind: {**CS_DEFAULTS[kind], "max_iter": 10} for kind in ("tv", "l1-wavelet")}
     base = methods.MethodOptions(msm_steps=4, num_subsets=2, dc_step=2.0 if task == "mri" else 1.75, eta=0.85,
-                                 outer="ddnm", dps_steps=4, dps_step=1.0, cs=cs, dds_steps=4,
+                                 outer="ddnm", dps_steps=4, dps_step=None, cs=cs, dds_steps=4,
                                  padis=methods.PadisOptions(steps=3, inner_steps=2))
     return replace(base, family=family, **changes)
 

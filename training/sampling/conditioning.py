@@ -132,12 +132,29 @@ def dps_gradient(denoiser, x: torch.Tensor, sigma: float, operator, y: torch.Ten
 
 DPS_LAWS = ("score", "ddpm", "state")
 DPS_ZETA = 1.0  # DPS's step zeta (Chung et al. 2023: 1.0 for inpainting and super-resolution)
+DPS_NORMS = ("rms", "norm")
+
+
+def measured_entries(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """m, the number of measured entries of each example (a complex entry counts once), shaped (N, 1, ..., 1)."""
+    counted = torch.ones_like(y, dtype=torch.float64) if mask is None else torch.broadcast_to(
+        (mask != 0).to(torch.float64), y.shape)
+    return counted.flatten(1).sum(dim=1).clamp_min(1).reshape(-1, *([1] * (y.ndim - 1)))
 
 
 def dps(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, zeta: float = DPS_ZETA, squared: bool = False,
-        law: str = "score"):
+        law: str = "score", norm: str = "norm"):
     """DPS's likelihood gradient g = grad_x ||M (y - A x0_hat(x))|| (`dps_gradient`; its square with squared=True)
-    entered by one of three laws; each evaluation costs one denoiser call and its backward pass:
+    entered by one of three laws; each evaluation costs one denoiser call and its backward pass.
+
+    norm (unsquared g only): 'norm' is DPS's and PaDIS's step zeta / ||residual|| (g is J^T A^H r / ||r||): the
+    residual's norm grows as the square root of the entries an example holds, so the same zeta is a smaller step per
+    pixel on a larger image, and an example tiled from n copies of a problem moves each copy 1 / sqrt(n) as far.
+    'rms' uses zeta / RMS(residual), i.e. sqrt(m) g with m the example's measured entries (`measured_entries`): the
+    step per pixel then depends on the residual per entry only, the same at every image size and layout. 'rms' is the
+    registry's default; zeta_rms = zeta_norm / sqrt(m) gives the published step at a given size.
+
+    The laws:
 
     'score' (SEED's `dps`): the score term G = s - zeta g, i.e. x0_hat - sigma^2 zeta g (Tweedie with sigma^2: SEED's
         first version used sigma, a bug). For any solver.
@@ -155,6 +172,10 @@ def dps(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, zeta: fl
     """
     if law not in DPS_LAWS:
         raise ValueError(f"the DPS law must be one of {', '.join(DPS_LAWS)}, got {law!r}")
+    if norm not in DPS_NORMS:
+        raise UserError(f"--dps-norm must be one of {', '.join(DPS_NORMS)}, got {norm!r}.")
+    rms = norm == "rms" and not squared
+    root_m = measured_entries(y, mask).sqrt() if rms and y is not None else None
     if law == "state":
         if not zeta >= 0:
             raise UserError(f"--padis-zeta (the DPS step) must be >= 0, got {zeta}.")
@@ -163,6 +184,8 @@ def dps(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, zeta: fl
 
     def cond(denoiser, x, step):
         grad, x0 = dps_gradient(denoiser, x, step.sigma, operator, y, mask, squared=squared)
+        if root_m is not None:
+            grad = grad * root_m.to(grad.device).reshape(-1, *([1] * (grad.ndim - 1)))
         if law == "score":
             return x0 - step.sigma**2 * zeta * grad
         if not step.x0_weight:

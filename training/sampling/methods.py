@@ -25,8 +25,9 @@ Methods of reconstruct.py:
                --msm-solver heun: EDM's deterministic Heun sampler instead (--steps levels of its rho grid, 2 --steps
                - 1 evaluations of the K-subset aggregate, the same data-consistency step at each; on MRI lambda 2
                oscillates below 25 steps, so give --dc-step 1 there). Measured worse than the default sampler.
-  dps          DPS (Chung et al. 2023) as published: ancestral steps on --dps-steps levels of DDPM's 1000-step grid
-               (default all), step zeta --dps-step (default 1.0). Its prior, and the family's below, is the network
+  dps          DPS (Chung et al. 2023): ancestral steps on --dps-steps levels of DDPM's 1000-step grid (default all),
+               step zeta --dps-step per RMS residual (--dps-norm norm: per residual norm, as published, where 1.0
+               is the paper's). Its prior, and the family's below, is the network
                as a full image denoiser, or for an MSM model MSM's aggregate denoiser: K = --subsets partial
                estimates under the model's training law per evaluation (denoisers.MSMAggregate with the 'shrink'
                fallback; `prior_denoiser`); summary.json records which ('denoiser').
@@ -40,27 +41,32 @@ Methods of reconstruct.py:
                Both defaults are converged (sampling/baselines.py CS_DEFAULTS, bench/cs_convergence.py); the lambda
                and iterations used are written beside the rows.
   ald          Annealed Langevin (Jalal et al. 2021 / SEED_METHODS.md 2) on the geometric ladder --sigma-max,
-               --sigma-min, --levels: --steps-each steps of alpha_i = eps (sigma_i / sigma_L)^2 (--eps, default
-               NCSNv2's criterion), --noise-boost, --sigma-offset, --init; data term --ald-dc annealed
+               --sigma-min, --levels (default 333 x --steps-each 3, about 1000 NFE): steps alpha_i = --ald-step
+               x sigma_i^2 (solvers.fraction_step_sizes; --eps: the reference's step at the last level, or NCSNv2's
+               criterion), --noise-boost, --sigma-offset, --init; data term --ald-dc annealed
                (A^H (y - A x) / (sigma_y^2 + sigma_i^2) times --dc-boost) or normalized (--dc-norm-weight).
   pc-jalal, pc-dps, pc-projection, pc-dds
-               Song et al.'s predictor-corrector (Euler-Maruyama, then --corrector-steps Langevin steps with --snr)
-               on the same ladder, with the conditioning term named (sampling/conditioning.py; --pc-dps-step,
-               --dds-gamma, --cg-iters); --start-fraction or --start-sigma warm-starts from A^+ y (FBP for CT).
+               Song et al.'s predictor-corrector (Euler-Maruyama, then --corrector-steps (2) Langevin steps of
+               --corrector-step x sigma^2, or Song's --snr rule) on the same ladder, with the conditioning term
+               named (sampling/conditioning.py; --pc-dps-step, --dds-gamma, --cg-iters); --start-fraction or
+               --start-sigma warm-starts from A^+ y (FBP for CT).
                pc-dds (DDS's CG inside this ladder, the house's 'dds' before DDS as published) is kept because it
                beats DDS at equal NFE on some exact-Gaussian problems (box inpainting, and MRI and CT at gamma 100).
                pc-projection needs an exact A^+ (not CT). The family's prior is DPS's (the full or the MSM
                aggregate denoiser); each returns its last iterate (--final-denoise: its Tweedie estimate).
   padis        PaDIS's DPS-Langevin solver (SEED_METHODS.md 4.4) on EDM's rho = 7 schedule (--padis-steps,
                --padis-sigma-max, --padis-sigma-min; PaDIS's README: 100, 10, 0.003): --inner-steps iterations per
-               level of a DPS step --padis-zeta (README: 0.3) on ||y - A D(x)|| then a Langevin step of
+               level of a DPS step --padis-zeta on ||y - A D(x)|| (per RMS residual; --dps-norm norm: PaDIS's,
+               README 0.3) then a Langevin step of
                alpha = --alpha-factor sigma^2, no noise at the last level; starts from A^+ y (FBP for CT) without
                noise as PaDIS's code (--padis-init noise: sigma_max z, as its paper). Prior as DPS's.
   fbp          CT only: filtered back-projection (ramp filter), the classical CT baseline.
-The learned methods start their grids inside the model's training range (training/schedules.py
-`sigmas_in_training_range`; the log says where and why).
+Free step parameters left unset take the (method, task) defaults tuned on validation data (`step_default`,
+bench/tune_methods.py, docs/tuning.md). The learned methods start their grids inside the model's training range
+(training/schedules.py `sigmas_in_training_range`; the log says where and why).
 """
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -82,6 +88,7 @@ from training.operators import Identity
 from training.patches import patch_prior, use_seeds
 from training.sampling.baselines import CS_DEFAULTS, cs_mri, first_estimate, zero_filled
 from training.sampling.conditioning import (
+    DPS_NORMS,
     DPS_ZETA,
     dds,
     dps,
@@ -128,6 +135,7 @@ from training.sampling.solvers import (
     ald_initial_state,
     ald_step_sizes,
     auto_eps,
+    fraction_step_sizes,
     noise_start,
     padis_initial_state,
     padis_solver,
@@ -212,22 +220,24 @@ class FamilyOptions:
 
     sigma_max: float = 50.0
     sigma_min: float = 0.01
-    levels: int = 100
+    levels: int = 333  # with 3 ALD steps per level, or 1 + 2 PC evaluations per level: about 1000 NFE
     steps_each: int = 3
-    eps: float | None = None  # None: NCSNv2's criterion (solvers.auto_eps)
+    ald_step: float | None = None  # eps_i = ald_step sigma_i^2 (solvers.fraction_step_sizes); None: `step_default`
+    eps: float | str | None = None  # the reference's: a number, the step at the last level, or 'ncsnv2' (auto_eps)
     noise_boost: float = 1.0
-    dc_boost: float = 1.0
+    dc_boost: float | None = None  # the likelihood's weight (ald annealed, pc-jalal); None: `step_default`
     sigma_offset: int = 0
     ald_dc: str = "annealed"
     dc_norm_weight: float = 5.0
     init: str = "noise"
     final_denoise: bool = False
-    snr: float = 0.16
-    corrector_steps: int = 1
+    snr: float | None = None  # Song's corrector rule instead of corrector_step
+    corrector_step: float | None = None  # the corrector's eps = corrector_step sigma^2; None: `step_default`
+    corrector_steps: int = 2
     start_fraction: float | None = None
     start_sigma: float | None = None
-    pc_dps_step: float = 1.0
-    dds_gamma: float = 1.0
+    pc_dps_step: float | None = None  # None: `step_default`
+    dds_gamma: float | None = None  # None: `step_default`
     cg_iters: int = 5
 
 
@@ -241,8 +251,56 @@ class PadisOptions:
     sigma_min: float = 0.003
     inner_steps: int = 10
     alpha_factor: float = 0.5
-    zeta: float = 0.3  # PaDIS's README; gains over A^+ y with an exact prior: tests/sampling/test_padis_solver.py
+    zeta: float | None = None  # None: `step_default` (PaDIS's README: 0.3 with its 'norm' step)
     init: str = "adjoint"
+
+
+# The free step parameters of the learned methods. A None option takes its default from here: the value tuned for
+# the (method, task) on validation data by bench/tune_methods.py (docs/tuning.md says how: the same oracle prior,
+# 4 held-out phantoms that the test tables never use, the budget of README's tables), else the method's general one.
+# Every rule means the same at every image size, layout and budget (a fraction of sigma^2; DPS per RMS residual), so
+# a value tuned at one size carries over. The general ones: the closed-form choice where the method is an exact
+# sampler at dc_boost 1 (tests/sampling/test_step_rules.py), else between the tuned values of MRI and CT.
+GENERAL_STEP_DEFAULTS = {
+    "ald": {"ald_step": 0.8, "dc_boost": 1.0},
+    "pc-jalal": {"corrector_step": 0.8, "dc_boost": 1.0},
+    "pc-projection": {"corrector_step": 0.8},
+    "pc-dps": {"corrector_step": 0.8, "pc_dps_step": 30.0},
+    "pc-dds": {"corrector_step": 0.8, "dds_gamma": 10.0},
+    "dds": {"dds_gamma": 0.5},
+    "dps": {"dps_step": 0.03},
+    "padis": {"padis_zeta": 0.04},
+}
+TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.json's choices
+    ("ald", "mri"): {"ald_step": 0.4, "dc_boost": 3.0},
+    ("pc-jalal", "mri"): {"corrector_step": 0.1, "dc_boost": 15.0},
+    ("dds", "mri"): {"dds_gamma": 0.27},
+    ("pc-dds", "mri"): {"dds_gamma": 3.0},
+    ("dps", "mri"): {"dps_step": 0.02},
+    ("padis", "mri"): {"padis_zeta": 0.01},
+    ("pc-dps", "mri"): {"pc_dps_step": 270.0},
+    ("pc-projection", "mri"): {"corrector_step": 0.4},
+    ("ald", "ct"): {"ald_step": 0.1, "dc_boost": 15.0},
+    ("pc-jalal", "ct"): {"corrector_step": 0.1, "dc_boost": 15.0},
+    ("dds", "ct"): {"dds_gamma": 0.9},
+    ("pc-dds", "ct"): {"dds_gamma": 30.0},
+    ("dps", "ct"): {"dps_step": 0.04},
+    ("padis", "ct"): {"padis_zeta": 0.16},
+    ("pc-dps", "ct"): {"pc_dps_step": 3.0},
+    ("ald", "sr"): {"ald_step": 0.1, "dc_boost": 120.0},
+    ("pc-jalal", "sr"): {"corrector_step": 0.1, "dc_boost": 120.0},
+}
+
+
+def step_default(name: str, task: str, parameter: str, given=None):
+    """The value of a free step parameter of method `name`: `given` when the user gave one, else the tuned default
+    of the (method, task), else the method's general one. Returns (value, where it came from)."""
+    if given is not None:
+        return given, "given"
+    tuned = TUNED_STEP_DEFAULTS.get((name, task), {})
+    if parameter in tuned:
+        return tuned[parameter], "tuned"
+    return GENERAL_STEP_DEFAULTS[name][parameter], "general"
 
 
 # DDS as published (Chung, Lee, Ye 2023, "Decomposed diffusion sampler"; SEED_METHODS.md 3.3): DDIM on DDPM's
@@ -261,7 +319,7 @@ class MethodOptions:
     eta: float
     outer: str
     dps_steps: int
-    dps_step: float
+    dps_step: float | None  # None: `step_default`
     cs: dict  # regulariser -> {'lamda': ..., 'max_iter': ...}
     family: FamilyOptions = FamilyOptions()
     padis: PadisOptions = PadisOptions()
@@ -271,6 +329,7 @@ class MethodOptions:
     vp_grid: str | None = None  # rule of the VP-200 levels ('ddim' / 'section'); None: the snapshot's (vp_grid_of)
     dds_steps: int = DDS_STEPS  # dds: levels of DDPM's grid
     dds_eta: float = DDS_ETA  # dds: DDIM eta
+    dps_norm: str = "rms"  # dps, pc-dps, padis: the DPS step per RMS residual, or DPS's per residual norm
 
 
 @dataclass
@@ -470,41 +529,93 @@ def msm_plan(run: Run) -> Plan:
 
 
 def dps_plan(run: Run) -> Plan:
-    """DPS as published: the ancestral solver at eta 1 (float64 state and noise) with the dps term's 'ddpm' law."""
+    """DPS: the ancestral solver at eta 1 (float64 state and noise) with the dps term's 'ddpm' law (Chung et al.'s
+    step), its zeta per RMS residual by default (--dps-norm norm: per residual norm, as published)."""
     o = run.options
-    dps(None, None, zeta=o.dps_step, law="ddpm")  # the term's constructor checks zeta
+    zeta, source = step_default("dps", run.task.task, "dps_step", o.dps_step)
+    dps(None, None, zeta=zeta, law="ddpm", norm=o.dps_norm)  # the term's constructor checks zeta
     sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dps_steps), run.model.loss_config)
     return Plan(Ancestral(eta=1.0, precision="double", noise="state"), sigmas, schedule, start=noise_latents,
-                term=lambda batch: dps(batch.operator, batch.y, batch.mask, zeta=o.dps_step, law="ddpm"),
-                settings={"zeta": o.dps_step, "levels": len(sigmas), "sigma_max": sigmas[0].item(),
-                          "schedule": schedule, **prior_denoiser_settings(run)})
+                term=lambda batch: dps(batch.operator, batch.y, batch.mask, zeta=zeta, law="ddpm", norm=o.dps_norm),
+                settings={"zeta": zeta, "zeta_default": source, "norm": o.dps_norm, "levels": len(sigmas),
+                          "sigma_max": sigmas[0].item(), "schedule": schedule, **prior_denoiser_settings(run)})
 
 
 def dds_plan(run: Run) -> Plan:
     """DDS as published (SEED_METHODS.md 3.3): the ancestral solver with DDIM re-noising (--dds-eta, 0.15) on
     --dds-steps levels of DDPM's grid, and the dds term (--cg-iters CG iterations on the denoised image)."""
     o, f = run.options, run.options.family
-    dds(None, None, gamma=f.dds_gamma, cg_iters=f.cg_iters)  # the term's constructor checks its options
+    gamma, source = step_default("dds", run.task.task, "dds_gamma", f.dds_gamma)
+    dds(None, None, gamma=gamma, cg_iters=f.cg_iters)  # the term's constructor checks its options
     sigmas, schedule = sigmas_in_training_range(ddpm_sigmas(o.dds_steps), run.model.loss_config)
     return Plan(Ancestral(eta=o.dds_eta, outer="ddim", precision="double", noise="state"), sigmas, schedule,
                 start=noise_latents,
-                term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters,
+                term=lambda batch: dds(batch.operator, batch.y, batch.mask, gamma=gamma, cg_iters=f.cg_iters,
                                        law="ddim"),
-                settings={"gamma": f.dds_gamma, "cg_iters": f.cg_iters, "eta": o.dds_eta, "levels": len(sigmas),
-                          "sigma_max": sigmas[0].item(), "schedule": schedule, **prior_denoiser_settings(run)})
+                settings={"gamma": gamma, "gamma_default": source, "cg_iters": f.cg_iters, "eta": o.dds_eta,
+                          "levels": len(sigmas), "sigma_max": sigmas[0].item(), "schedule": schedule,
+                          **prior_denoiser_settings(run)})
 
 
-def family_term(name: str, f: FamilyOptions):
-    """The conditioning term of an ALD / predictor-corrector method as batch -> term."""
+FAMILY_PARAMETERS = {"ald": "ald_step", "pc-jalal": "corrector_step", "pc-dps": "pc_dps_step",
+                     "pc-projection": "corrector_step", "pc-dds": "dds_gamma"}  # what the tuning tool tunes
+
+
+def family_pieces(name: str, f: FamilyOptions, task: str, sigmas: torch.Tensor, dps_norm: str = "rms"):
+    """The solver, the conditioning term (batch -> term) and the settings of an ALD / predictor-corrector method on
+    the ladder `sigmas`, every free step parameter resolved (`step_default`). The registry's assembly, also what the
+    closed-form tests of the defaults drive (tests/sampling/test_step_rules.py)."""
+    settings = {}
+
+    def default(method, parameter, given):
+        value, source = step_default(method, task, parameter, given)
+        settings.update({parameter: value, f"{parameter}_default": source})
+        return value
+
     if name == "ald" and f.ald_dc == "normalized":
-        return lambda b: jalal_normalized(b.operator, b.y, b.mask, weight=f.dc_norm_weight)
-    if name in ("ald", "pc-jalal"):
-        return lambda b: jalal(b.operator, b.y, b.mask, sigma_y=b.sigma_y, scale=f.dc_boost)
-    if name == "pc-dps":
-        return lambda b: dps(b.operator, b.y, b.mask, zeta=f.pc_dps_step)
-    if name == "pc-projection":
-        return lambda b: projection(b.operator, b.y, b.mask)
-    return lambda b: dds(b.operator, b.y, b.mask, gamma=f.dds_gamma, cg_iters=f.cg_iters, law="estimate")
+        term = lambda b: jalal_normalized(b.operator, b.y, b.mask, weight=f.dc_norm_weight)  # noqa: E731
+    elif name in ("ald", "pc-jalal"):
+        boost = default(name, "dc_boost", f.dc_boost)
+        term = lambda b: jalal(b.operator, b.y, b.mask, sigma_y=b.sigma_y, scale=boost)  # noqa: E731
+    elif name == "pc-dps":
+        zeta = default(name, "pc_dps_step", f.pc_dps_step)
+        term = lambda b: dps(b.operator, b.y, b.mask, zeta=zeta, norm=dps_norm)  # noqa: E731
+        settings["norm"] = dps_norm
+    elif name == "pc-projection":
+        term = lambda b: projection(b.operator, b.y, b.mask)  # noqa: E731
+    else:
+        gamma = default(name, "dds_gamma", f.dds_gamma)
+        term = lambda b: dds(b.operator, b.y, b.mask, gamma=gamma, cg_iters=f.cg_iters, law="estimate")  # noqa: E731
+        settings["cg_iters"] = f.cg_iters
+    if name != "pc-projection":  # the term's constructor checks its options (projection has none)
+        term(Batch(None, None, None, 0.0, None, ()))
+    if name == "ald":
+        if not 0 <= f.sigma_offset < f.levels:
+            raise UserError(f"--sigma-offset must be in 0..{f.levels - 1} (levels of the ALD ladder to skip), "
+                            f"got {f.sigma_offset}.")
+        offset = min(f.sigma_offset, len(sigmas) - 1)  # the ladder may lose its top to the training range
+        if f.eps is None:
+            steps = fraction_step_sizes(sigmas, default(name, "ald_step", f.ald_step))
+        else:
+            eps = auto_eps(sigmas, f.steps_each) if f.eps == "ncsnv2" else f.eps
+            steps = ald_step_sizes(sigmas, eps)
+            settings.update(eps=eps, eps_rule="NCSNv2" if f.eps == "ncsnv2" else "given")
+        settings.update(steps_each=f.steps_each, noise_boost=f.noise_boost, sigma_offset=f.sigma_offset,
+                        dc=f.ald_dc, init=f.init)
+        if f.ald_dc == "normalized":
+            settings["dc_norm_weight"] = f.dc_norm_weight
+        return Langevin(steps, f.steps_each, f.noise_boost, offset, final_denoise=f.final_denoise), term, settings
+    if f.snr is None:
+        corrector_step = default(name, "corrector_step", f.corrector_step)
+    else:
+        corrector_step = None
+        if f.corrector_step is not None:
+            raise UserError("Give either --corrector-step (a fraction of sigma^2) or --snr (Song's rule), not both.")
+        settings["snr"] = f.snr
+    settings.update(corrector_steps=f.corrector_steps, start_fraction=f.start_fraction, start_sigma=f.start_sigma)
+    rule = {"corrector_step": corrector_step} if f.snr is None else {"snr": f.snr}
+    solver = PredictorCorrector(corrector_steps=f.corrector_steps, final_denoise=f.final_denoise, **rule)
+    return solver, term, settings
 
 
 def family_plan(name: str):
@@ -515,42 +626,26 @@ def family_plan(name: str):
         f = run.options.family
         sigmas, schedule = sigmas_in_training_range(geometric_ladder(f.sigma_max, f.sigma_min, f.levels),
                                                     run.model.loss_config)
-        term = family_term(name, f)
-        if name != "pc-projection":  # the term's constructor checks its options (projection has none)
-            term(Batch(None, None, None, 0.0, None, ()))
+        if name != "ald":
+            sigmas = warm_start_levels(sigmas, start_sigma=f.start_sigma, fraction=f.start_fraction)
+        solver, term, pieces = family_pieces(name, f, run.task.task, sigmas, run.options.dps_norm)
         settings = {"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(),
-                    "final_denoise": f.final_denoise, "schedule": schedule, **prior_denoiser_settings(run)}
+                    "final_denoise": f.final_denoise, "schedule": schedule, **pieces, **prior_denoiser_settings(run)}
         if name == "ald":
-            if not 0 <= f.sigma_offset < f.levels:
-                raise UserError(f"--sigma-offset must be in 0..{f.levels - 1} (levels of the ALD ladder to skip), "
-                                f"got {f.sigma_offset}.")
-            offset = min(f.sigma_offset, len(sigmas) - 1)  # the ladder may lose its top to the training range
-            eps = f.eps if f.eps is not None else auto_eps(sigmas, f.steps_each)
-            solver = Langevin(ald_step_sizes(sigmas, eps), f.steps_each, f.noise_boost, offset,
-                              final_denoise=f.final_denoise)
+            offset = solver.offset
 
             def start(run, batch, sigmas):
                 return ald_initial_state(f.init, batch.shape, batch.gen, sigmas[offset].item(),
                                          batch.estimate(run.task.task))
 
-            settings.update(steps_each=f.steps_each, eps=eps, eps_rule="given" if f.eps is not None else "NCSNv2",
-                            noise_boost=f.noise_boost, sigma_offset=f.sigma_offset, dc=f.ald_dc, init=f.init,
-                            **({"dc_norm_weight": f.dc_norm_weight} if f.ald_dc == "normalized" else
-                               {"dc_boost": f.dc_boost}))
             return Plan(solver, sigmas, schedule, start, term, settings=settings)
-        solver = PredictorCorrector(corrector_steps=f.corrector_steps, snr=f.snr, final_denoise=f.final_denoise)
         warm = f.start_fraction is not None or f.start_sigma is not None
-        sigmas = warm_start_levels(sigmas, start_sigma=f.start_sigma, fraction=f.start_fraction)
 
         def start(run, batch, sigmas):
             if not warm:
                 return noise_latents(run, batch, sigmas)
             return warm_start(batch.estimate(run.task.task), sigmas, batch.gen)[0]
 
-        settings.update(corrector_steps=f.corrector_steps, snr=f.snr, start_fraction=f.start_fraction,
-                        start_sigma=f.start_sigma, **{"pc-jalal": {"dc_boost": f.dc_boost},
-                                                      "pc-dps": {"zeta": f.pc_dps_step}, "pc-projection": {},
-                                                      "pc-dds": {"gamma": f.dds_gamma, "cg_iters": f.cg_iters}}[name])
         return Plan(solver, sigmas, schedule, start, term, settings=settings)
 
     return plan
@@ -560,23 +655,37 @@ def padis_plan(run: Run) -> Plan:
     """PaDIS: the Langevin solver with PaDIS's step rule (`padis_solver`) and the dps term's 'state' law, starting
     from A^+ y (FBP for CT) without noise or (--padis-init noise) sigma_max z."""
     p = run.options.padis
-    dps(None, None, zeta=p.zeta, law="state")  # the term's constructor checks zeta
+    zeta, source = step_default("padis", run.task.task, "padis_zeta", p.zeta)
+    dps(None, None, zeta=zeta, law="state", norm=run.options.dps_norm)  # the term's constructor checks zeta
     sigmas, schedule = sigmas_in_training_range(padis_sigmas(p.steps, p.sigma_min, p.sigma_max),
                                                 run.model.loss_config)
 
     def start(run, batch, sigmas):
         return padis_initial_state(p.init, batch.estimate(run.task.task), batch.gen, sigmas[0].item())
 
+    norm = run.options.dps_norm
     return Plan(padis_solver(sigmas, p.inner_steps, p.alpha_factor), sigmas, schedule, start,
-                term=lambda b: dps(b.operator, b.y, b.mask, zeta=p.zeta, law="state"),
+                term=lambda b: dps(b.operator, b.y, b.mask, zeta=zeta, law="state", norm=norm),
                 settings={"levels": len(sigmas), "sigma_max": sigmas[0].item(), "sigma_min": sigmas[-1].item(),
-                          "rho": 7, "inner_steps": p.inner_steps, "alpha_factor": p.alpha_factor, "zeta": p.zeta,
-                          "init": p.init, "schedule": schedule, **prior_denoiser_settings(run)})
+                          "rho": 7, "inner_steps": p.inner_steps, "alpha_factor": p.alpha_factor, "zeta": zeta,
+                          "zeta_default": source, "norm": norm, "init": p.init, "schedule": schedule,
+                          **prior_denoiser_settings(run)})
 
 
 FAMILY = ("ald", "pc-jalal", "pc-dps", "pc-projection", "pc-dds")
 PLANS = {"msm": msm_plan, "dps": dps_plan, "dds": dds_plan, "padis": padis_plan,
          **{name: family_plan(name) for name in FAMILY}}
+
+
+def parse_eps(value: str | None):
+    """--eps: None, 'ncsnv2', or a number."""
+    if value is None or value == "ncsnv2":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--eps must be a number (the ALD step at the last level) or 'ncsnv2', got {value!r}."
+                        ) from None
 
 
 def run_fbp(run: Run, examples: list[Example], seeds: list[int]) -> torch.Tensor:
@@ -611,11 +720,16 @@ FAMILY_OPTIONS = (
     click.option("--levels", type=int, default=FamilyOptions.levels, show_default=True, help="ALD/PC: ladder levels"),
     click.option("--steps-each", type=int, default=FamilyOptions.steps_each, show_default=True,
                  help="ALD: Langevin steps per level"),
-    click.option("--eps", type=float, default=None, help="ALD: step at the last level [default: NCSNv2's criterion]"),
+    click.option("--ald-step", type=float, default=None,
+                 help="ALD: Langevin step eps_i = this x sigma_i^2, in (0, 2)  [default: tuned per task]"),
+    click.option("--eps", default=None,
+                 help="ALD: the reference's rule instead, the step at the last level (a number), or 'ncsnv2' "
+                      "(NCSNv2's criterion; it shrinks as --steps-each grows)"),
     click.option("--noise-boost", type=float, default=FamilyOptions.noise_boost, show_default=True,
                  help="ALD: noise power (1: correct temperature; 0.5: the reference's complex noise)"),
-    click.option("--dc-boost", type=float, default=FamilyOptions.dc_boost, show_default=True,
-                 help="ALD (annealed) and pc-jalal: weight of the likelihood term"),
+    click.option("--dc-boost", type=float, default=None,
+                 help="ALD (annealed) and pc-jalal: weight of the likelihood term (1: the likelihood itself; above 1 a "
+                      "tempered posterior)  [default: tuned per method and task]"),
     click.option("--sigma-offset", type=int, default=FamilyOptions.sigma_offset, show_default=True,
                  help="ALD: highest levels skipped"),
     click.option("--ald-dc", type=click.Choice(("annealed", "normalized")), default=FamilyOptions.ald_dc,
@@ -625,18 +739,24 @@ FAMILY_OPTIONS = (
     click.option("--init", type=click.Choice(ALD_INITS), default=FamilyOptions.init, show_default=True,
                  help="ALD start (adjoint: A^+ y, FBP for CT)"),
     click.option("--final-denoise", is_flag=True, help="ALD/PC: return the Tweedie estimate of the last iterate"),
-    click.option("--snr", type=float, default=FamilyOptions.snr, show_default=True,
-                 help="PC: corrector signal-to-noise ratio (Song et al.)"),
+    click.option("--corrector-step", type=float, default=None,
+                 help="PC: corrector Langevin step eps = this x sigma^2, in (0, 2)  [default: tuned per method and "
+                      "task]"),
+    click.option("--snr", type=float, default=None,
+                 help="PC: Song et al.'s corrector rule instead, eps = 2 (snr ||z|| / ||score||)^2 per example (0.16 "
+                      "in their paper; it depends on the image size through the norms)"),
     click.option("--corrector-steps", type=int, default=FamilyOptions.corrector_steps, show_default=True,
                  help="PC: Langevin corrector steps per level"),
     click.option("--start-fraction", type=float, default=None,
                  help="PC: warm start from A^+ y (FBP for CT) this fraction down the ladder [default: from noise]"),
     click.option("--start-sigma", type=float, default=None,
                  help="PC: warm start from A^+ y (FBP for CT) at the first level <= this sigma"),
-    click.option("--pc-dps-step", type=float, default=FamilyOptions.pc_dps_step, show_default=True,
-                 help="pc-dps: zeta of the score term -zeta grad ||y - A x0_hat||"),
-    click.option("--dds-gamma", type=float, default=FamilyOptions.dds_gamma, show_default=True,
-                 help="dds, pc-dds: gamma of the CG step (I + gamma A^H A) x = x0_hat + gamma A^H y"),
+    click.option("--pc-dps-step", type=float, default=None,
+                 help="pc-dps: zeta of the score term -zeta grad ||y - A x0_hat|| (per RMS residual: --dps-norm)  "
+                      "[default: tuned per task]"),
+    click.option("--dds-gamma", type=float, default=None,
+                 help="dds, pc-dds: gamma of the CG step (I + gamma A^H A) x = x0_hat + gamma A^H y  [default: tuned "
+                      "per method and task]"),
     click.option("--cg-iters", type=int, default=FamilyOptions.cg_iters, show_default=True,
                  help="dds, pc-dds: CG iterations (the DDS paper's 5)"),
 )
@@ -651,8 +771,9 @@ PADIS_OPTIONS = (
                  help="padis: DPS + Langevin iterations per level"),
     click.option("--alpha-factor", type=float, default=PadisOptions.alpha_factor, show_default=True,
                  help="padis: Langevin step alpha = this x sigma^2 (x <- x + alpha/2 score + sqrt(alpha) z)"),
-    click.option("--padis-zeta", type=float, default=PadisOptions.zeta, show_default=True,
-                 help="padis: DPS step zeta on the unsquared ||y - A D(x)||"),
+    click.option("--padis-zeta", type=float, default=None,
+                 help="padis: DPS step zeta on the unsquared ||y - A D(x)|| (per RMS residual: --dps-norm)  [default: "
+                      "tuned per task; PaDIS's README: 0.3 with --dps-norm norm]"),
     click.option("--padis-init", type=click.Choice(PADIS_INITS), default=PadisOptions.init, show_default=True,
                  help="padis start: A^+ y (FBP for CT) without noise (PaDIS's code), or sigma_max noise (its paper)"),
 )
@@ -683,7 +804,12 @@ MSM_OPTIONS = (
 DPS_OPTIONS = (
     click.option("--dps-steps", type=click.IntRange(min=2, max=1000), default=1000, show_default=True,
                  help="DPS: levels of DDPM's 1000-step grid (those above the model's training range are dropped)"),
-    click.option("--dps-step", type=float, default=DPS_ZETA, show_default=True, help="DPS: step zeta"),
+    click.option("--dps-step", type=float, default=None,
+                 help=f"DPS: step zeta (per RMS residual: --dps-norm)  [default: tuned per task; the paper's "
+                      f"{DPS_ZETA:g} with --dps-norm norm]"),
+    click.option("--dps-norm", type=click.Choice(DPS_NORMS), default="rms", show_default=True,
+                 help="dps, pc-dps, padis: the step per RMS residual (the same at every image size), or per residual "
+                      "norm as DPS's and PaDIS's code (smaller per pixel on larger images)"),
 )
 DDS_OPTIONS = (
     click.option("--dds-steps", type=click.IntRange(min=2, max=1000), default=DDS_STEPS, show_default=True,
@@ -864,10 +990,8 @@ def method_options(o: dict, task: str) -> MethodOptions:
     """The options of every method from the parsed CLI options `o` (the names of the groups above). The learned
     methods' options are checked where their pieces are built (`plan_of`: reconstruct.py asks every chosen method
     for its settings before anything is written)."""
-    family = FamilyOptions(*(o[k] for k in ("sigma_max", "sigma_min", "levels", "steps_each", "eps", "noise_boost",
-                                            "dc_boost", "sigma_offset", "ald_dc", "dc_norm_weight", "init",
-                                            "final_denoise", "snr", "corrector_steps", "start_fraction", "start_sigma",
-                                            "pc_dps_step", "dds_gamma", "cg_iters")))
+    names = [f.name for f in dataclasses.fields(FamilyOptions)]
+    family = FamilyOptions(**{k: parse_eps(o[k]) if k == "eps" else o[k] for k in names})
     padis = PadisOptions(o["padis_steps"], o["padis_sigma_max"], o["padis_sigma_min"], o["inner_steps"],
                          o["alpha_factor"], o["padis_zeta"], o["padis_init"])
     cs = {"tv": dict(CS_DEFAULTS["tv"]), "l1-wavelet": dict(CS_DEFAULTS["l1-wavelet"])}
@@ -881,7 +1005,7 @@ def method_options(o: dict, task: str) -> MethodOptions:
                          dc_step=dc_step, eta=o["eta"], outer=o["outer"], dps_steps=o["dps_steps"],
                          dps_step=o["dps_step"], cs=cs, family=family, padis=padis, sample_accel=o["sample_accel"],
                          acquired_draw=o["acquired_draw"], msm_solver=o["msm_solver"], vp_grid=o["vp_grid"],
-                         dds_steps=o["dds_steps"], dds_eta=o["dds_eta"])
+                         dds_steps=o["dds_steps"], dds_eta=o["dds_eta"], dps_norm=o["dps_norm"])
 
 
 def check_sampling_law_options(model: Model | None, network_path: str | None, sample_accel, acquired_draw):

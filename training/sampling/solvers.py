@@ -327,8 +327,26 @@ class Ancestral:
 # Langevin: ALD and PaDIS.
 
 
+def fraction_step_sizes(sigmas: torch.Tensor, fraction: float, option: str = "--ald-step") -> torch.Tensor:
+    """Langevin steps eps_i = fraction sigma_i^2, the default rule of ALD and of the predictor-corrector's corrector.
+
+    Why a fraction of sigma_i^2: at level sigma the noised prior's log-density has curvature at most 1 / sigma^2 in
+    every direction, for any data (its Hessian is Cov[x0 | x] / sigma^4 - I / sigma^2), and Jalal's annealed
+    likelihood, weighted by dc_boost b, adds at most b ||A||^2 / (sigma_y^2 + sigma^2) <= b ||A||^2 / sigma^2. So one
+    number, the fraction, fixes how far a step moves relative to the stiffest direction at every level, and with it
+    the step's stability (fraction < 2 / (1 + b ||A||^2)) and the bias of the unadjusted chain's stationary law
+    (relative O(fraction) at worst), whatever the image size, the number of steps per level or the ladder. More steps
+    then mean more mixing, not smaller steps (NCSNv2's criterion, `auto_eps`, shrinks the step as the steps per level
+    grow). It is the NCSN / Jalal parametrisation eps (sigma_i / sigma_L)^2 with eps = fraction sigma_L^2
+    (`ald_step_sizes`)."""
+    if not 0 < fraction < 2:
+        raise UserError(f"{option} (the Langevin step as a fraction of sigma^2) must be in (0, 2), got {fraction}.")
+    return fraction * check_sigmas(sigmas) ** 2
+
+
 def ald_step_sizes(sigmas: torch.Tensor, eps: float) -> torch.Tensor:
-    """alpha_i = eps (sigma_i / sigma_L)^2 (SDS annealedLangevin.py L16): alpha = eps at the last level."""
+    """alpha_i = eps (sigma_i / sigma_L)^2 (SDS annealedLangevin.py L16): alpha = eps at the last level, the
+    reference's parametrisation (--eps); the same rule as `fraction_step_sizes` with fraction eps / sigma_L^2."""
     if not eps > 0:
         raise UserError(f"--eps (the ALD step at the last level) must be > 0, got {eps}.")
     sigmas = check_sigmas(sigmas)
@@ -433,7 +451,7 @@ def padis_solver(sigmas: torch.Tensor, inner_steps: int = 10, alpha_factor: floa
 
 
 # ----------------------------------------------------------------------------
-# Predictor-corrector: Euler-Maruyama predictor, snr-rule Langevin corrector.
+# Predictor-corrector: Euler-Maruyama predictor, Langevin corrector.
 
 SDE_KINDS = ("ve", "vp")
 PREDICTORS = ("em", "none")
@@ -465,9 +483,9 @@ def em_x0_weight(sigma: float, sigma_next: float, sde: str) -> float:
 
 
 def corrector_step_size(score: torch.Tensor, snr: float) -> torch.Tensor:
-    """Song et al.'s rule eps = 2 (snr ||z|| / ||score||)^2 per example, with ||z|| replaced by its typical value
-    sqrt(d) as SEED does (deterministic given the score). Norms are per example (the reference averages over the
-    batch, which would make a sample depend on its batch mates). Shaped (N, 1, ..., 1)."""
+    """Song et al.'s rule (PredictorCorrector with `snr`): eps = 2 (snr ||z|| / ||score||)^2 per example, with ||z||
+    replaced by its typical value sqrt(d) as SEED does (deterministic given the score). Norms are per example (the
+    reference averages over the batch, which would make a sample depend on its batch mates). Shaped (N, 1, ..., 1)."""
     dim = score[0].numel()
     return 2 * (snr * math.sqrt(dim) / per_example_norm(score).clamp_min(torch.finfo(score.dtype).tiny)) ** 2
 
@@ -476,23 +494,30 @@ def corrector_step_size(score: torch.Tensor, snr: float) -> torch.Tensor:
 class PredictorCorrector:
     """Song et al. 2021's PC sampler (Alg. 2): from x at sigmas[0], for each next level an EM predictor step onto it
     (skipped with predictor 'none') then `corrector_steps` Langevin corrector steps at it (x <- x + eps G +
-    sqrt(2 eps) z, G the conditioned score, eps from `corrector_step_size`; they leave N(0, s^2 + sigma^2) invariant
-    up to O(eps^2) for Gaussian data). SEED runs the corrector before the predictor at each level; this order is
+    sqrt(2 eps) z, G the conditioned score). SEED runs the corrector before the predictor at each level; this order is
     Song's. corrector_steps = 0 is plain Euler-Maruyama (with the exact score the state ends distributed as the data
     convolved with N(0, sigmas[-1]^2)). Returns the state at sigmas[-1], or with final_denoise its (conditioned)
-    Tweedie estimate (SEED returns the last predictor mean). The corrector's step depends on the estimate itself, so
-    its evaluations carry no x0_weight."""
+    Tweedie estimate (SEED returns the last predictor mean).
+
+    The corrector's step: corrector_step c gives eps = c sigma^2 (`fraction_step_sizes`: the same move relative to
+    the stiffest direction at every level, image size and budget; its evaluations carry x0_weight c, so terms that
+    correct the state apply); with corrector_step None, Song's snr rule (`corrector_step_size`, per-example norms:
+    a step that depends on the estimate itself and on how many pixels share the example's norm, so its evaluations
+    carry no x0_weight)."""
 
     predictor: str = "em"
     corrector_steps: int = 1
     snr: float = 0.16
     sde: str = "ve"
     final_denoise: bool = False
+    corrector_step: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.corrector_steps, int) and self.corrector_steps >= 0):
             raise UserError(f"--corrector-steps must be an integer >= 0, got {self.corrector_steps!r}.")
-        if not self.snr > 0:
+        if self.corrector_step is not None:
+            fraction_step_sizes(torch.ones(1), self.corrector_step, "--corrector-step")  # checks the fraction
+        elif not self.snr > 0:
             raise UserError(f"--snr (the corrector's signal-to-noise ratio) must be > 0, got {self.snr}.")
         if self.sde not in SDE_KINDS:
             raise UserError(f"--sde must be one of {', '.join(SDE_KINDS)}, got {self.sde!r}.")
@@ -510,9 +535,11 @@ class PredictorCorrector:
                               Step(sigma, sigma_next, em_x0_weight(sigma, sigma_next, self.sde)), callback)
                 x = em_step(x, x0, sigma, sigma_next, generator.randn_like(x).to(torch.float64), self.sde)
             for _ in range(self.corrector_steps):
-                x0 = denoised(denoiser, conditioning, x, Step(sigma_next, sigma_next, None), callback)
+                fraction = self.corrector_step
+                x0 = denoised(denoiser, conditioning, x, Step(sigma_next, sigma_next, fraction), callback)
                 score = (x0 - x) / sigma_next**2
-                eps = corrector_step_size(score, self.snr)
+                eps = (corrector_step_size(score, self.snr) if fraction is None else
+                       torch.tensor(fraction * sigma_next**2, dtype=torch.float64))
                 x = x + eps * score + (2 * eps).sqrt() * generator.randn_like(x).to(torch.float64)
         if self.final_denoise:
             return denoised(denoiser, conditioning, x, Step(levels[-1], 0.0, 1.0), callback)
