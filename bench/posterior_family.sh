@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The posterior-sampler family at equal compute, at the defaults tuned on a validation split (README, "Results"):
 #   bash bench/posterior_family.sh ct     # sparse-view CT, 20 views, 5% relative noise; out/ct
-#   bash bench/posterior_family.sh sr     # 4x super-resolution of the same phantoms, sigma_y 0.01; out/sr (CT's prior)
+#   bash bench/posterior_family.sh sr     # 4x super-resolution of the same phantoms, sigma_y 0.01; out/sr (its oracle trained as CT's)
 #   bash bench/posterior_family.sh mri    # the quickstart's R = 4 8-coil MRI (same data seeds and mask seed); out/mri
 #   TUNE=1 bash bench/posterior_family.sh ct   # first re-tune the defaults on the validation split (bench/tune_methods.py)
 # Data as the quickstart makes it (32x32 phantoms: 2000 training, test = 8 of seed 1, validation = 4 of seed 2, never

@@ -237,8 +237,10 @@ def test_padis_runs_on_every_task(tmp_path, files, task, prior):
     k = 2 if prior == "msm" else 1
     assert float(rows[0]["nfe"]) == 3 * 2 * k
     settings = json.load(open(tmp_path / "summary.json"))["settings"]["padis"]
-    assert {key: settings[key] for key in ("levels", "inner_steps", "alpha_factor", "zeta", "init", "rho")} == \
-        {"levels": 3, "inner_steps": 2, "alpha_factor": 0.5, "zeta": 0.3, "init": "adjoint", "rho": 7}
+    assert {key: settings[key] for key in ("levels", "inner_steps", "alpha_factor", "init", "rho", "norm")} == \
+        {"levels": 3, "inner_steps": 2, "alpha_factor": 0.5, "init": "adjoint", "rho": 7, "norm": "rms"}
+    zeta = methods.step_default("padis", task, "padis_zeta")  # the task's tuned zeta, else the general one
+    assert (settings["zeta"], settings["zeta_default"]) == zeta
     assert settings["sigma_max"] == pytest.approx(5.0) and settings["sigma_min"] == pytest.approx(0.003)
     assert settings["denoiser"] == ("msm-aggregate" if prior == "msm" else "full")
 
