@@ -188,6 +188,8 @@ def test_fraction_steps_are_refused_outside_their_range():
             registry_sampler("pc-jalal", "dense", corrector_step=bad)
     with pytest.raises(Exception, match="not both"):
         registry_sampler("pc-jalal", "dense", corrector_step=0.5, snr=0.16)
+    with pytest.raises(Exception, match="not both"):
+        registry_sampler("ald", "dense", ald_step=0.5, eps=1e-5)
 
 
 # ----------------------------------------------------------------------------

@@ -557,10 +557,6 @@ def dds_plan(run: Run) -> Plan:
                           **prior_denoiser_settings(run)})
 
 
-FAMILY_PARAMETERS = {"ald": "ald_step", "pc-jalal": "corrector_step", "pc-dps": "pc_dps_step",
-                     "pc-projection": "corrector_step", "pc-dds": "dds_gamma"}  # what the tuning tool tunes
-
-
 def family_pieces(name: str, f: FamilyOptions, task: str, sigmas: torch.Tensor, dps_norm: str = "rms"):
     """The solver, the conditioning term (batch -> term) and the settings of an ALD / predictor-corrector method on
     the ladder `sigmas`, every free step parameter resolved (`step_default`). The registry's assembly, also what the
@@ -596,6 +592,8 @@ def family_pieces(name: str, f: FamilyOptions, task: str, sigmas: torch.Tensor, 
         offset = min(f.sigma_offset, len(sigmas) - 1)  # the ladder may lose its top to the training range
         if f.eps is None:
             steps = fraction_step_sizes(sigmas, default(name, "ald_step", f.ald_step))
+        elif f.ald_step is not None:
+            raise UserError("Give either --ald-step (a fraction of sigma^2) or --eps (the reference's rule), not both.")
         else:
             eps = auto_eps(sigmas, f.steps_each) if f.eps == "ncsnv2" else f.eps
             steps = ald_step_sizes(sigmas, eps)
