@@ -259,8 +259,9 @@ class PadisOptions:
 # the (method, task) on validation data by bench/tune_methods.py (docs/tuning.md says how: the same oracle prior,
 # 4 held-out phantoms that the test tables never use, the budget of README's tables), else the method's general one.
 # Every rule means the same at every image size and layout (a fraction of sigma^2; DPS per RMS residual), so a value
-# tuned at one size carries over; the Langevin fractions also across budgets, DPS-type steps are per level. The general ones: the closed-form choice where the method is an exact
-# sampler at dc_boost 1 (tests/sampling/test_step_rules.py), else between the tuned values of MRI and CT.
+# tuned at one size carries over; the Langevin fractions also across budgets, DPS-type steps are per level. The
+# general ones: the closed-form choice where the method is an exact sampler at dc_boost 1
+# (tests/sampling/test_step_rules.py), else between the tuned values of MRI and CT.
 GENERAL_STEP_DEFAULTS = {
     "ald": {"ald_step": 0.8, "dc_boost": 1.0},
     "pc-jalal": {"corrector_step": 0.8, "dc_boost": 1.0},
