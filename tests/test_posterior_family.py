@@ -70,9 +70,9 @@ def test_every_method_runs_with_every_prior(tmp_path, files, task, prior):
     # the batch tiled K times (K = --subsets, default 3 MRI, 2 images), so K images per evaluation per example.
     k = 1 if prior == "clean" else 3 if task == "mri" else 2
     nfe = {r["method"]: float(r["nfe"]) for r in rows}
-    assert nfe["ald"] == 3 * 2 * k and nfe["pc-jalal"] == 2 * 2 * k and nfe["pc-dds"] == 2 * 2 * k  # levels x steps;
+    assert nfe["ald"] == 3 * 2 * k and nfe["pc-jalal"] == 2 * 3 * k and nfe["pc-dds"] == 2 * 3 * k  # levels x steps;
     settings = json.load(open(tmp_path / "summary.json"))["settings"]
-    assert nfe["dps"] == settings["dps"]["levels"] * k  # (levels - 1) x 2 for the family; DPS: one per level
+    assert nfe["dps"] == settings["dps"]["levels"] * k  # (levels - 1) x (1 + 2) for the family; DPS: one per level
     assert nfe[baselines[0]] == 0
     expected = {"denoiser": "full"} if prior == "clean" else {"denoiser": "msm-aggregate", "K": k}
     for method in ["dps", *family]:
