@@ -18,6 +18,7 @@ two agree). Runs are cached in OUT by (method, value), so an interrupted tuning 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,8 +91,7 @@ def run_value(method: str, values: dict, network: str, measurements: str, out: s
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
-    if os.path.exists(folder):
-        subprocess.run(["rm", "-rf", folder], check=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a run killed before its result: start it afresh
     command = [sys.executable, os.path.join(ROOT, "reconstruct.py"), "--network", network, "--measurements",
                measurements, "--outdir", folder, "--methods", method, "--seeds", seeds, "--device", device,
                *[a for k, v in values.items() for a in (FLAGS[k], f"{v:.6g}")], *BUDGET.get(method, [])]
@@ -131,7 +131,7 @@ def tune(method: str, network, measurements, out, seeds, device, log) -> dict:
                 log(f"{method} {label(values)}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, residual / noise "
                     f"{r['residual']:.2f}, NFE {r['nfe']:.0f}")
         best = max(range(len(grid)), key=lambda i: score(rows[label(grid[i])]))
-        nxt = extended(grid, best, bounds) if bounds is not None else None
+        nxt = extended(grid, best, bounds)
         if nxt is None or extension == EXTEND:
             break
         grid = [nxt, *grid] if best == 0 else [*grid, nxt]

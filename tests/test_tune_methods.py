@@ -1,0 +1,48 @@
+"""bench/tune_methods.py's search on a synthetic validation score (no reconstruct.py runs): it extends a grid past a
+winning edge, stops where the range ends or a value inside wins, and ranks a diverged run below every other."""
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import tune_methods  # noqa: E402
+
+
+def tune_with(monkeypatch, method, psnr_of):
+    calls = []
+
+    def fake_run(method_name, values, *args):
+        calls.append(dict(values))
+        return {"values": values, "psnr": psnr_of(values), "psnr_std": 0.0, "ssim": 0.5, "residual": 1.0, "nfe": 1000}
+
+    monkeypatch.setattr(tune_methods, "run_value", fake_run)
+    return tune_methods.tune(method, "net", "meas", "out", "0", "cpu", lambda line: None), calls
+
+
+def test_a_winning_edge_is_extended_until_a_value_inside_wins(monkeypatch):
+    # DPS's grid is 0.01, 0.02, 0.04; the score peaks at 0.1, so the grid grows by factors of 2 up to 0.16.
+    result, calls = tune_with(monkeypatch, "dps", lambda v: -abs(math.log(v["dps_step"] / 0.1)))
+    assert [c["dps_step"] for c in calls] == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16])
+    assert result["chosen"]["dps_step"] == pytest.approx(0.08)
+
+
+def test_extension_stops_at_the_range_and_at_the_limit(monkeypatch):
+    # pc-projection's corrector step must stay below 2: from 0.2, 0.4, 0.8 the next is 1.6, then 3.2 is refused.
+    result, calls = tune_with(monkeypatch, "pc-projection", lambda v: v["corrector_step"])
+    assert [c["corrector_step"] for c in calls] == pytest.approx([0.2, 0.4, 0.8, 1.6])
+    # An ever-growing score stops after EXTEND extensions, at the edge.
+    result, calls = tune_with(monkeypatch, "dds", lambda v: v["dds_gamma"])
+    assert len(calls) == 4 + tune_methods.EXTEND and result["chosen"] == calls[-1]
+
+
+def test_the_boost_search_doubles_the_likelihood_weight_and_skips_diverged_runs(monkeypatch):
+    # The strongest boost wins, so it doubles at the same step; the doubled one diverges (NaN) and loses.
+    def psnr(v):
+        return math.nan if v["dc_boost"] > 20 else v["dc_boost"]
+
+    result, calls = tune_with(monkeypatch, "ald", psnr)
+    assert calls[-1] == {"ald_step": 0.1, "dc_boost": 30.0} and len(calls) == len(tune_methods.BOOSTED) + 1
+    assert result["chosen"] == {"ald_step": 0.1, "dc_boost": 15.0}
