@@ -36,20 +36,22 @@ from training.sampling import methods  # noqa: E402
 from training.tasks import load_measurements  # noqa: E402
 
 # Each method's free parameters: the values tried (dicts of its methods.GENERAL_STEP_DEFAULTS keys) and, for a method
-# with one parameter, that parameter's bounds (the grid is extended past an edge it wins at). Fraction steps are
+# with one parameter, that parameter's bounds (the grid is extended past an edge it wins at); a list of such grids for a
+# method with variants (pc-dps's laws, whose steps are in different units), each searched on its own. Fraction steps are
 # Langevin steps per sigma^2, stable below about 2 / (1 + dc_boost ||A||^2); DPS's steps are per RMS residual. ALD and
 # pc-jalal also try a stronger likelihood (dc_boost > 1, a tempered posterior that fits the data in fewer steps on
 # ill-conditioned operators) at a step that keeps c (1 + dc_boost) below 2, extended towards stronger ones while the
 # strongest wins (`extended`).
 FLAGS = {"ald_step": "--ald-step", "corrector_step": "--corrector-step", "dc_boost": "--dc-boost",
-         "pc_dps_step": "--pc-dps-step", "dds_gamma": "--dds-gamma", "dps_step": "--dps-step",
-         "padis_zeta": "--padis-zeta"}
+         "pc_dps_law": "--pc-dps-law", "pc_dps_step": "--pc-dps-step", "dds_gamma": "--dds-gamma",
+         "dps_step": "--dps-step", "padis_zeta": "--padis-zeta"}
 BOOSTED = [(0.8, 1.0), (0.4, 1.0), (0.4, 3.0), (0.1, 15.0)]
 GRIDS = {
     "ald": ([{"ald_step": c, "dc_boost": b} for c, b in BOOSTED], "boost"),
     "pc-jalal": ([{"corrector_step": c, "dc_boost": b} for c, b in BOOSTED], "boost"),
     "pc-projection": ([{"corrector_step": c} for c in (0.2, 0.4, 0.8)], (0, 2)),
-    "pc-dps": ([{"pc_dps_step": v} for v in (3.0, 10.0, 30.0)], (0, None)),
+    "pc-dps": [([{"pc_dps_law": "state", "pc_dps_step": v} for v in (0.01, 0.02, 0.04, 0.08, 0.16)], (0, None)),
+               ([{"pc_dps_law": "score", "pc_dps_step": v} for v in (3.0, 10.0, 30.0)], (0, None))],
     "pc-dds": ([{"dds_gamma": v} for v in (3.0, 10.0, 30.0, 100.0)], (0, None)),
     "dds": ([{"dds_gamma": v} for v in (3.0, 10.0, 30.0, 100.0)], (0, None)),
     "dps": ([{"dps_step": v} for v in (0.01, 0.02, 0.04)], (0, None)),
@@ -61,27 +63,32 @@ EXTEND = 3
 
 def extended(grid: list, best: int, bounds):
     """The values beyond the edge the best one sits at, or None where the range ends or the best is inside: for a
-    one-parameter grid a geometric step; for the boosted pairs ('boost'), past the strongest likelihood, twice the
-    boost at the same step (operators with ||A|| below 1, e.g. 4x super-resolution's 1/4, take much larger boosts
-    before the step becomes unstable, which then shows as a worse PSNR and ends the search)."""
+    one-parameter grid (options the same in every entry, such as a law, are kept) a geometric step; for the boosted
+    pairs ('boost'), past the strongest likelihood, twice the boost at the same step (operators with ||A|| below 1,
+    e.g. 4x super-resolution's 1/4, take much larger boosts before the step becomes unstable, which then shows as a
+    worse PSNR and ends the search)."""
     if bounds == "boost":
         if best != len(grid) - 1:
             return None
         step, boost = grid[-1].items()
         return {step[0]: step[1], boost[0]: boost[1] * 2}
-    key = next(iter(grid[0]))
+    key = next(k for k in grid[0] if len({g[k] for g in grid}) > 1)
     values, low, high = [g[key] for g in grid], *bounds
     if best == 0:
         value = values[0] ** 2 / values[1]
-        return {key: value} if value > low else None
+        return {**grid[0], key: value} if value > low else None
     if best == len(grid) - 1:
         value = values[-1] ** 2 / values[-2]
-        return {key: value} if high is None or value < high else None
+        return {**grid[0], key: value} if high is None or value < high else None
     return None
 
 
+def text(value) -> str:
+    return value if isinstance(value, str) else f"{value:.6g}"
+
+
 def label(values: dict) -> str:
-    return "-".join(f"{k}{v:.6g}" for k, v in values.items())
+    return "-".join(f"{k}{text(v)}" for k, v in values.items())
 
 
 def run_value(method: str, values: dict, network: str, measurements: str, out: str, seeds: str, device: str) -> dict:
@@ -94,7 +101,7 @@ def run_value(method: str, values: dict, network: str, measurements: str, out: s
     shutil.rmtree(folder, ignore_errors=True)  # a run killed before its result: start it afresh
     command = [sys.executable, os.path.join(ROOT, "reconstruct.py"), "--network", network, "--measurements",
                measurements, "--outdir", folder, "--methods", method, "--seeds", seeds, "--device", device,
-               *[a for k, v in values.items() for a in (FLAGS[k], f"{v:.6g}")], *BUDGET.get(method, [])]
+               *[a for k, v in values.items() for a in (FLAGS[k], text(v))], *BUDGET.get(method, [])]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:  # reconstruct.py's own message (its progress bars are left out of the log)
         raise click.ClickException(f"reconstruct.py failed on {method} {label(values)}: "
@@ -122,20 +129,24 @@ def score(row: dict) -> float:
 
 
 def tune(method: str, network, measurements, out, seeds, device, log) -> dict:
-    grid, bounds = GRIDS[method]
-    grid, rows = list(grid), {}
-    for extension in range(EXTEND + 1):
-        for values in grid:
-            if label(values) not in rows:
-                r = rows[label(values)] = run_value(method, values, network, measurements, out, seeds, device)
-                log(f"{method} {label(values)}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, residual / noise "
-                    f"{r['residual']:.2f}, NFE {r['nfe']:.0f}")
-        best = max(range(len(grid)), key=lambda i: score(rows[label(grid[i])]))
-        nxt = extended(grid, best, bounds)
-        if nxt is None or extension == EXTEND:
-            break
-        grid = [nxt, *grid] if best == 0 else [*grid, nxt]
-    ordered = [rows[label(v)] for v in grid]
+    """Each of the method's grids (GRIDS: one, or one per variant such as pc-dps's laws) searched and extended on its
+    own; the best value over all of them is chosen."""
+    grids = GRIDS[method] if isinstance(GRIDS[method], list) else [GRIDS[method]]
+    rows, ordered = {}, []
+    for grid, bounds in grids:
+        grid = list(grid)
+        for extension in range(EXTEND + 1):
+            for values in grid:
+                if label(values) not in rows:
+                    r = rows[label(values)] = run_value(method, values, network, measurements, out, seeds, device)
+                    log(f"{method} {label(values)}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, residual / "
+                        f"noise {r['residual']:.2f}, NFE {r['nfe']:.0f}")
+            best = max(range(len(grid)), key=lambda i: score(rows[label(grid[i])]))
+            nxt = extended(grid, best, bounds)
+            if nxt is None or extension == EXTEND:
+                break
+            grid = [nxt, *grid] if best == 0 else [*grid, nxt]
+        ordered += [rows[label(v)] for v in grid]
     chosen = max(ordered, key=score)
     return {"grid": ordered, "chosen": chosen["values"],
             "validation": {k: chosen[k] for k in ("psnr", "psnr_std", "ssim", "residual", "nfe")},
@@ -143,7 +154,7 @@ def tune(method: str, network, measurements, out, seeds, device, log) -> dict:
 
 
 def options_text(values: dict) -> str:
-    return " ".join(f"{FLAGS[k]} {v:.4g}" for k, v in values.items())
+    return " ".join(f"{FLAGS[k]} {v if isinstance(v, str) else f'{v:.4g}'}" for k, v in values.items())
 
 
 def markdown(report: dict) -> str:

@@ -46,3 +46,21 @@ def test_the_boost_search_doubles_the_likelihood_weight_and_skips_diverged_runs(
     result, calls = tune_with(monkeypatch, "ald", psnr)
     assert calls[-1] == {"ald_step": 0.1, "dc_boost": 30.0} and len(calls) == len(tune_methods.BOOSTED) + 1
     assert result["chosen"] == {"ald_step": 0.1, "dc_boost": 15.0}
+
+
+def test_each_variant_grid_is_searched_on_its_own_and_the_best_overall_chosen(monkeypatch):
+    # pc-dps has one grid per law: the state law's score peaks inside its grid (0.04), the score law's keeps growing
+    # past its edge; each is extended on its own (the law carried into the new values) and the best of all wins.
+    def psnr(v):
+        if v["pc_dps_law"] == "state":
+            return 20 - abs(math.log(v["pc_dps_step"] / 0.04))
+        return 15 + math.log(v["pc_dps_step"])
+
+    result, calls = tune_with(monkeypatch, "pc-dps", psnr)
+    state = [c["pc_dps_step"] for c in calls if c["pc_dps_law"] == "state"]
+    score = [c["pc_dps_step"] for c in calls if c["pc_dps_law"] == "score"]
+    assert state == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16])
+    assert score == pytest.approx([3, 10, 30, 90, 270, 810])  # EXTEND extensions past the edge
+    assert result["chosen"] == {"pc_dps_law": "score", "pc_dps_step": pytest.approx(810)}
+    assert [r["values"]["pc_dps_law"] for r in result["grid"]] == ["state"] * 5 + ["score"] * 6
+    assert tune_methods.label(calls[0]) == "pc_dps_lawstate-pc_dps_step0.01"

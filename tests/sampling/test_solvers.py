@@ -617,6 +617,8 @@ TERMS = {  # name: (term from (operator, y), solver, grid, bound)
                              ddpm_sigmas(100), 0.3),  # (0.15)
     "dps state / padis": (lambda op, y: dps(op, y, zeta=0.3, law="state"), padis_solver(LADDER, 5), LADDER,
                           0.15),  # (0.03)
+    "dps state / pc": (lambda op, y: dps(op, y, zeta=0.3, law="state"),  # pc-dps's default law
+                       PredictorCorrector(corrector_steps=2, corrector_step=0.8), LADDER, 0.15),  # (0.05)
     "projection / ancestral": (projection, Ancestral(precision="double"), LADDER, 0.6),  # (0.48)
     "projection / ode": (projection, ODE(), EDM_GRID, 0.75),  # (0.65, deterministic)
     "projection / pc": (projection, PredictorCorrector(final_denoise=True), LADDER, 0.6),  # (0.45)

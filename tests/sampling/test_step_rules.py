@@ -192,6 +192,27 @@ def test_fraction_steps_are_refused_outside_their_range():
         registry_sampler("ald", "dense", ald_step=0.5, eps=1e-5)
 
 
+def test_pc_dps_laws_and_their_step_defaults():
+    # The law is tuned per task with its step; a law without a step tuned for it takes that law's general step (the
+    # laws' steps are in different units). Song's snr rule gives no x0 weight, which the state law needs.
+    for task, tuned in [(task, v) for (m, task), v in methods.TUNED_STEP_DEFAULTS.items() if m == "pc-dps"]:
+        law, other = tuned["pc_dps_law"], next(x for x in methods.PC_DPS_LAWS if x != tuned["pc_dps_law"])
+        settings = registry_sampler("pc-dps", task)[3]
+        assert (settings["pc_dps_law"], settings["pc_dps_step"], settings["pc_dps_step_default"]) == (
+            law, tuned["pc_dps_step"], "tuned")
+        settings = registry_sampler("pc-dps", task, pc_dps_law=other)[3]
+        assert (settings["pc_dps_law"], settings["pc_dps_step"], settings["pc_dps_step_default"]) == (
+            other, methods.PC_DPS_GENERAL_STEPS[other], "general")
+    settings = registry_sampler("pc-dps", "no-such-task")[3]
+    assert (settings["pc_dps_law"], settings["pc_dps_step"]) == ("state", methods.PC_DPS_GENERAL_STEPS["state"])
+    assert registry_sampler("pc-dps", "mri", pc_dps_law="score", pc_dps_step=5.0)[3]["pc_dps_step"] == 5.0
+    with pytest.raises(Exception, match="--snr gives the corrector no weight"):
+        registry_sampler("pc-dps", "no-such-task", snr=0.16)
+    registry_sampler("pc-dps", "no-such-task", snr=0.16, pc_dps_law="score")
+    with pytest.raises(Exception, match="--pc-dps-law must be one of"):
+        registry_sampler("pc-dps", "mri", pc_dps_law="ddpm")
+
+
 # ----------------------------------------------------------------------------
 # DPS's step: per RMS residual, the same for every layout.
 

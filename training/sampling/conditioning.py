@@ -178,7 +178,7 @@ def dps(operator, y: torch.Tensor, mask: torch.Tensor | None = None, *, zeta: fl
     root_m = measured_entries(y, mask).sqrt() if rms and y is not None else None
     if law == "state":
         if not zeta >= 0:
-            raise UserError(f"--padis-zeta (the DPS step) must be >= 0, got {zeta}.")
+            raise UserError(f"--padis-zeta / --pc-dps-step (the DPS step) must be >= 0, got {zeta}.")
     elif not zeta > 0:
         raise UserError(f"--dps-step (zeta) must be > 0, got {zeta}.")
 

@@ -50,6 +50,9 @@ Methods of reconstruct.py:
                --corrector-step x sigma^2, or Song's --snr rule) on the same ladder, with the conditioning term
                named (sampling/conditioning.py; --pc-dps-step, --dds-gamma, --cg-iters); --start-fraction or
                --start-sigma warm-starts from A^+ y (FBP for CT).
+               pc-dps's DPS term corrects the state by -zeta g per evaluation (--pc-dps-law state, PaDIS's law);
+               'score' adds -zeta g to the score instead (SEED's), a pull that fades as sigma^2 at the low
+               levels, where 20-view CT must fit its data (docs/tuning.md has both on validation).
                pc-dds (DDS's CG inside this ladder, the house's 'dds' before DDS as published) is kept because it
                beats DDS at equal NFE on some exact-Gaussian problems (box inpainting, and MRI and CT at gamma 100).
                pc-projection needs an exact A^+ (not CT). The family's prior is DPS's (the full or the MSM
@@ -236,7 +239,8 @@ class FamilyOptions:
     corrector_steps: int = 2
     start_fraction: float | None = None
     start_sigma: float | None = None
-    pc_dps_step: float | None = None  # None: `step_default`
+    pc_dps_law: str | None = None  # how pc-dps's term enters: 'state' or 'score'; None: `step_default`
+    pc_dps_step: float | None = None  # None: the tuned or general step of the law in use (`family_pieces`)
     dds_gamma: float | None = None  # None: `step_default`
     cg_iters: int = 5
 
@@ -262,16 +266,20 @@ class PadisOptions:
 # tuned at one size carries over; the Langevin fractions also across budgets, DPS-type steps are per level. The
 # general ones: the closed-form choice where the method is an exact sampler at dc_boost 1
 # (tests/sampling/test_step_rules.py), else between the tuned values of MRI and CT.
+PC_DPS_LAWS = ("state", "score")
 GENERAL_STEP_DEFAULTS = {
     "ald": {"ald_step": 0.8, "dc_boost": 1.0},
     "pc-jalal": {"corrector_step": 0.8, "dc_boost": 1.0},
     "pc-projection": {"corrector_step": 0.8},
-    "pc-dps": {"corrector_step": 0.8, "pc_dps_step": 30.0},
+    "pc-dps": {"corrector_step": 0.8, "pc_dps_law": "state", "pc_dps_step": 0.04},
     "pc-dds": {"corrector_step": 0.8, "dds_gamma": 10.0},
     "dds": {"dds_gamma": 0.5},
     "dps": {"dps_step": 0.03},
     "padis": {"padis_zeta": 0.04},
 }
+# pc-dps's general step per law (its two laws' steps are in different units): the state law's between its MRI and CT
+# choices; the score law's between its MRI (270) and CT (3) validation optima.
+PC_DPS_GENERAL_STEPS = {"state": GENERAL_STEP_DEFAULTS["pc-dps"]["pc_dps_step"], "score": 30.0}
 TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.json's choices
     ("ald", "mri"): {"ald_step": 0.4, "dc_boost": 3.0},
     ("pc-jalal", "mri"): {"corrector_step": 0.1, "dc_boost": 15.0},
@@ -279,7 +287,7 @@ TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.jso
     ("pc-dds", "mri"): {"dds_gamma": 3.0},
     ("dps", "mri"): {"dps_step": 0.02},
     ("padis", "mri"): {"padis_zeta": 0.01},
-    ("pc-dps", "mri"): {"pc_dps_step": 270.0},
+    ("pc-dps", "mri"): {"pc_dps_law": "state", "pc_dps_step": 0.02},
     ("pc-projection", "mri"): {"corrector_step": 0.4},
     ("ald", "ct"): {"ald_step": 0.1, "dc_boost": 15.0},
     ("pc-jalal", "ct"): {"corrector_step": 0.1, "dc_boost": 15.0},
@@ -287,9 +295,10 @@ TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.jso
     ("pc-dds", "ct"): {"dds_gamma": 30.0},
     ("dps", "ct"): {"dps_step": 0.04},
     ("padis", "ct"): {"padis_zeta": 0.16},
-    ("pc-dps", "ct"): {"pc_dps_step": 3.0},
+    ("pc-dps", "ct"): {"pc_dps_law": "state", "pc_dps_step": 0.16},
     ("ald", "sr"): {"ald_step": 0.1, "dc_boost": 120.0},
     ("pc-jalal", "sr"): {"corrector_step": 0.1, "dc_boost": 120.0},
+    ("pc-dps", "sr"): {"pc_dps_law": "score", "pc_dps_step": 30.0},
 }
 
 
@@ -575,8 +584,18 @@ def family_pieces(name: str, f: FamilyOptions, task: str, sigmas: torch.Tensor, 
         boost = default(name, "dc_boost", f.dc_boost)
         term = lambda b: jalal(b.operator, b.y, b.mask, sigma_y=b.sigma_y, scale=boost)  # noqa: E731
     elif name == "pc-dps":
-        zeta = default(name, "pc_dps_step", f.pc_dps_step)
-        term = lambda b: dps(b.operator, b.y, b.mask, zeta=zeta, norm=dps_norm)  # noqa: E731
+        law = default(name, "pc_dps_law", f.pc_dps_law)
+        if law not in PC_DPS_LAWS:
+            raise UserError(f"--pc-dps-law must be one of {', '.join(PC_DPS_LAWS)}, got {law!r}.")
+        tuned = TUNED_STEP_DEFAULTS.get((name, task), {})
+        if f.pc_dps_step is not None:
+            zeta, source = f.pc_dps_step, "given"
+        elif "pc_dps_step" in tuned and tuned.get("pc_dps_law") == law:
+            zeta, source = tuned["pc_dps_step"], "tuned"
+        else:  # no step tuned for this law here (a step tuned for the other law is in another unit)
+            zeta, source = PC_DPS_GENERAL_STEPS[law], "general"
+        settings.update(pc_dps_step=zeta, pc_dps_step_default=source)
+        term = lambda b: dps(b.operator, b.y, b.mask, zeta=zeta, law=law, norm=dps_norm)  # noqa: E731
         settings["norm"] = dps_norm
     elif name == "pc-projection":
         term = lambda b: projection(b.operator, b.y, b.mask)  # noqa: E731
@@ -610,6 +629,9 @@ def family_pieces(name: str, f: FamilyOptions, task: str, sigmas: torch.Tensor, 
         corrector_step = None
         if f.corrector_step is not None:
             raise UserError("Give either --corrector-step (a fraction of sigma^2) or --snr (Song's rule), not both.")
+        if name == "pc-dps" and settings["pc_dps_law"] == "state":
+            raise UserError("--snr gives the corrector no weight of x0_hat in its step, which --pc-dps-law state "
+                            "needs; use --corrector-step or --pc-dps-law score.")
         settings["snr"] = f.snr
     settings.update(corrector_steps=f.corrector_steps, start_fraction=f.start_fraction, start_sigma=f.start_sigma)
     rule = {"corrector_step": corrector_step} if f.snr is None else {"snr": f.snr}
@@ -751,8 +773,13 @@ FAMILY_OPTIONS = (
     click.option("--start-sigma", type=float, default=None,
                  help="PC: warm start from A^+ y (FBP for CT) at the first level <= this sigma"),
     click.option("--pc-dps-step", type=float, default=None,
-                 help="pc-dps: zeta of the score term -zeta grad ||y - A x0_hat|| (per RMS residual: --dps-norm)  "
-                      "[default: tuned per task]"),
+                 help="pc-dps: zeta of the DPS term, g = grad ||y - A x0_hat|| per RMS residual (--dps-norm): the "
+                      "state moves by -zeta g per evaluation (--pc-dps-law state) or the score by -zeta g ('score')  "
+                      "[default: tuned per task and law, else 0.04 (state) / 30 (score)]"),
+    click.option("--pc-dps-law", type=click.Choice(PC_DPS_LAWS), default=None,
+                 help="pc-dps: the DPS term corrects the state (PaDIS's law; fits ill-conditioned data such as "
+                      "20-view CT) or adds to the score (SEED's; its pull fades as sigma^2 at the low levels)  "
+                      "[default: tuned per task, else state]"),
     click.option("--dds-gamma", type=float, default=None,
                  help="dds, pc-dds: gamma of the CG step (I + gamma A^H A) x = x0_hat + gamma A^H y  [default: tuned "
                       "per method and task]"),
