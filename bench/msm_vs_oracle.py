@@ -8,6 +8,9 @@ box-masked images and the posterior filling a centred box hole (--task box).
         --run oracle=out/quickstart/runs/00001-mri-train-uncond-ddpmpp-edm-gpus1-batch32-fp32-oracle \\
         --kimg 10,20,30 --lock /tmp/heavy.lock
     python bench/msm_vs_oracle.py --out out/mvo-box --task box --kimg 10,20,30
+    python bench/msm_vs_oracle.py --out out/mvo-edm2 --data out/quickstart/mri-train \
+        --test-data out/quickstart/mri-test --test-measurements out/quickstart/measurements-r4 \
+        --models msm-image,oracle --kimg 10,20,30 --recipe edm2 --compare out/msm-vs-oracle   # the two recipes
     python bench/msm_vs_oracle.py --out /tmp/mvo --quick       # tiny end-to-end run (tests/test_msm_vs_oracle.py)
 
 Every step is skipped when its output exists, so a re-run continues, and a larger --kimg only adds what is missing.
@@ -21,11 +24,14 @@ Every step is skipped when its output exists, so a re-run continues, and a large
    'msm-image' (MSM loss, the reference's image-space skip), 'msm-measurement' (MSM loss, --skip-space measurement),
    'msm-vp200' (MSM loss, the reference's VP-200 training sigmas: not trained by default) and 'oracle' (EDM loss on
    the clean images). Box: 'msm' (MSM loss, box law p 0.4, fixed masks), 'msm-mask-channel' (the same with the mask
-   as an input channel), 'msm-vp200' and 'oracle'. Budgets: EDM's learning rate is constant after its ramp-up (1 kimg
-   here) and the EMA half-life is fixed, so one run evaluated at its snapshots after 10, 20, 30 ... kimg is the
-   same as separate runs of those lengths; each model is trained once to the largest budget (a given --run is
-   continued with train.py --resume when it is shorter).
-4. Evaluation at every budget on test and validation: reconstruct.py's MSM posterior sampler with its defaults
+   as an input channel), 'msm-vp200' and 'oracle'. --recipe (RECIPES): 'edm' (the default), EDM's learning rate
+   constant after its ramp-up (1 kimg here) and a fixed EMA half-life; 'edm2', EDM2's inverse square root decay
+   and post-hoc EMA. Neither depends on the planned duration, so one run evaluated at its snapshots after 10, 20,
+   30 ... kimg is the same as separate runs of those lengths; each model is trained once to the largest budget (a
+   given --run is continued with train.py --resume when it is shorter).
+4. Evaluation at every budget on test and validation: under 'edm2' every post-hoc EMA length of the recipe is
+   reconstructed (posthoc_ema.py) and evaluated on validation, and the test row uses the best one.
+   reconstruct.py's MSM posterior sampler with its defaults
    (MRI: K 3 for MSM models, dc-step 2; box: K 2, dc-step 1.75; K 1 for the oracle; the VP-200 grid; eta 0.85), and
    zero-filled (and for MRI cs-tv and cs-l1) on the same measurements (the horizontal lines of the plot).
 5. Quality per network evaluation, on validation, for the best MSM model and the oracle at the largest budget:
@@ -77,6 +83,15 @@ TASKS = {
                 measure=["--task", "box", "--mask-seed", 1], baselines=("zero-filled",), hlines=("zero-filled",),
                 subsets=2, dc_step=1.75, title="box inpainting, 16 px hole"),
 }
+# Training recipes (--recipe): train.py options added to every model's, and the post-hoc EMA lengths (sigma_rel)
+# evaluated at each budget. 'edm': EDM's constant rate after the ramp-up and the network options' EMA (half-life
+# --ema), one network per budget. 'edm2': EDM2's inverse square root decay after 10 kimg (training/lr_schedules.py)
+# and power-function EMA profiles; at each budget every sigma_rel of `posthoc` is reconstructed (posthoc_ema.py) and
+# evaluated on validation, and the test row uses the one that validation chose. Both are anytime recipes (nothing
+# depends on the planned duration), so one run evaluated at its snapshots is a run of each length.
+RECIPES = {"edm": dict(train=[], posthoc=()),
+           "edm2": dict(train=["--lr-schedule", "isqrt", "--ema-profiles", "0.05,0.1"],
+                        posthoc=(0.03, 0.05, 0.1, 0.15))}
 FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
             nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), heun_steps=(10, 25, 50, 100),
             dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
@@ -179,9 +194,24 @@ def method_row(folder: str, method: str) -> dict:
 @click.option("--nfe-subsets", default=None, help="K values of the levels x K sweep  [default: 1,2,3,4,6,8]")
 @click.option("--nfe-kimg", type=float, default=None,
               help="Budget of the NFE and dc-step sweeps  [default: the largest of --kimg]")
+@click.option("--recipe", "recipe_name", type=click.Choice(list(RECIPES)), default="edm", show_default=True,
+              help="Training recipe of every model (RECIPES): edm (constant rate, fixed EMA) or edm2 (inverse square "
+                   "root decay, post-hoc EMA chosen on validation per budget); use one --out per recipe")
+@click.option("--compare", default=None, metavar="OUT",
+              help="Another recipe's --out: its curves are drawn beside these in the kimg plots")
 def main(out, quick, task, model_list, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg,
-         num_slices, lock, no_nfe, nfe_subsets, nfe_kimg):
+         num_slices, lock, no_nfe, nfe_subsets, nfe_kimg, recipe_name, compare):
     p, t = dict(QUICK if quick else FULL), TASKS[task]
+    recipe = RECIPES[recipe_name]
+    posthoc = recipe["posthoc"][1:3] if quick else recipe["posthoc"]  # quick: two lengths
+    compared = None
+    if compare is not None:
+        try:
+            with open(os.path.join(compare, "results.json")) as f:
+                compared = json.load(f)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"expected a finished bench folder with results.json, got {compare} ({e})",
+                                     param_hint="--compare") from None
     if nfe_subsets is not None:
         try:
             p["nfe_subsets"] = tuple(parse_int_list(nfe_subsets, "--nfe-subsets", minimum=1))
@@ -200,6 +230,9 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
     if set(extended) - set(models):
         raise click.BadParameter(f"expected models among {', '.join(models)}, got {extend}", param_hint="--extend")
     val_budgets = None if val_kimg is None else [float(b) for b in val_kimg.split(",")]
+    if posthoc and val_budgets is not None:
+        raise click.BadParameter(f"--recipe {recipe_name} chooses each budget's EMA length on validation, so every "
+                                 "budget is validated", param_hint="--val-kimg")
     model_budgets = {m: budgets + ([float(b) for b in extend_kimg.split(",") if b] if m in extended else [])
                      for m in models}
     os.makedirs(out, exist_ok=True)
@@ -251,15 +284,19 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                                          ",".join(baselines), *cs])
 
     # 3. Training, one run per model to the largest budget.
+    def desc(model: str) -> str:
+        return model_options[model][-1] + ("" if recipe_name == "edm" else f"-{recipe_name}")
+
     run_dirs = {}
     for model in models:
-        run_dir = given.get(model) or newest_run(os.path.join(out, "runs"), model_options[model][-1])
+        run_dir = given.get(model) or newest_run(os.path.join(out, "runs"), desc(model))
         model_top = max(model_budgets[model])
         if run_dir is None or snapshot_for(run_dir, model_top, p["tick"]) is None:
-            args = ["--outdir", os.path.join(out, "runs"), "--data", data, *p["network"], *model_options[model],
-                    "--duration", model_top / 1000, "--tick", p["tick"], "--snap", p["snap"], "--dump", p["snap"]]
+            args = ["--outdir", os.path.join(out, "runs"), "--data", data, *p["network"], *model_options[model][:-2],
+                    "--desc", desc(model), *recipe["train"], "--duration", model_top / 1000, "--tick", p["tick"],
+                    "--snap", p["snap"], "--dump", p["snap"]]
             bench.run("train.py", args + (["--resume", run_dir] if run_dir else []))
-            run_dir = run_dir or newest_run(os.path.join(out, "runs"), model_options[model][-1])
+            run_dir = run_dir or newest_run(os.path.join(out, "runs"), desc(model))
         run_dirs[model] = run_dir
 
     # 4. Posterior quality per budget, on test and validation.
@@ -272,8 +309,39 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                                          "--methods", "msm", "--steps", p["steps"], *extra])
         return folder
 
-    results = {"task": task, "models": models, "budgets": model_budgets, "runs": run_dirs, "rows": [], "nfe": [],
-               "heun": [], "dc_step": [], "baselines": {}}
+    def posthoc_snapshots(model: str, budget: float, snapshot: str) -> list:
+        """[(sigma_rel, path)]: the run's post-hoc EMAs at the network snapshot of `budget`, made once."""
+        folder = os.path.join(out, "posthoc", f"{model}-{budget:g}")
+        found = {s: glob.glob(os.path.join(glob.escape(folder), f"posthoc-ema-{s:g}-*.pt")) for s in posthoc}
+        if not all(found.values()):
+            kimg_at = checkpoint.progress_of(snapshot, "network-snapshot") / 1000
+            bench.run("posthoc_ema.py", ["--run", run_dirs[model], "--kimg", f"{kimg_at:g}", "--sigma-rel",
+                                         ",".join(f"{s:g}" for s in posthoc), "--outdir", folder])
+            found = {s: glob.glob(os.path.join(glob.escape(folder), f"posthoc-ema-{s:g}-*.pt")) for s in posthoc}
+        return [(s, paths[0]) for s, paths in found.items()]
+
+    # The network of each (model, budget): the snapshot, or under a post-hoc recipe the EMA length that validation
+    # chose (every length is evaluated on validation; the test set sees only the chosen one).
+    chosen = {}
+    for model in models:
+        for budget in model_budgets[model]:
+            snapshot = snapshot_for(run_dirs[model], budget, p["tick"])
+            if snapshot is None:
+                raise click.ClickException(f"{run_dirs[model]} has no snapshot at {budget:g} kimg (snapshots: "
+                                           f"{sorted(snapshots(run_dirs[model]))}).")
+            entry = {"name": f"{model}-{budget:g}", "network": snapshot, "snapshot": snapshot, "ema": None,
+                     "ema_sweep": []}
+            if posthoc:
+                sweep = [(s, f"{model}-{budget:g}-ema{s:g}", path) for s, path in
+                         posthoc_snapshots(model, budget, snapshot)]
+                psnrs = [method_row(evaluate("val", name, path, []), "msm")["psnr"] for _, name, path in sweep]
+                best = max(range(len(sweep)), key=lambda i: psnrs[i])
+                entry.update(ema=sweep[best][0], name=sweep[best][1], network=sweep[best][2],
+                             ema_sweep=[[s, v] for (s, _, _), v in zip(sweep, psnrs)])
+            chosen[model, budget] = entry
+
+    results = {"task": task, "recipe": recipe_name, "models": models, "budgets": model_budgets, "runs": run_dirs,
+               "rows": [], "nfe": [], "heun": [], "dc_step": [], "baselines": {}}
     for split in splits:
         folder = os.path.join(out, "eval", split, "baselines")
         results["baselines"][split] = {m: method_row(folder, m) for m in baselines}
@@ -281,14 +349,12 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
             for budget in model_budgets[model]:
                 if split == "val" and val_budgets is not None and budget not in val_budgets:
                     continue
-                snapshot = snapshot_for(run_dirs[model], budget, p["tick"])
-                if snapshot is None:
-                    raise click.ClickException(f"{run_dirs[model]} has no snapshot at {budget:g} kimg (snapshots: "
-                                               f"{sorted(snapshots(run_dirs[model]))}).")
-                folder = evaluate(split, f"{model}-{budget:g}", snapshot, [])
-                results["rows"].append({"split": split, "model": model, "kimg": budget, "snapshot": snapshot,
+                c = chosen[model, budget]
+                folder = evaluate(split, c["name"], c["network"], [])
+                results["rows"].append({"split": split, "model": model, "kimg": budget, "snapshot": c["network"],
+                                        "ema": c["ema"], "ema_sweep": c["ema_sweep"],
                                         "train_loss": training_loss(run_dirs[model], checkpoint.progress_of(
-                                            snapshot, "network-snapshot") / 1000),
+                                            c["snapshot"], "network-snapshot") / 1000),
                                         **method_row(folder, "msm")})
 
     for split in splits:
@@ -314,11 +380,11 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
         best = best_msm(sweep_kimg)
         for model in (best, "oracle"):
             model_top = sweep_kimg
-            snapshot = snapshot_for(run_dirs[model], model_top, p["tick"])
+            default_name, snapshot = chosen[model, model_top]["name"], chosen[model, model_top]["network"]
             default_subsets = 1 if model == "oracle" else task_subsets
             for subsets in p["nfe_subsets"] if model != "oracle" else (1,):
                 for levels in p["nfe_levels"]:
-                    name = (f"{model}-{model_top:g}" if (levels, subsets) == (p["steps"], default_subsets) else
+                    name = (default_name if (levels, subsets) == (p["steps"], default_subsets) else
                             f"nfe-{model}-{model_top:g}-L{levels}-K{subsets}")
                     folder = evaluate("val", name, snapshot, ["--steps", levels, "--subsets", subsets])
                     results["nfe"].append({"model": model, "kimg": model_top, "levels": levels, "K": subsets,
@@ -329,7 +395,7 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                 results["heun"].append({"model": model, "kimg": model_top, "steps": steps, "K": default_subsets,
                                         **method_row(folder, "msm")})
             for dc_step in sorted(set(p["dc_steps"]) | {task_dc_step}):  # the task default among them
-                name = (f"{model}-{model_top:g}" if dc_step == task_dc_step else
+                name = (default_name if dc_step == task_dc_step else
                         f"dc-{model}-{model_top:g}-{dc_step:g}")
                 folder = evaluate("val", name, snapshot, ["--dc-step", dc_step])
                 results["dc_step"].append({"model": model, "kimg": model_top, "dc_step": dc_step,
@@ -344,6 +410,11 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
     for split in splits:
         series = {m: [(r["kimg"], r["psnr"]) for r in results["rows"] if r["split"] == split and r["model"] == m]
                   for m in models}
+        if compared is not None:  # both recipes' curves, each named by its recipe
+            series = {f"{m} ({recipe_name})": points for m, points in series.items()}
+            for m in compared["models"]:
+                series[f"{m} ({compared.get('recipe', 'edm')})"] = [
+                    (r["kimg"], r["psnr"]) for r in compared["rows"] if r["split"] == split and r["model"] == m]
         hlines = {m: results["baselines"][split][m]["psnr"] for m in t["hlines"]}
         line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs kimg, {t['title']} ({split})",
                   "kimg", "PSNR (dB)", series, hlines)
@@ -364,8 +435,11 @@ def report(results: dict, run_dirs: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         loss = f"{r['train_loss']:.0f}" if r["train_loss"] is not None else ""
+        ema = "" if r.get("ema") is None else (
+            f"post-hoc EMA sigma_rel {r['ema']:g} (validation: "
+            + ", ".join(f"{s:g} {v:.2f}" for s, v in r["ema_sweep"]) + "), ")
         lines.append(f"| {r['split']} | {r['model']} | {r['kimg']:g} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
-                     f"{r['ssim']:.3f} | {r['nfe']:.0f} | {loss} | {settings_text(r['settings'])} |")
+                     f"{r['ssim']:.3f} | {r['nfe']:.0f} | {loss} | {ema}{settings_text(r['settings'])} |")
     for split, rows in results["baselines"].items():
         for method, r in rows.items():
             lines.append(f"| {split} | {method} | | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | {r['ssim']:.3f} | 0 | | "
@@ -388,6 +462,7 @@ def report(results: dict, run_dirs: dict) -> str:
         text += "|---|---|---|---|\n"
         for r in results["dc_step"]:
             text += f"| {r['model']} | {r['dc_step']:g} | {r['psnr']:.2f} | {r['ssim']:.3f} |\n"
+    text += f"\nRecipe: {results['recipe']} (RECIPES in bench/msm_vs_oracle.py).\n"
     text += "\nRuns:\n\n" + "\n".join(f"- {m}: {d}" for m, d in run_dirs.items()) + "\n"
     text += ("\nTraining loss: the logged loss of the tick that ended at the snapshot. The measurement-space skip's "
              "loss carries a constant the network cannot change (noise outside range(P T)), so it is not comparable "

@@ -69,3 +69,43 @@ def test_msm_vs_oracle_box_task_quick(tmp_path):
     assert settings["msm"]["K"] == 2 and settings["msm"]["dc_step"] == 1.75 and settings["oracle"]["K"] == 1
     assert any(run.endswith("-box-mc") for run in results["runs"].values())
     assert os.path.getsize(out / "psnr_vs_kimg_test.png") > 0
+
+
+@pytest.mark.slow
+def test_msm_vs_oracle_edm2_recipe_quick(tmp_path):
+    """--recipe edm2: both models trained with the inverse square root schedule and EMA profiles; at each budget
+    every post-hoc EMA length is evaluated on validation and the test row uses validation's choice; --compare draws
+    another recipe's curves beside these."""
+    out = tmp_path / "mvo-edm2"
+    args = ["bench/msm_vs_oracle.py", "--out", str(out), "--quick", "--models", "msm-image,oracle", "--recipe", "edm2",
+            "--no-nfe"]
+    run_cli(args, timeout=1800)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["recipe"] == "edm2"
+    assert results["runs"]["msm-image"].endswith("-r4-edm2") and results["runs"]["oracle"].endswith("-oracle-edm2")
+    for run in results["runs"].values():
+        with open(os.path.join(run, "training_options.json")) as f:
+            assert json.load(f)["lr_schedule"]["kind"] == "isqrt"
+    rows = {(r["split"], r["model"], r["kimg"]): r for r in results["rows"]}
+    assert len(rows) == 2 * 2 * 2
+    for (_, model, kimg), r in rows.items():
+        sweep = dict(r["ema_sweep"])
+        assert set(sweep) == {0.05, 0.1} and sweep[r["ema"]] == max(sweep.values())
+        assert r["ema"] == rows["val", model, kimg]["ema"]  # the test row uses validation's choice
+        assert "posthoc-ema-" in os.path.basename(r["snapshot"])
+    assert rows["val", "oracle", 0.128]["psnr"] == max(dict(rows["val", "oracle", 0.128]["ema_sweep"]).values())
+    with open(out / "results.md") as f:
+        assert "post-hoc EMA sigma_rel" in f.read()
+    # Another recipe's results beside these: everything is cached, so only the table and plots are redone.
+    other = tmp_path / "mvo-edm"
+    other.mkdir()
+    with open(other / "results.json", "w") as f:
+        json.dump({"recipe": "edm", "models": ["oracle"], "rows": [
+            {"split": s, "model": "oracle", "kimg": k, "psnr": 10.0 + k} for s in ("test", "val")
+            for k in (0.064, 0.128)]}, f)
+    (out / "psnr_vs_kimg_test.png").unlink()
+    run_cli([*args, "--compare", str(other)], timeout=600)
+    with open(out / "results.json") as f:
+        assert json.load(f)["commands"] == []
+    assert os.path.getsize(out / "psnr_vs_kimg_test.png") > 0
