@@ -74,11 +74,11 @@ def extended(grid: list, best: int, bounds):
         return {step[0]: step[1], boost[0]: boost[1] * 2}
     key = next(k for k in grid[0] if len({g[k] for g in grid}) > 1)
     values, low, high = [g[key] for g in grid], *bounds
-    if best == 0:
-        value = values[0] ** 2 / values[1]
+    if best == 0:  # the next value at the label's precision, so the recorded value is the one its label names
+        value = float(text(values[0] ** 2 / values[1]))
         return {**grid[0], key: value} if value > low else None
     if best == len(grid) - 1:
-        value = values[-1] ** 2 / values[-2]
+        value = float(text(values[-1] ** 2 / values[-2]))
         return {**grid[0], key: value} if high is None or value < high else None
     return None
 
@@ -146,7 +146,7 @@ def tune(method: str, network, measurements, out, seeds, device, log) -> dict:
             if nxt is None or extension == EXTEND:
                 break
             grid = [nxt, *grid] if best == 0 else [*grid, nxt]
-        ordered += [rows[label(v)] for v in grid]
+        ordered += [{**rows[label(v)], "values": v} for v in grid]  # a cached run records the values as first run
     chosen = max(ordered, key=score)
     return {"grid": ordered, "chosen": chosen["values"],
             "validation": {k: chosen[k] for k in ("psnr", "psnr_std", "ssim", "residual", "nfe")},

@@ -20,10 +20,10 @@ from training.sampling.denoisers import CountingNetwork
 LEARNED = [name for name, m in methods.METHODS.items() if m.run is not None and m.needs_model]
 TASKS = ("box", "sr", "mri", "ct")
 # Measured below A^+ y at these budgets with their default steps (PSNR of the 4-sample mean; A^+ y: sr 20.29): dps
-# sr 14.64 and padis sr 15.93. Neither is tuned on super-resolution (the general steps), DPS's zeta is a step per
-# level tuned for DDPM's ~1000 levels where this test runs 100 (at --dps-step 0.3 instead of 0.03: 23.29), and
-# super-resolution's ||A|| is 1/4. Kept as strict xfails so that a fix shows. The cases that were below A^+ y before
-# the step rules and tuned defaults (ald sr / ct, pc-jalal sr / ct, pc-dps box / sr / ct, padis box / ct) pass.
+# sr 17.55 and padis sr 20.12 at SR's tuned steps (0.08, 0.16; at the general steps 14.64 and 15.93). Those steps
+# were chosen for ~1000 levels on phantoms; DPS's zeta is a step per level and this test runs 100 (at --dps-step 0.3:
+# 23.29). Kept as strict xfails so that a fix shows. The cases that were below A^+ y before the step rules and tuned
+# defaults (ald sr / ct, pc-jalal sr / ct, pc-dps box / sr / ct, padis box / ct) pass.
 BELOW_CLASSICAL = {("dps", "sr"), ("padis", "sr")}
 
 

@@ -299,6 +299,11 @@ TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.jso
     ("ald", "sr"): {"ald_step": 0.1, "dc_boost": 120.0},
     ("pc-jalal", "sr"): {"corrector_step": 0.1, "dc_boost": 120.0},
     ("pc-dps", "sr"): {"pc_dps_law": "score", "pc_dps_step": 30.0},
+    ("dds", "sr"): {"dds_gamma": 30.0},
+    ("dps", "sr"): {"dps_step": 0.08},
+    ("padis", "sr"): {"padis_zeta": 0.16},
+    ("pc-dds", "sr"): {"dds_gamma": 1111.11},
+    ("pc-projection", "sr"): {"corrector_step": 1.6},
 }
 
 
