@@ -3,6 +3,7 @@
 #   bash bench/posterior_family.sh ct     # sparse-view CT, 20 views, 5% relative noise; out/ct
 #   bash bench/posterior_family.sh sr     # 4x super-resolution of the same phantoms, sigma_y 0.01; out/sr (its oracle trained as CT's)
 #   bash bench/posterior_family.sh mri    # the quickstart's R = 4 8-coil MRI (same data seeds and mask seed); out/mri
+#   bash bench/posterior_family.sh box    # box inpainting of the same phantoms (a centred 16 px hole); out/box
 #   TUNE=1 bash bench/posterior_family.sh ct   # first re-tune the defaults on the validation split (bench/tune_methods.py)
 # Data as the quickstart makes it (32x32 phantoms: 2000 training, test = 8 of seed 1, validation = 4 of seed 2, never
 # in a test table), one oracle prior (the quickstart's DDPM++ 1.75 M, 30 kimg, EDM loss on clean images), then every
@@ -13,7 +14,7 @@
 # the test table 15-25 per task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TASK=${1:?usage: bash bench/posterior_family.sh ct|sr|mri}
+TASK=${1:?usage: bash bench/posterior_family.sh ct|sr|mri|box}
 O=${OUT:-out/$TASK}
 PY=${PYTHON:-python3}
 mkdir -p "$O"
@@ -39,7 +40,11 @@ sr)
     TRAIN="$O/phantoms-train.zip"
     TEST="--data $O/phantoms-test.zip --task sr"; VAL="--data $O/phantoms-val.zip --task sr"
     METHODS="zero-filled,msm,pc-projection,$LEARNED";;
-*) echo "usage: bash bench/posterior_family.sh ct|sr|mri" >&2; exit 2;;
+box)
+    TRAIN="$O/phantoms-train.zip"
+    TEST="--data $O/phantoms-test.zip --task box"; VAL="--data $O/phantoms-val.zip --task box"
+    METHODS="zero-filled,msm,pc-projection,$LEARNED";;
+*) echo "usage: bash bench/posterior_family.sh ct|sr|mri|box" >&2; exit 2;;
 esac
 ls -d "$O"/runs/*-oracle >/dev/null 2>&1 || $PY train.py --outdir "$O/runs" --data "$TRAIN" $NET --loss edm --desc oracle
 PRIOR=$(ls -d "$O"/runs/*-oracle | tail -n 1)

@@ -64,3 +64,15 @@ def test_each_variant_grid_is_searched_on_its_own_and_the_best_overall_chosen(mo
     assert result["chosen"] == {"pc_dps_law": "score", "pc_dps_step": pytest.approx(810)}
     assert [r["values"]["pc_dps_law"] for r in result["grid"]] == ["state"] * 5 + ["score"] * 6
     assert tune_methods.label(calls[0]) == "pc_dps_lawstate-pc_dps_step0.01"
+
+
+def test_a_tempered_likelihood_must_win_clearly(monkeypatch):
+    # The strongest boost wins by less than TEMPER_MARGIN: the best value at dc_boost 1 (the posterior) is chosen.
+    def psnr(v):
+        return 20.0 + (0.2 if v["dc_boost"] == 15 else 0.0) - (0.1 if v["ald_step"] == 0.8 else 0.0)
+
+    result, _ = tune_with(monkeypatch, "ald", lambda v: math.nan if v["dc_boost"] > 20 else psnr(v))
+    assert result["chosen"] == {"ald_step": 0.4, "dc_boost": 1.0}
+    result, _ = tune_with(monkeypatch, "ald", lambda v: math.nan if v["dc_boost"] > 20 else psnr(v) + (
+        1.0 if v["dc_boost"] == 15 else 0.0))
+    assert result["chosen"] == {"ald_step": 0.1, "dc_boost": 15.0}

@@ -304,6 +304,14 @@ TUNED_STEP_DEFAULTS = {  # (method, task) -> {parameter: value}: docs/tuning.jso
     ("padis", "sr"): {"padis_zeta": 0.16},
     ("pc-dds", "sr"): {"dds_gamma": 1111.11},
     ("pc-projection", "sr"): {"corrector_step": 1.6},
+    ("ald", "box"): {"ald_step": 0.4, "dc_boost": 1.0},
+    ("pc-jalal", "box"): {"corrector_step": 0.4, "dc_boost": 1.0},
+    ("pc-projection", "box"): {"corrector_step": 0.2},
+    ("pc-dps", "box"): {"pc_dps_law": "score", "pc_dps_step": 30.0},
+    ("pc-dds", "box"): {"dds_gamma": 3703.7},
+    ("dds", "box"): {"dds_gamma": 0.27},
+    ("dps", "box"): {"dps_step": 0.04},
+    ("padis", "box"): {"padis_zeta": 0.08},
 }
 
 
