@@ -96,6 +96,10 @@ from training.training_options import (
 @click.option("--sigma-dist", type=click.Choice(["lognormal", "vp200"]), default=None,
               help="Training noise levels: EDM's log-normal, or the reference's 200-level VP grid (with --precond vp "
                    "the network then takes its integer timesteps)  [default: lognormal]")
+@click.option("--p-mean", type=float, default=None,
+              help="Log-normal training noise levels ln sigma ~ N(P_mean, P_std^2) (EDM's loss; MSM / Ambient with "
+                   "--sigma-dist lognormal): their mean  [default: -1.2]")
+@click.option("--p-std", type=float, default=None, help="... and their standard deviation  [default: 1.2]")
 @click.option("--vp-grid", type=click.Choice(["ddim", "section"]), default=None,
               help="Rule of --sigma-dist vp200's levels: the reference's ddim200 stride (t = 0, 5, ..., 995), or "
                    "the section rule t = round(i 999 / 199) of runs started before the rule was recorded  "

@@ -301,6 +301,36 @@ def test_posthoc_ema_reproduces_a_tracked_profile_and_writes_ordinary_snapshots(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The training noise levels (train.py --p-mean / --p-std).
+
+def build(data, tmp_path, args):
+    from dnnlib import EasyDict
+
+    argv = [str(a) for a in ["--outdir", tmp_path / "runs", "--data", data, "--batch", 4, *args]]
+    return train.build_options(EasyDict(train.main.make_context("train.py", argv).params), 1)
+
+
+@pytest.mark.parametrize("loss", [[], ["--loss", "msm"], ["--loss", "ambient"]])
+def test_p_mean_and_p_std_set_the_drawn_noise_levels_and_the_samplers_start(data, tmp_path, loss):
+    """The losses draw ln sigma ~ N(P_mean, P_std^2) as given (moments of 20000 draws, 4 standard errors), the
+    snapshot's loss config carries them to the samplers' starting level (the 1 - 1e-6 quantile), and nothing is
+    recorded when they are not given (runs started before the options continue)."""
+    from training.schedules import training_sigma_max
+    from training.training_loop import LOSSES
+    from training.training_loop import build as build_object
+
+    c = build(data, tmp_path, [*loss, "--p-mean", "-0.5", "--p-std", "0.6"])
+    assert (c.loss_kwargs["P_mean"], c.loss_kwargs["P_std"]) == (-0.5, 0.6)
+    log_sigma = build_object(c.loss_kwargs, LOSSES).sample_sigma(20000, torch.Generator().manual_seed(0), "cpu").log()
+    assert abs(log_sigma.mean().item() + 0.5) < 4 * 0.6 / math.sqrt(20000)
+    assert abs(log_sigma.std().item() - 0.6) < 4 * 0.6 / math.sqrt(2 * 20000)
+    assert training_sigma_max(c.loss_kwargs)[0] == pytest.approx(math.exp(-0.5 + 4.753 * 0.6))
+    default = build(data, tmp_path, loss).loss_kwargs
+    assert "P_mean" not in default and "P_std" not in default
+    assert training_sigma_max(default)[0] == 80.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one sentence, exit 1, nothing written.
 
 TRAIN_BAD = ["--arch", "ddpmpp", "--cbase", "4", "--cres", "1,2", "--blocks", "1", "--attn", "", "--batch", "2",
@@ -318,6 +348,9 @@ TRAIN_BAD = ["--arch", "ddpmpp", "--cbase", "4", "--cres", "1,2", "--blocks", "1
     (["--ema-profiles", "0,0.1"], ["--ema-profiles", "0.0", "(0, 0.3003)"]),
     (["--ema-profiles", "0.05,0.05"], ["--ema-profiles 0.05,0.05 names a relative EMA length twice"]),
     (["--ema-profiles", "short"], ["--ema-profiles must be a comma list", "'short'"]),
+    (["--p-std", "0"], ["--p-std must be > 0, got 0"]),
+    (["--precond", "vp", "--p-mean", "0"], ["--p-mean / --p-std", "--precond vp", "use --precond edm"]),
+    (["--loss", "msm", "--sigma-dist", "vp200", "--p-std", "1"], ["--p-mean / --p-std", "--sigma-dist vp200"]),
 ])
 def test_bad_training_options_are_refused(data, tmp_path, capsys, args, words):
     outdir = tmp_path / "runs"

@@ -45,6 +45,25 @@ def mask_config(opts: EasyDict, kind: str, width: int) -> dict:
                                           "center_fraction": opts.center_fraction})
 
 
+def noise_level_options(opts: EasyDict, c: EasyDict):
+    """--p-mean / --p-std: the log-normal training noise levels ln sigma ~ N(P_mean, P_std^2) of EDM's loss, of the
+    MSM and Ambient losses with --sigma-dist lognormal and of a noise-aware classifier. Recorded only when given, so
+    runs started before the options existed still continue (and their snapshots read EDM's -1.2 / 1.2)."""
+    given = {name: value for name, value in (("P_mean", opts.p_mean), ("P_std", opts.p_std)) if value is not None}
+    if not given:
+        return
+    name = c.loss_kwargs["class_name"].rsplit(".", 1)[-1]
+    if name in ("VPLoss", "VELoss"):
+        raise UserError(f"--p-mean / --p-std set EDM's log-normal noise levels; --precond {opts.precond} draws its "
+                        "own (use --precond edm).")
+    if c.loss_kwargs.get("sigma_dist", "lognormal") != "lognormal":
+        raise UserError("--p-mean / --p-std set the log-normal noise levels; they do not apply to --sigma-dist "
+                        f"{c.loss_kwargs['sigma_dist']}.")
+    if "P_std" in given and not given["P_std"] > 0:
+        raise UserError(f"--p-std must be > 0, got {given['P_std']:g}.")
+    c.loss_kwargs.update(given)
+
+
 def build_options(opts: EasyDict, world_size: int) -> EasyDict:
     """Click options -> the options dict of the run (what training_options.json records). Validates everything."""
     from training.measurements import measurement_config_for
@@ -143,6 +162,7 @@ def build_options(opts: EasyDict, world_size: int) -> EasyDict:
         build(c.loss_kwargs, LOSSES)  # validates eta, tau, weights, delta
         dataset = build(c.dataset_kwargs, DATASETS)
 
+    noise_level_options(opts, c)
     c.patches = patch_options(opts, desc, shape)
     extra = {"num_blocks": opts.blocks, "attn_resolutions": parse_int_list(opts.attn, "--attn", 1) if opts.attn else
              ([] if opts.attn == "" else None), "label_dropout": opts.label_dropout or None,
