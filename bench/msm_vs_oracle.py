@@ -155,6 +155,11 @@ def training_loss(run_dir: str, kimg: float) -> float | None:
     return rows[-1]["loss"] if rows else None
 
 
+def fit_error(posthoc_snapshot: str) -> float:
+    """The relative fit error posthoc_ema.py recorded in a reconstructed snapshot's config."""
+    return float(checkpoint.load_snapshot(posthoc_snapshot)[1]["source"]["fit_error"])
+
+
 def summary_of(folder: str) -> dict:
     with open(os.path.join(folder, "summary.json")) as f:
         return json.load(f)
@@ -336,8 +341,11 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
                          posthoc_snapshots(model, budget, snapshot)]
                 psnrs = [method_row(evaluate("val", name, path, []), "msm")["psnr"] for _, name, path in sweep]
                 best = max(range(len(sweep)), key=lambda i: psnrs[i])
+                # The fit error says how far a reconstructed network is from the EMA it is named after (lengths
+                # outside the tracked profiles, early in a run, can be 10-20% off).
                 entry.update(ema=sweep[best][0], name=sweep[best][1], network=sweep[best][2],
-                             ema_sweep=[[s, v] for (s, _, _), v in zip(sweep, psnrs)])
+                             ema_sweep=[{"sigma_rel": s, "psnr": v, "fit_error": fit_error(path)}
+                                        for (s, _, path), v in zip(sweep, psnrs)])
             chosen[model, budget] = entry
 
     results = {"task": task, "recipe": recipe_name, "models": models, "budgets": model_budgets, "runs": run_dirs,
@@ -436,8 +444,8 @@ def report(results: dict, run_dirs: dict) -> str:
     for r in results["rows"]:
         loss = f"{r['train_loss']:.0f}" if r["train_loss"] is not None else ""
         ema = "" if r.get("ema") is None else (
-            f"post-hoc EMA sigma_rel {r['ema']:g} (validation: "
-            + ", ".join(f"{s:g} {v:.2f}" for s, v in r["ema_sweep"]) + "), ")
+            f"post-hoc EMA sigma_rel {r['ema']:g} (validation, relative fit error: "
+            + ", ".join(f"{e['sigma_rel']:g} {e['psnr']:.2f} ({e['fit_error']:.0e})" for e in r["ema_sweep"]) + "), ")
         lines.append(f"| {r['split']} | {r['model']} | {r['kimg']:g} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
                      f"{r['ssim']:.3f} | {r['nfe']:.0f} | {loss} | {ema}{settings_text(r['settings'])} |")
     for split, rows in results["baselines"].items():

@@ -90,11 +90,12 @@ def test_msm_vs_oracle_edm2_recipe_quick(tmp_path):
     rows = {(r["split"], r["model"], r["kimg"]): r for r in results["rows"]}
     assert len(rows) == 2 * 2 * 2
     for (_, model, kimg), r in rows.items():
-        sweep = dict(r["ema_sweep"])
+        sweep = {e["sigma_rel"]: e["psnr"] for e in r["ema_sweep"]}
         assert set(sweep) == {0.05, 0.1} and sweep[r["ema"]] == max(sweep.values())
+        assert all(0 <= e["fit_error"] < 1e-6 for e in r["ema_sweep"])  # the tracked profiles themselves
         assert r["ema"] == rows["val", model, kimg]["ema"]  # the test row uses validation's choice
         assert "posthoc-ema-" in os.path.basename(r["snapshot"])
-    assert rows["val", "oracle", 0.128]["psnr"] == max(dict(rows["val", "oracle", 0.128]["ema_sweep"]).values())
+    assert rows["val", "oracle", 0.128]["psnr"] == max(e["psnr"] for e in rows["val", "oracle", 0.128]["ema_sweep"])
     with open(out / "results.md") as f:
         assert "post-hoc EMA sigma_rel" in f.read()
     # Another recipe's results beside these: everything is cached, so only the table and plots are redone.
