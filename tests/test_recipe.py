@@ -348,7 +348,9 @@ TRAIN_BAD = ["--arch", "ddpmpp", "--cbase", "4", "--cres", "1,2", "--blocks", "1
     (["--ema-profiles", "0,0.1"], ["--ema-profiles", "0.0", "(0, 0.3003)"]),
     (["--ema-profiles", "0.05,0.05"], ["--ema-profiles 0.05,0.05 names a relative EMA length twice"]),
     (["--ema-profiles", "short"], ["--ema-profiles must be a comma list", "'short'"]),
-    (["--p-std", "0"], ["--p-std must be > 0, got 0"]),
+    (["--p-std", "0"], ["--p-std must be in (0, 20], got 0"]),
+    (["--p-std", "nan"], ["--p-std must be in (0, 20], got nan"]),
+    (["--p-mean", "-inf"], ["--p-mean must be in [-20, 20]", "got -inf"]),
     (["--precond", "vp", "--p-mean", "0"], ["--p-mean / --p-std", "--precond vp", "use --precond edm"]),
     (["--loss", "msm", "--sigma-dist", "vp200", "--p-std", "1"], ["--p-mean / --p-std", "--sigma-dist vp200"]),
 ])

@@ -59,8 +59,11 @@ def noise_level_options(opts: EasyDict, c: EasyDict):
     if c.loss_kwargs.get("sigma_dist", "lognormal") != "lognormal":
         raise UserError("--p-mean / --p-std set the log-normal noise levels; they do not apply to --sigma-dist "
                         f"{c.loss_kwargs['sigma_dist']}.")
-    if "P_std" in given and not given["P_std"] > 0:
-        raise UserError(f"--p-std must be > 0, got {given['P_std']:g}.")
+    # The ranges a snapshot's loss config may hold (training/snapshot.py), so a run never writes one it cannot read.
+    if "P_mean" in given and not -20 <= given["P_mean"] <= 20:
+        raise UserError(f"--p-mean must be in [-20, 20] (a log noise level), got {given['P_mean']:g}.")
+    if "P_std" in given and not 0 < given["P_std"] <= 20:
+        raise UserError(f"--p-std must be in (0, 20], got {given['P_std']:g}.")
     c.loss_kwargs.update(given)
 
 
