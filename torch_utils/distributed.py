@@ -5,6 +5,7 @@ Everything here is a thin wrapper that also works when torch.distributed is not 
 """
 
 import datetime
+import importlib
 import os
 import re
 from contextlib import nullcontext
@@ -48,6 +49,12 @@ def init(device: str = "auto", timeout_s: float | None = None) -> torch.device:
             # torchrun sets OMP_NUM_THREADS=1 itself; this guards plain multi-process launches from oversubscription.
             torch.set_num_threads(1)
     if world_size > 1 and not dist.is_initialized():
+        # torch._dynamo, imported for the first time while a process group exists, keeps references to that group, so
+        # destroy_process_group() no longer ends gloo's threads; they are then torn down at interpreter exit, which
+        # sometimes aborts a rank ("terminate called without an active exception") after all its work is done. It is
+        # imported lazily by torch itself (meta-tensor decompositions in the snapshot loader's memory check), so
+        # import it here, before the group exists.
+        importlib.import_module("torch._dynamo")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         _timeout_s = DEFAULT_TIMEOUT_S[dev.type] if timeout_s is None else timeout_s
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=_timeout_s))
