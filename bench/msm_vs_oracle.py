@@ -26,9 +26,10 @@ Every step is skipped when its output exists, so a re-run continues, and a large
    the clean images). Box: 'msm' (MSM loss, box law p 0.4, fixed masks), 'msm-mask-channel' (the same with the mask
    as an input channel), 'msm-vp200' and 'oracle'. --recipe (RECIPES): 'edm' (the default), EDM's learning rate
    constant after its ramp-up (1 kimg here) and a fixed EMA half-life; 'edm2', EDM2's inverse square root decay
-   and post-hoc EMA. Neither depends on the planned duration, so one run evaluated at its snapshots after 10, 20,
-   30 ... kimg is the same as separate runs of those lengths; each model is trained once to the largest budget (a
-   given --run is continued with train.py --resume when it is shorter).
+   and post-hoc EMA; 'isqrt-b16', the decay at batch 16 with the fixed EMA. None depends on the planned duration,
+   so one run evaluated at its snapshots after 10, 20, 30 ... kimg is the same as separate runs of those lengths;
+   each model is trained once to the largest budget (a given --run is continued with train.py --resume when it is
+   shorter).
 4. Evaluation at every budget on test and validation: under 'edm2' every post-hoc EMA length of the recipe is
    reconstructed (posthoc_ema.py) and evaluated on validation, and the test row uses the best one.
    reconstruct.py's MSM posterior sampler with its defaults
@@ -88,10 +89,12 @@ TASKS = {
 # --ema), one network per budget. 'edm2': EDM2's inverse square root decay after 10 kimg (training/lr_schedules.py)
 # and power-function EMA profiles; at each budget every sigma_rel of `posthoc` is reconstructed (posthoc_ema.py) and
 # evaluated on validation, and the test row uses the one that validation chose. Both are anytime recipes (nothing
-# depends on the planned duration), so one run evaluated at its snapshots is a run of each length.
+# depends on the planned duration), so one run evaluated at its snapshots is a run of each length. 'isqrt-b16': the
+# decay with half the batch (twice the optimiser steps per training image) and the network options' EMA.
 RECIPES = {"edm": dict(train=[], posthoc=()),
            "edm2": dict(train=["--lr-schedule", "isqrt", "--ema-profiles", "0.05,0.1"],
-                        posthoc=(0.03, 0.05, 0.1, 0.15))}
+                        posthoc=(0.03, 0.05, 0.1, 0.15)),
+           "isqrt-b16": dict(train=["--lr-schedule", "isqrt", "--batch", "16"], posthoc=())}
 FULL = dict(num=2000, held_out=16, resolution=32, kimg="10,20,30", tick=2.0, snap=5, steps=200,
             nfe_levels=(25, 50, 100, 200), nfe_subsets=(1, 2, 3, 4, 6, 8), heun_steps=(10, 25, 50, 100),
             dc_steps=(1.0, 1.5, 2.0), cs_iters=None,
@@ -200,22 +203,23 @@ def method_row(folder: str, method: str) -> dict:
 @click.option("--nfe-kimg", type=float, default=None,
               help="Budget of the NFE and dc-step sweeps  [default: the largest of --kimg]")
 @click.option("--recipe", "recipe_name", type=click.Choice(list(RECIPES)), default="edm", show_default=True,
-              help="Training recipe of every model (RECIPES): edm (constant rate, fixed EMA) or edm2 (inverse square "
-                   "root decay, post-hoc EMA chosen on validation per budget); use one --out per recipe")
-@click.option("--compare", default=None, metavar="OUT",
-              help="Another recipe's --out: its curves are drawn beside these in the kimg plots")
+              help="Training recipe of every model (RECIPES): edm (constant rate, fixed EMA), edm2 (inverse square "
+                   "root decay, post-hoc EMA chosen on validation per budget) or isqrt-b16 (the decay at batch 16, "
+                   "fixed EMA); use one --out per recipe")
+@click.option("--compare", multiple=True, metavar="OUT",
+              help="Another recipe's --out: its curves are drawn beside these in the kimg plots (repeatable)")
 def main(out, quick, task, model_list, data, test_data, test_measurements, runs, kimg, extend, extend_kimg, val_kimg,
          num_slices, lock, no_nfe, nfe_subsets, nfe_kimg, recipe_name, compare):
     p, t = dict(QUICK if quick else FULL), TASKS[task]
     recipe = RECIPES[recipe_name]
     posthoc = recipe["posthoc"][1:3] if quick else recipe["posthoc"]  # quick: two lengths
-    compared = None
-    if compare is not None:
+    compared = []
+    for folder in compare:
         try:
-            with open(os.path.join(compare, "results.json")) as f:
-                compared = json.load(f)
+            with open(os.path.join(folder, "results.json")) as f:
+                compared.append(json.load(f))
         except (OSError, ValueError) as e:
-            raise click.BadParameter(f"expected a finished bench folder with results.json, got {compare} ({e})",
+            raise click.BadParameter(f"expected a finished bench folder with results.json, got {folder} ({e})",
                                      param_hint="--compare") from None
     if nfe_subsets is not None:
         try:
@@ -418,11 +422,12 @@ def main(out, quick, task, model_list, data, test_data, test_measurements, runs,
     for split in splits:
         series = {m: [(r["kimg"], r["psnr"]) for r in results["rows"] if r["split"] == split and r["model"] == m]
                   for m in models}
-        if compared is not None:  # both recipes' curves, each named by its recipe
+        if compared:  # every recipe's curves, each named by its recipe
             series = {f"{m} ({recipe_name})": points for m, points in series.items()}
-            for m in compared["models"]:
-                series[f"{m} ({compared.get('recipe', 'edm')})"] = [
-                    (r["kimg"], r["psnr"]) for r in compared["rows"] if r["split"] == split and r["model"] == m]
+            for other in compared:
+                for m in other["models"]:
+                    series[f"{m} ({other.get('recipe', 'edm')})"] = [
+                        (r["kimg"], r["psnr"]) for r in other["rows"] if r["split"] == split and r["model"] == m]
         hlines = {m: results["baselines"][split][m]["psnr"] for m in t["hlines"]}
         line_plot(os.path.join(out, f"psnr_vs_kimg_{split}.png"), f"Posterior PSNR vs kimg, {t['title']} ({split})",
                   "kimg", "PSNR (dB)", series, hlines)

@@ -99,14 +99,16 @@ def test_msm_vs_oracle_edm2_recipe_quick(tmp_path):
     with open(out / "results.md") as f:
         assert "post-hoc EMA sigma_rel" in f.read()
     # Another recipe's results beside these: everything is cached, so only the table and plots are redone.
-    other = tmp_path / "mvo-edm"
-    other.mkdir()
-    with open(other / "results.json", "w") as f:
-        json.dump({"recipe": "edm", "models": ["oracle"], "rows": [
-            {"split": s, "model": "oracle", "kimg": k, "psnr": 10.0 + k} for s in ("test", "val")
-            for k in (0.064, 0.128)]}, f)
+    others = []
+    for name in ("edm", "isqrt-b16"):
+        others += ["--compare", str(tmp_path / f"mvo-{name}")]
+        os.makedirs(others[-1])
+        with open(os.path.join(others[-1], "results.json"), "w") as f:
+            json.dump({"recipe": name, "models": ["oracle"], "rows": [
+                {"split": s, "model": "oracle", "kimg": k, "psnr": 10.0 + k} for s in ("test", "val")
+                for k in (0.064, 0.128)]}, f)
     (out / "psnr_vs_kimg_test.png").unlink()
-    run_cli([*args, "--compare", str(other)], timeout=600)
+    run_cli([*args, *others], timeout=600)
     with open(out / "results.json") as f:
         assert json.load(f)["commands"] == []
     assert os.path.getsize(out / "psnr_vs_kimg_test.png") > 0
