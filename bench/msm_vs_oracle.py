@@ -88,9 +88,9 @@ TASKS = {
 # evaluated at each budget. 'edm': EDM's constant rate after the ramp-up and the network options' EMA (half-life
 # --ema), one network per budget. 'edm2': EDM2's inverse square root decay after 10 kimg (training/lr_schedules.py)
 # and power-function EMA profiles; at each budget every sigma_rel of `posthoc` is reconstructed (posthoc_ema.py) and
-# evaluated on validation, and the test row uses the one that validation chose. Both are anytime recipes (nothing
-# depends on the planned duration), so one run evaluated at its snapshots is a run of each length. 'isqrt-b16': the
-# decay with half the batch (twice the optimiser steps per training image) and the network options' EMA.
+# evaluated on validation, and the test row uses the one that validation chose. 'isqrt-b16': the decay with half the
+# batch (twice the optimiser steps per training image) and the network options' EMA. All are anytime recipes
+# (nothing depends on the planned duration), so one run evaluated at its snapshots is a run of each length.
 RECIPES = {"edm": dict(train=[], posthoc=()),
            "edm2": dict(train=["--lr-schedule", "isqrt", "--ema-profiles", "0.05,0.1"],
                         posthoc=(0.03, 0.05, 0.1, 0.15)),

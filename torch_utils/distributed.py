@@ -50,8 +50,8 @@ def init(device: str = "auto", timeout_s: float | None = None) -> torch.device:
             torch.set_num_threads(1)
     if world_size > 1 and not dist.is_initialized():
         # torch._dynamo, imported for the first time while a process group exists, keeps references to that group, so
-        # destroy_process_group() no longer ends gloo's threads; they are then torn down at interpreter exit, which
-        # sometimes aborts a rank ("terminate called without an active exception") after all its work is done. It is
+        # destroy_process_group() no longer ends gloo's threads; they are then torn down at interpreter exit, the
+        # likely source of a rank's rare abort there ("terminate called without an active exception"). It is
         # imported lazily by torch itself (meta-tensor decompositions in the snapshot loader's memory check), so
         # import it here, before the group exists.
         importlib.import_module("torch._dynamo")
